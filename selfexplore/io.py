@@ -1,0 +1,102 @@
+"""Plain-file I/O shared by every stage: JSONL with precise errors, atomic writes.
+
+Every stage reads and writes plain files under one run directory. Bad input must name the
+file, line and field; a killed process must never leave a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """Bad input data, located precisely (file, 1-based line, field)."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None,
+                 line: int | None = None, field: str | None = None) -> None:
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        self.path, self.line, self.field = path, line, field
+        super().__init__(f"{': '.join([', '.join(where)] if where else [])}{': ' if where else ''}{message}")
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, record) for each non-blank line; a malformed line raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
+            if not isinstance(record, dict):
+                raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
+            yield lineno, record
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a JSONL file (see `iter_jsonl` for the error contract)."""
+    return [record for _, record in iter_jsonl(path)]
+
+
+def require_str(record: dict[str, Any], field: str, path: str | os.PathLike | None = None,
+                line: int | None = None, allow_empty: bool = False) -> str:
+    """Return record[field] as a string, or raise DataError naming file, line and field."""
+    if field not in record:
+        raise DataError("missing field", path, line, field)
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__}", path, line, field)
+    if not allow_empty and not value.strip():
+        raise DataError("empty value", path, line, field)
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text so that readers see either the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Atomically write records as JSONL; returns the number written."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write one JSON document (state files, manifests, stats)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg} at line {e.lineno})", path, e.lineno) from None
