@@ -1,0 +1,368 @@
+"""Preference pairs (prompt / chosen / rejected JSONL) tokenized and batched for step-level DPO.
+
+Rules, stated once:
+- Tokenization: the prompt is encoded with the tokenizer's special tokens (BOS, as the model was
+  trained), each completion separately with none, and the ids are concatenated. A step prompt
+  ends mid-rationale ("... 12 + 7 = 1"), so encoding the joined text would let BPE merge across
+  the boundary and score tokens the sampler never produced.
+- EOS: with `eos=True` (default) EOS is appended to BOTH chosen and rejected, so neither side
+  is rewarded or punished for ending. (The reference implementation added it to chosen only.)
+- Loss mask: the completion tokens (and their EOS) only, never the prompt or padding.
+- Truncation (per pair, same prompt for both sides): when prompt + longer completion exceeds
+  `max_length`, the prompt is first cut to `max_prompt_length` keeping its END (the leading
+  special tokens, e.g. BOS, are kept); if still too long, both completions lose their ends
+  (an EOS cut off this way is not re-added). Counts are kept in `stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from selfexplore.data.batching import encode_prompt_completion, pad_right
+from selfexplore.io import DataError, require_str
+from selfexplore.models import load_tokenizer
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
+                  max_prompt_length: int, keep_prefix: int = 0
+                  ) -> tuple[list[int], list[int], list[int], bool, bool]:
+    """Apply the module's truncation rule; returns (prompt, chosen, rejected, prompt_cut, completion_cut).
+
+    `keep_prefix` leading prompt tokens (the tokenizer's BOS) survive left-truncation.
+    """
+    longest = max(len(chosen_ids), len(rejected_ids))
+    prompt_cut = completion_cut = False
+    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
+        keep_end = max_prompt_length - keep_prefix
+        prompt_ids = prompt_ids[:keep_prefix] + prompt_ids[len(prompt_ids) - keep_end:]
+        prompt_cut = True
+    budget = max_length - len(prompt_ids)
+    if longest > budget:
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        completion_cut = True
+    return prompt_ids, chosen_ids, rejected_ids, prompt_cut, completion_cut
+
+
+def special_prefix_length(tokenizer) -> int:
+    """How many special tokens (BOS) the tokenizer puts before a text; rejects unusable tokenizers.
+
+    Two tokenizer behaviours would silently corrupt the prompt/completion concatenation, so they
+    are errors: special tokens appended AFTER the text (EOS between prompt and completion), and
+    a word-boundary space inserted before every encoded text (SentencePiece `add_prefix_space`,
+    which would give each completion a spurious leading space).
+    """
+    probe = "12 + 7 = 19"
+    full = list(tokenizer(probe).input_ids)
+    plain = list(tokenizer(probe, add_special_tokens=False).input_ids)
+    n = len(full) - len(plain)
+    if n < 0 or full[n:] != plain:
+        raise ValueError("the tokenizer adds special tokens after the text (e.g. add_eos_token=True); "
+                         "a prompt must end exactly where its completion starts")
+    first = tokenizer.convert_ids_to_tokens(tokenizer("1", add_special_tokens=False).input_ids)[0]
+    if first.startswith(("\u2581", "\u0120")):  # SentencePiece / byte-level marker of a space
+        raise ValueError("the tokenizer inserts a space before every encoded text (add_prefix_space); "
+                         "completions encoded on their own would start with a spurious space. "
+                         "Load or save the tokenizer with add_prefix_space=False")
+    return n
+
+
+def _parse_line(raw: bytes, path: Path, line: int) -> tuple[str, str, str]:
+    """One JSONL line -> (prompt, chosen, rejected); DataError names file, line and field."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", path, line) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, line) from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", path, line)
+    prompt, chosen, rejected = (require_str(record, f, path, line) for f in FIELDS)
+    if chosen == rejected:
+        raise DataError("identical to 'chosen': a pair must prefer one text over another", path, line, "rejected")
+    return prompt, chosen, rejected
+
+
+class PreferenceDataset(Dataset):
+    """Tokenized pairs; item i is a dict `index`, `prompt_ids`, `chosen_ids`, `rejected_ids`.
+
+    `index` is the position in this dataset (stable for a given file and settings), so log-probs
+    precomputed once per round (the reference model's) can be looked up per example; key such a
+    cache with `fingerprint()`, which changes whenever the tokenized data does.
+    """
+
+    def __init__(self, examples: list[dict[str, Any]], stats: dict[str, int], source: str) -> None:
+        self.examples = examples
+        self.stats = stats
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Padded row length of each pair (prompt + longer completion), for length grouping."""
+        return [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in self.examples]
+
+    def fingerprint(self) -> str:
+        """sha256 of the token ids of every pair, in order."""
+        h = hashlib.sha256()
+        for e in self.examples:
+            h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+        return h.hexdigest()
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, tokenizer, max_length: int = 384, max_prompt_length: int = 256,
+                   eos: bool = True, on_invalid: Literal["error", "skip"] = "error") -> PreferenceDataset:
+        """Read and tokenize a pairs file (ours or TRL-style; other fields such as `meta` ignored).
+
+        Invalid records raise DataError (`on_invalid="error"`) or are counted and skipped. Pairs
+        whose two sides become identical after truncation are always skipped and counted.
+        """
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("file not found", path)
+        keep_prefix = special_prefix_length(tokenizer)
+        if not keep_prefix < max_prompt_length < max_length:
+            raise ValueError(f"need {keep_prefix} (special prefix) < max_prompt_length ({max_prompt_length}) "
+                             f"< max_length ({max_length})")
+        stats = dict.fromkeys(("records", "used", "skipped_invalid", "skipped_identical_after_truncation",
+                               "prompt_truncated", "completion_truncated"), 0)
+        examples: list[dict[str, Any]] = []
+        first_error: DataError | None = None
+        with path.open("rb") as f:
+            for line, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                stats["records"] += 1
+                try:
+                    prompt, chosen, rejected = _parse_line(raw, path, line)
+                except DataError as e:
+                    if on_invalid == "error":
+                        raise
+                    stats["skipped_invalid"] += 1
+                    first_error = first_error or e
+                    continue
+                p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, chosen, add_eos=eos)
+                _, r_ids = encode_prompt_completion(tokenizer, prompt, rejected, add_eos=eos)
+                p_ids, c_ids, r_ids, p_cut, c_cut = truncate_pair(p_ids, c_ids, r_ids, max_length,
+                                                                  max_prompt_length, keep_prefix)
+                if c_ids == r_ids:
+                    stats["skipped_identical_after_truncation"] += 1
+                    continue
+                stats["prompt_truncated"] += p_cut
+                stats["completion_truncated"] += c_cut
+                examples.append({"index": len(examples), "prompt_ids": p_ids, "chosen_ids": c_ids,
+                                 "rejected_ids": r_ids})
+        stats["used"] = len(examples)
+        if first_error is not None:
+            rank_zero_warn(f"skipped {stats['skipped_invalid']} invalid record(s) in {path}; first: {first_error}")
+        if stats["skipped_identical_after_truncation"]:
+            rank_zero_warn(f"skipped {stats['skipped_identical_after_truncation']} pair(s) in {path} whose chosen "
+                           f"and rejected are identical after truncation to max_length={max_length}")
+        if not examples:
+            raise DataError(f"no usable preference pairs ({stats})", path)
+        return cls(examples, stats, str(path))
+
+
+class PreferenceCollator:
+    """Pads a list of dataset items into one batch for a single chosen+rejected forward.
+
+    Keys (B pairs, L = longest row): `input_ids` [2B, L] long (rows 0..B-1 chosen, B..2B-1
+    rejected, right-padded with `pad_id`), `attention_mask` [2B, L] long, `loss_mask` [2B, L]
+    bool (completion + EOS tokens), `prompt_lengths` [2B] long, `index` [B] long (dataset index).
+    Use `input_ids` as labels with `loss_mask` (see `training.losses.sequence_logps`).
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts = [it["prompt_ids"] for it in items] * 2
+        completions = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+        rows = [p + c for p, c in zip(prompts, completions)]
+        return {
+            "input_ids": pad_right(rows, self.pad_id),
+            "attention_mask": pad_right([[1] * len(r) for r in rows], 0),
+            "loss_mask": pad_right([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0).bool(),
+            "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+
+
+class LengthGroupedDistributedSampler(DistributedSampler):
+    """Shuffled batches of similar length (less padding), whole batches per data-parallel rank.
+
+    Per epoch (seed + epoch): shuffle, cut into mega-chunks of `mega_batches` batches, sort each
+    chunk by length, cut into batches, shuffle the batch order. Rank r takes batches r, r+R, ...
+    (R = num_replicas; batches are repeated to give every rank the same count, as
+    DistributedSampler pads). The one short batch is always its rank's last, so a DataLoader with
+    the same `batch_size` cuts exactly these batches. Being a DistributedSampler, Lightning
+    neither replaces nor re-wraps it (`use_distributed_sampler` on or off) and calls `set_epoch`.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, mega_batches: int = 50) -> None:
+        if batch_size < 1 or mega_batches < 1:
+            raise ValueError(f"batch_size and mega_batches must be >= 1, got {batch_size}, {mega_batches}")
+        if not lengths:
+            raise ValueError("no examples to sample")
+        super().__init__(list(lengths), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.mega = batch_size * mega_batches
+
+    def _layout(self) -> tuple[int, int, int]:
+        """(full batches, size of the short batch or 0, padding batches) — fixed per dataset."""
+        full, short = divmod(len(self.lengths), self.batch_size)
+        padding = -(full + (short > 0)) % self.num_replicas
+        return full, short, padding
+
+    def __len__(self) -> int:
+        full, short, padding = self._layout()
+        sizes = [self.batch_size] * full + [self.batch_size if full else short] * padding + [short] * (short > 0)
+        return sum(sizes[self.rank::self.num_replicas])
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.mega):
+            chunk = sorted(order[start:start + self.mega], key=lambda i: -self.lengths[i])
+            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        _, _, padding = self._layout()
+        pool = full or short
+        ordered = full + [pool[i % len(pool)] for i in range(padding)] + short
+        for batch in ordered[self.rank::self.num_replicas]:
+            yield from batch
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference pairs for step-level (or outcome) DPO; see the module docstring for the rules.
+
+    Args:
+        train_path / val_path: pairs JSONL (`prompt`, `chosen`, `rejected`; other fields ignored).
+            Changing them (e.g. between Self-Explore rounds) and calling `setup` again re-reads.
+        tokenizer_path: tokenizer folder; by default the LightningModule's `tokenizer`.
+        max_length / max_prompt_length: token budgets (paper: 384 GSM8K; 1024 / 512 MATH).
+        batch_size: pairs per batch (the forward sees 2x rows).
+        eos: append EOS to both chosen and rejected.
+        on_invalid: 'error' stops at the first bad record; 'skip' counts it in `stats`.
+        length_grouped: batch pairs of similar length (seeded; DDP-aware, see
+            `LengthGroupedDistributedSampler`); else a plain seeded shuffle.
+    After `setup`, `stats` maps 'train' / 'val' to the counts of read, used, skipped and
+    truncated records (log them); `collate` is the batch collator (for reference precompute).
+    """
+
+    def __init__(
+        self,
+        train_path: str,
+        val_path: str | None = None,
+        tokenizer_path: str | None = None,
+        max_length: int = 384,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        eos: bool = True,
+        on_invalid: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        seed: int = 0,
+        length_grouped: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        self.train_path = train_path
+        self.val_path = val_path
+        self.tokenizer_path = tokenizer_path
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.eos = eos
+        self.on_invalid = on_invalid
+        self.num_workers = num_workers
+        self.seed = seed
+        self.length_grouped = length_grouped
+        self.train_dataset: PreferenceDataset | None = None
+        self.val_dataset: PreferenceDataset | None = None
+        self.collate: PreferenceCollator | None = None
+        self.stats: dict[str, dict[str, int]] = {}
+        self._built: dict[str, str | None] = {}
+
+    def _tokenizer(self):
+        if self.tokenizer_path:
+            return load_tokenizer(self.tokenizer_path)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(module, "tokenizer", None) is None:
+            raise ValueError("PreferenceDataModule needs tokenizer_path when its LightningModule has no tokenizer")
+        return module.tokenizer
+
+    def _load(self, split: str, path: str, tokenizer) -> PreferenceDataset:
+        dataset = PreferenceDataset.from_jsonl(path, tokenizer, self.max_length, self.max_prompt_length,
+                                               self.eos, self.on_invalid)
+        self.stats[split] = dataset.stats
+        self._built[split] = path
+        rank_zero_info(f"preference data ({split}, {path}): {dataset.stats}")
+        return dataset
+
+    def setup(self, stage: str) -> None:
+        need_train = stage == "fit" and self._built.get("train") != self.train_path
+        need_val = stage in ("fit", "validate") and self.val_path and self._built.get("val") != self.val_path
+        if not (need_train or need_val):
+            return
+        tokenizer = self._tokenizer()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+        self.collate = PreferenceCollator(pad_id)
+        if need_train:
+            self.train_dataset = self._load("train", self.train_path, tokenizer)
+        if need_val:
+            self.val_dataset = self._load("val", self.val_path, tokenizer)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("call setup('fit') first")
+        common = {"batch_size": self.batch_size, "collate_fn": self.collate, "num_workers": self.num_workers,
+                  "persistent_workers": self.num_workers > 0}
+        if not self.length_grouped:
+            g = torch.Generator().manual_seed(self.seed)
+            return DataLoader(self.train_dataset, shuffle=True, generator=g, **common)
+        sampler = LengthGroupedDistributedSampler(self.train_dataset.lengths, self.batch_size,
+                                                  seed=self.seed, **self._replicas())
+        return DataLoader(self.train_dataset, sampler=sampler, **common)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _replicas(self) -> dict[str, int]:
+        """Data-parallel world size and rank from the trainer's strategy (1, 0 without one)."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) if strategy is not None else None
+        if not kwargs:
+            return {"num_replicas": 1, "rank": 0}
+        return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}

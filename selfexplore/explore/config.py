@@ -1,0 +1,80 @@
+"""Settings of the explore stage (first-pit search + granular pairs), one dataclass for the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+MODES = ("adaptive", "exhaustive")
+REJECTED_MODES = ("pit_step", "pit_to_end")
+
+
+def doubling_waves(k: int) -> tuple[int, ...]:
+    """Wave sizes 1, 1, 2, 4, ... cut to sum to k: cheap first tries, big waves only on hard steps."""
+    waves: list[int] = []
+    size = 1
+    while sum(waves) < k:
+        waves.append(min(size, k - sum(waves)))
+        size = size if len(waves) == 1 else size * 2
+    return tuple(waves)
+
+
+@dataclass
+class ExploreConfig:
+    """How rejected rationales are explored and turned into granular pairs.
+
+    k, temperature: the paper's k=4 completions per step at temperature 0.7.
+    mode: "exhaustive" is the paper (k completions at every step, every rationale on its own);
+      "adaptive" draws the k tries in `waves` (default 1, 1, 2), stops a step at its first
+      success and shares identical prefixes of one question (same pit distribution, fewer tokens;
+      see `selfexplore.explore.pit`).
+    max_steps: steps explored per rationale at most; longer rationales without a pit in the
+      first `max_steps` steps count as "no_pit".
+    chunk_size: rationales per resumable shard (whole questions are kept in one chunk).
+    seed: base of every sampler seed (derived per chunk, wave and wave size).
+    rejected_mode: granular rejected text, the pit step only ("pit_step", the paper) or the pit
+      step to the end of the rationale ("pit_to_end").
+    round: the self-improvement round written into the pairs' metadata.
+    """
+
+    k: int = 4
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    mode: Literal["adaptive", "exhaustive"] = "adaptive"
+    waves: tuple[int, ...] | None = None
+    max_steps: int = 20
+    chunk_size: int = 256
+    seed: int = 0
+    rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step"
+    round: int = 1
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.rejected_mode not in REJECTED_MODES:
+            raise ValueError(f"rejected_mode must be one of {REJECTED_MODES}, got {self.rejected_mode!r}")
+        if self.max_steps < 1 or self.chunk_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("max_steps, chunk_size and max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
+        if self.waves is not None:
+            self.waves = tuple(int(w) for w in self.waves)
+            if any(w < 1 for w in self.waves) or sum(self.waves) != self.k:
+                raise ValueError(f"waves {self.waves} must be positive and sum to k={self.k}")
+
+    def wave_sizes(self) -> tuple[int, ...]:
+        """Draws per wave: all k at once when exhaustive, else `waves` or the doubling default."""
+        if self.mode == "exhaustive":
+            return (self.k,)
+        return self.waves if self.waves is not None else doubling_waves(self.k)
+
+    def search_fingerprint(self) -> dict[str, Any]:
+        """The settings that change which completions are drawn (resume must match on these)."""
+        d = asdict(self)
+        for key in ("rejected_mode", "round"):
+            d.pop(key)
+        d["waves"] = list(self.wave_sizes())
+        return d

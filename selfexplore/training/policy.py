@@ -1,0 +1,154 @@
+"""What SFT and step-DPO share: the policy model, its optimizer, sharding, throughput, export.
+
+`PolicyModule` is a thin LightningModule base. It builds the model in `configure_model` (so
+FSDP2 can shard it as it is created), optionally trains a tiny model from scratch first (the
+CPU quickstart), logs tokens/s, and exports the trained policy as an HF folder that the
+samplers (HF generate, vLLM) load in the next stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from selfexplore.models import (
+    ModelSpec,
+    TinyLlamaConfig,
+    build_tiny_llama,
+    export_policy,
+    load_model,
+    load_tokenizer,
+)
+from selfexplore.sampling.hf import HFSampler
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers
+
+
+def shard_with_fsdp2(model: torch.nn.Module, mesh: Any) -> None:
+    """FSDP2: shard every transformer block, then the root (embeddings, head) over `mesh`."""
+    from torch.distributed.fsdp import fully_shard
+
+    block_names = set(getattr(_base_model(model), "_no_split_modules", None) or [])
+    if not block_names:
+        raise ValueError(f"{type(model).__name__} does not declare its transformer blocks "
+                         "(_no_split_modules); cannot pick FSDP2 shard units")
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class PolicyModule(LightningModule):
+    """Base for SFTModule and StepDPOModule; subclasses implement the steps.
+
+    Args:
+        model: the policy (HF id or local folder, LoRA / QLoRA options).
+        from_scratch: when set and `model.path` does not exist yet, a tiny Llama with a
+            tokenizer trained on the datamodule's text is built there first (quickstart).
+        optimizer, scheduler: see `selfexplore.training.optim`.
+        export_dir: where the trained policy is saved as an HF folder at the end of `fit`.
+        export_merged: merge LoRA weights into the export (else base + adapter).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        from_scratch: TinyLlamaConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        export_dir: str | None = None,
+        export_merged: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model_spec = model
+        self.from_scratch = from_scratch
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.scheduler_config = scheduler or SchedulerConfig()
+        self.export_dir = export_dir
+        self.export_merged = export_merged
+        self.policy: torch.nn.Module | None = None
+        self._tokenizer = None
+        self._batch_started: float | None = None
+
+    # ----- model lifecycle -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Build the from-scratch base model once (local rank 0) before anything loads it."""
+        if self.from_scratch is None or Path(self.model_spec.path).exists():
+            return
+        datamodule = self.trainer.datamodule
+        corpus = getattr(datamodule, "corpus_texts", None)
+        if corpus is None:
+            raise ValueError("from_scratch needs a datamodule with corpus_texts() to train a tokenizer")
+        rank_zero_info(f"Building a tiny Llama from scratch at {self.model_spec.path}")
+        build_tiny_llama(corpus(), self.model_spec.path, self.from_scratch)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_spec.path)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.policy = load_model(self.model_spec, for_training=True)
+        if self.device_mesh is not None:
+            shard_with_fsdp2(self.policy, self.device_mesh["data_parallel"])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return configure_optimizers(params, self.optimizer_config, self.scheduler_config,
+                                    int(self.trainer.estimated_stepping_batches))
+
+    # ----- throughput ----------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def log_throughput(self, tokens: int) -> None:
+        """Log real (non-padding) tokens per second of the current training step."""
+        if self._batch_started is None:
+            return
+        elapsed = time.perf_counter() - self._batch_started
+        if elapsed > 0:
+            self.log("train/tokens_per_sec", tokens / elapsed, on_step=True, prog_bar=True)
+
+    # ----- evaluation ------------------------------------------------------------------------
+    def greedy_complete(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None) -> list[str]:
+        """Greedy completions of the live policy (the paper's evaluation decoding)."""
+        sampler = HFSampler(self.policy, self.tokenizer, batch_size=max(1, len(prompts)),
+                            overlong_prompts="truncate")
+        out = sampler.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                               stop=stop, seed=0)
+        return [c[0] if c else "" for c in out]
+
+    # ----- export --------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir)
+
+    def export(self, out_dir: str) -> Path | None:
+        """Save the policy as an HF folder; under FSDP2 the shards are gathered first."""
+        model = self.policy
+        if self.device_mesh is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.global_rank != 0:
+                return None
+            model = load_model(self.model_spec, for_training=False)
+            model.load_state_dict(state)
+        elif self.global_rank != 0:
+            return None
+        path = export_policy(model, self.tokenizer, out_dir, merge=self.export_merged)
+        rank_zero_info(f"Exported policy to {path}")
+        return path

@@ -1,0 +1,184 @@
+"""StepDPOModule: learning on pairs, reference modes agree, cache keys, QLoRA, FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer
+
+from selfexplore.data.preference import PreferenceDataModule
+from selfexplore.models import LoraSpec, ModelSpec
+from selfexplore.training.dpo import StepDPOModule
+from selfexplore.training.optim import OptimizerConfig
+
+
+def _pairs(path: Path, n: int = 24) -> Path:
+    """Step-level pairs: a prompt ending mid-rationale, a right next step and a wrong one."""
+    rows = []
+    for i in range(n):
+        a, b = 3 + i, 4 + (i % 5)
+        prompt = f"Ava has {a} marbles. She finds {b} more. How many marbles does Ava have now?\n" \
+                 f"Ava starts with {a} marbles.\n"
+        rows.append({"prompt": prompt, "chosen": f"{a} + {b} = {a + b}\nThe answer is {a + b}",
+                     "rejected": f"{a} + {b} = {a + b + 1}\nThe answer is {a + b + 1}",
+                     "meta": {"question_id": str(i)}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _trainer(tmp_path: Path, **kw) -> Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    default_root_dir=tmp_path)
+    return Trainer(**{**defaults, **kw})
+
+
+def _datamodule(pairs: Path, **kw) -> PreferenceDataModule:
+    return PreferenceDataModule(train_path=str(pairs), max_length=96, max_prompt_length=64, batch_size=8, **kw)
+
+
+def _metrics_on(module: StepDPOModule, dm: PreferenceDataModule) -> dict[str, float]:
+    """Mean margin and accuracy of the current policy over all training pairs."""
+    batch = dm.collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
+    module.policy.eval()
+    with torch.no_grad():
+        chosen, rejected = module._batch_logps(module.policy, batch)
+        ref_c, ref_r = module.reference_logps(batch, "train")
+    margins = module.beta * ((chosen - ref_c) - (rejected - ref_r))
+    return {"margin": float(margins.mean()), "accuracy": float((margins > 0).float().mean())}
+
+
+def test_dpo_steps_raise_margins_and_accuracy(tiny_arith_model: Path, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), beta=0.1,
+                           optimizer=OptimizerConfig(lr=2e-3), export_dir=str(tmp_path / "policy"))
+    dm = _datamodule(pairs)
+    trainer = _trainer(tmp_path, max_steps=15)
+    trainer.fit(module, datamodule=dm)
+    after = _metrics_on(module, dm)
+    # at step 0 the policy equals the reference: margins 0, accuracy 0 by definition
+    assert after["margin"] > 0.05 and after["accuracy"] >= 0.9, after
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert f"train/{key}" in trainer.callback_metrics
+    assert (tmp_path / "policy" / "config.json").is_file()
+
+
+def test_precomputed_reference_equals_live_copy(tiny_arith_model: Path, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    losses = {}
+    for mode in ("precomputed", "copy"):
+        module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference=mode,
+                               reference_cache_dir=str(tmp_path / "cache"))
+        dm = _datamodule(pairs)
+        trainer = _trainer(tmp_path, max_steps=0)
+        trainer.fit(module, datamodule=dm)  # runs setup + on_fit_start (precompute), no steps
+        with torch.no_grad():  # perturb the policy so the loss is not the trivial log(2)
+            for p in module.policy.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        batch = dm.collate([dm.train_dataset[i] for i in range(8)])
+        module.policy.eval()
+        with torch.no_grad():
+            losses[mode] = module._step(batch, "probe")
+    torch.testing.assert_close(losses["precomputed"], losses["copy"], atol=1e-5, rtol=1e-5)
+    assert abs(float(losses["copy"]) - 0.6931) > 1e-3
+
+
+def test_reference_cache_reused_and_never_stale(tiny_arith_model: Path, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference_cache_dir=str(tmp_path / "cache"))
+    dm = _datamodule(pairs)
+    _trainer(tmp_path, max_steps=0).fit(module, datamodule=dm)
+    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 1
+    key = module.reference_cache_key(dm.train_dataset.fingerprint())
+    assert cached[0].stem == key
+    # other data -> other key; other reference weights -> other key
+    other = _datamodule(_pairs(tmp_path / "other.jsonl", n=10))
+    other.setup("fit") if other.trainer else None
+    copied = tmp_path / "ref"
+    import shutil
+    shutil.copytree(tiny_arith_model, copied)
+    weights = next(copied.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+    state = load_file(weights)
+    first = next(iter(state))
+    state[first] = state[first] + 1.0
+    save_file(state, weights, metadata={"format": "pt"})
+    moved = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference_path=str(copied))
+    assert moved.reference_cache_key(dm.train_dataset.fingerprint()) != key
+    assert module.reference_cache_key("another data fingerprint") != key
+
+
+def test_adapter_disabled_reference_equals_base_model(tiny_arith_model: Path, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    lora = StepDPOModule(ModelSpec(path=str(tiny_arith_model), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
+                         reference="adapter", optimizer=OptimizerConfig(lr=1e-2))
+    dm = _datamodule(pairs)
+    _trainer(tmp_path, max_steps=5).fit(lora, datamodule=dm)  # adapters move away from zero
+    base = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="copy")
+    base.configure_model()
+    batch = dm.collate([dm.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        ref_c, ref_r = lora.reference_logps(batch, "train")
+        base_c, base_r = base._batch_logps(base.policy.eval(), batch)
+        pol_c, _ = lora._batch_logps(lora.policy.eval(), batch)
+    torch.testing.assert_close(ref_c, base_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_r, base_r, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pol_c, base_c, atol=1e-4)
+
+
+def test_qlora_dpo_steps(tiny_arith_model: Path, tmp_path: Path) -> None:
+    spec = ModelSpec(path=str(tiny_arith_model), lora=LoraSpec(r=4, alpha=8, dropout=0.0), quantization="nf4")
+    module = StepDPOModule(spec, reference="adapter", optimizer=OptimizerConfig(lr=1e-2))
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=_datamodule(_pairs(tmp_path / "pairs.jsonl")))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_invalid_configuration_is_rejected(tiny_arith_model: Path) -> None:
+    with pytest.raises(ValueError, match="LoRA"):
+        StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="adapter")
+    with pytest.raises(ValueError, match="loss_type"):
+        StepDPOModule(ModelSpec(path=str(tiny_arith_model)), loss_type="nope")
+
+
+def test_non_finite_loss_names_step_and_batch(tiny_arith_model: Path, tmp_path: Path) -> None:
+    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="copy")
+    module.configure_model()
+    with torch.no_grad():
+        module.policy.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"global step 0, batch 0"):
+        _trainer(tmp_path, max_steps=1).fit(module, datamodule=_datamodule(_pairs(tmp_path / "pairs.jsonl")))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_process_dpo_on_cpu(tiny_arith_model: Path, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 2, "max_steps": 3, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path), "logger": False, "enable_checkpointing": False,
+                    "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}},
+        "model": {"class_path": "selfexplore.training.dpo.StepDPOModule",
+                  "init_args": {"model": {"path": str(tiny_arith_model)}, "export_dir": str(tmp_path / "policy")}},
+        "data": {"class_path": "selfexplore.data.preference.PreferenceDataModule",
+                 "init_args": {"train_path": str(pairs), "max_length": 96, "max_prompt_length": 64,
+                               "batch_size": 4}},
+    }
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "selfexplore.cli", "fit", "--config", str(path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "policy")

