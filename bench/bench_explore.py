@@ -40,7 +40,9 @@ def train(model: torch.nn.Module, tokenizer, texts: list[str], epochs: int, lr: 
     encoded = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * ((len(encoded) + batch - 1) // batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
     rng = random.Random(seed)
     model.train()
     loss_sum = 0.0
@@ -94,28 +96,34 @@ def permutation_test(a: list, b: list, permutations: int, seed: int) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-size", type=int, default=1500)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-size", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (head_dim 32)")
+    parser.add_argument("--arith", type=json.loads, help="arith task knobs as JSON",
+                        default={"min_steps": 2, "max_steps": 4, "operations": ["+", "-"],
+                                 "max_operand": 20, "max_value": 60})
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--questions", type=int, default=200, help="train questions sampled")
+    parser.add_argument("--questions", type=int, default=120, help="train questions sampled")
     parser.add_argument("--samples", type=int, default=8, help="rationales per question")
-    parser.add_argument("--rationales", type=int, default=150, help="rejected rationales explored")
+    parser.add_argument("--rationales", type=int, default=120, help="rejected rationales explored")
     parser.add_argument("--repeats", type=int, default=3, help="exploration seeds per mode")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    task = get_task("arith", train_size=args.train_size, validation_size=50, test_size=50, seed=args.seed)
+    task = get_task("arith", train_size=args.train_size, validation_size=50, test_size=50, seed=args.seed,
+                    **args.arith)
     problems = task.load("train")
     texts = [task.prompt(p) + p.solution for p in problems]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         t0 = time.perf_counter()
         model_dir = build_tiny_llama(texts, work / "model", TinyLlamaConfig(
-            hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=352, vocab_size=512))
+            hidden_size=args.hidden, num_layers=2, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 32,
+            intermediate_size=args.hidden * 11 // 4, vocab_size=512))
         model = load_model(ModelSpec(path=str(model_dir), dtype="float32"), for_training=True)
         tokenizer = load_tokenizer(model_dir)
         loss = train(model, tokenizer, texts, args.epochs, args.lr, 32, args.seed)
@@ -147,6 +155,8 @@ def main() -> None:
              accuracy=round(sum(s["correct"] for s in samples) / len(samples), 4),
              outcome_pairs=len(pairs), rationales=len(rationales),
              seconds=round(time.perf_counter() - t0, 1))
+        if not rationales:
+            raise SystemExit("no rejected rationale with a correct partner: train longer (--epochs)")
 
         pits: dict[str, list] = {}
         totals: dict[str, dict[str, float]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
+from safetensors.torch import load_file, save_file
 
 from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.models import LoraSpec, ModelSpec
 from selfexplore.training.dpo import StepDPOModule
+from selfexplore.training.losses import dpo_loss
 from selfexplore.training.optim import OptimizerConfig
 
 
@@ -27,7 +30,7 @@ def _pairs(path: Path, n: int = 24) -> Path:
         prompt = f"Ava has {a} marbles. She finds {b} more. How many marbles does Ava have now?\n" \
                  f"Ava starts with {a} marbles.\n"
         rows.append({"prompt": prompt, "chosen": f"{a} + {b} = {a + b}\nThe answer is {a + b}",
-                     "rejected": f"{a} + {b} = {a + b + 1}\nThe answer is {a + b + 1}",
+                     "rejected": f"{a} * {b} = {a * b}\nThe answer is {a * b}",
                      "meta": {"question_id": str(i)}})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -58,63 +61,68 @@ def _metrics_on(module: StepDPOModule, dm: PreferenceDataModule) -> dict[str, fl
 def test_dpo_steps_raise_margins_and_accuracy(tiny_arith_model: Path, tmp_path: Path) -> None:
     pairs = _pairs(tmp_path / "pairs.jsonl")
     module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), beta=0.1,
-                           optimizer=OptimizerConfig(lr=2e-3), export_dir=str(tmp_path / "policy"))
+                           optimizer=OptimizerConfig(lr=1e-3), export_dir=str(tmp_path / "policy"))
     dm = _datamodule(pairs)
-    trainer = _trainer(tmp_path, max_steps=15)
+    trainer = _trainer(tmp_path, max_steps=20)
     trainer.fit(module, datamodule=dm)
     after = _metrics_on(module, dm)
     # at step 0 the policy equals the reference: margins 0, accuracy 0 by definition
-    assert after["margin"] > 0.05 and after["accuracy"] >= 0.9, after
+    assert after["margin"] > 0.5 and after["accuracy"] >= 0.9, after
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected"):
         assert f"train/{key}" in trainer.callback_metrics
     assert (tmp_path / "policy" / "config.json").is_file()
 
 
+def _prepared(model_path: Path, pairs: Path, tmp_path: Path, **kw) -> tuple[StepDPOModule, PreferenceDataModule]:
+    """A module with its model built and reference tables ready, without training steps."""
+    module = StepDPOModule(ModelSpec(path=str(model_path)), reference_cache_dir=str(tmp_path / "cache"), **kw)
+    module.configure_model()
+    dm = _datamodule(pairs, tokenizer_path=str(model_path))
+    dm.setup("fit")
+    module.trainer = _trainer(tmp_path)
+    if module.reference_mode == "precomputed":
+        module.reference_tables["train"] = ("", module.precompute_reference(dm.train_dataset, dm))
+    return module, dm
+
+
 def test_precomputed_reference_equals_live_copy(tiny_arith_model: Path, tmp_path: Path) -> None:
     pairs = _pairs(tmp_path / "pairs.jsonl")
     losses = {}
     for mode in ("precomputed", "copy"):
-        module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference=mode,
-                               reference_cache_dir=str(tmp_path / "cache"))
-        dm = _datamodule(pairs)
-        trainer = _trainer(tmp_path, max_steps=0)
-        trainer.fit(module, datamodule=dm)  # runs setup + on_fit_start (precompute), no steps
+        module, dm = _prepared(tiny_arith_model, pairs, tmp_path, reference=mode)
         with torch.no_grad():  # perturb the policy so the loss is not the trivial log(2)
             for p in module.policy.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         batch = dm.collate([dm.train_dataset[i] for i in range(8)])
         module.policy.eval()
         with torch.no_grad():
-            losses[mode] = module._step(batch, "probe")
+            chosen, rejected = module._batch_logps(module.policy, batch)
+            losses[mode] = dpo_loss(chosen, rejected, *module.reference_logps(batch, "train"))[0].mean()
     torch.testing.assert_close(losses["precomputed"], losses["copy"], atol=1e-5, rtol=1e-5)
     assert abs(float(losses["copy"]) - 0.6931) > 1e-3
 
 
 def test_reference_cache_reused_and_never_stale(tiny_arith_model: Path, tmp_path: Path) -> None:
     pairs = _pairs(tmp_path / "pairs.jsonl")
-    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference_cache_dir=str(tmp_path / "cache"))
-    dm = _datamodule(pairs)
-    _trainer(tmp_path, max_steps=0).fit(module, datamodule=dm)
+    module, dm = _prepared(tiny_arith_model, pairs, tmp_path)
     cached = list((tmp_path / "cache").glob("*.pt"))
-    assert len(cached) == 1
     key = module.reference_cache_key(dm.train_dataset.fingerprint())
-    assert cached[0].stem == key
+    assert [c.stem for c in cached] == [key]
+    table = module.reference_tables["train"][1]
+    torch.save(table + 1.0, cached[0])  # a reused cache is read back, not recomputed
+    torch.testing.assert_close(module.precompute_reference(dm.train_dataset, dm), table + 1.0)
     # other data -> other key; other reference weights -> other key
-    other = _datamodule(_pairs(tmp_path / "other.jsonl", n=10))
-    other.setup("fit") if other.trainer else None
+    assert module.reference_cache_key("another data fingerprint") != key
     copied = tmp_path / "ref"
-    import shutil
     shutil.copytree(tiny_arith_model, copied)
     weights = next(copied.glob("*.safetensors"))
-    from safetensors.torch import load_file, save_file
     state = load_file(weights)
     first = next(iter(state))
     state[first] = state[first] + 1.0
     save_file(state, weights, metadata={"format": "pt"})
     moved = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference_path=str(copied))
     assert moved.reference_cache_key(dm.train_dataset.fingerprint()) != key
-    assert module.reference_cache_key("another data fingerprint") != key
 
 
 def test_adapter_disabled_reference_equals_base_model(tiny_arith_model: Path, tmp_path: Path) -> None:
@@ -123,8 +131,7 @@ def test_adapter_disabled_reference_equals_base_model(tiny_arith_model: Path, tm
                          reference="adapter", optimizer=OptimizerConfig(lr=1e-2))
     dm = _datamodule(pairs)
     _trainer(tmp_path, max_steps=5).fit(lora, datamodule=dm)  # adapters move away from zero
-    base = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="copy")
-    base.configure_model()
+    base, _ = _prepared(tiny_arith_model, pairs, tmp_path, reference="copy")
     batch = dm.collate([dm.train_dataset[i] for i in range(8)])
     with torch.no_grad():
         ref_c, ref_r = lora.reference_logps(batch, "train")

@@ -63,11 +63,10 @@ def test_overlong_examples_are_counted(tiny_arith_model: Path) -> None:
 def test_fit_lowers_loss_and_export_reloads_same_logits(tiny_arith_model: Path, tmp_path: Path) -> None:
     module = SFTModule(ModelSpec(path=str(tiny_arith_model)), optimizer=OptimizerConfig(lr=3e-3),
                        eval_max_new_tokens=24, export_dir=str(tmp_path / "policy"))
-    dm = SFTDataModule(task="arith", task_options=TINY_ARITH, batch_size=16, max_length=128)
-    trainer = _trainer(tmp_path, max_steps=40, limit_val_batches=1, val_check_interval=40)
+    dm = SFTDataModule(task="arith", task_options=TINY_ARITH, batch_size=16, max_length=128,
+                       tokenizer_path=str(tiny_arith_model))
+    trainer = _trainer(tmp_path, max_steps=40, limit_val_batches=1, check_val_every_n_epoch=5)
     module.configure_model()
-    dm.trainer = trainer
-    trainer.datamodule = dm  # setup() reads the policy's tokenizer through the trainer
     dm.setup("fit")
     before = _fixed_batch_loss(module, dm)
     trainer.fit(module, datamodule=dm)
@@ -118,7 +117,7 @@ def test_clear_errors_before_training(tiny_arith_model: Path, tmp_path: Path) ->
 def _write_config(tmp_path: Path, model_path: str, **trainer) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False, "log_every_n_steps": 1,
                     "limit_val_batches": 1, "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path),
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": str(tmp_path / "logs")}}, **trainer},

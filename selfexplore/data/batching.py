@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
 def encode_prompt_completion(tokenizer, prompt: str, completion: str,
@@ -35,36 +35,60 @@ def pad_right(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled indices in which each run of `batch_size` has similar lengths (less padding).
+class LengthGroupedDistributedSampler(DistributedSampler):
+    """Shuffled batches of similar length (less padding), whole batches per data-parallel rank.
 
-    Indices are shuffled, cut into mega-chunks of `batch_size * mega_batches`, each chunk is
-    sorted by length, and the resulting batches are shuffled again. Deterministic per seed and
-    epoch (Lightning calls `set_epoch`); works under Lightning's distributed sampler wrapper.
+    Per epoch (seed + epoch): shuffle, cut into mega-chunks of `mega_batches` batches, sort each
+    chunk by length, cut into batches, shuffle the batch order. Rank r takes batches r, r+R, ...
+    (R = num_replicas; batches are repeated to give every rank the same count, as
+    DistributedSampler pads). The one short batch is always its rank's last, so a DataLoader with
+    the same `batch_size` cuts exactly these batches. Being a DistributedSampler, Lightning
+    neither replaces nor re-wraps it (`use_distributed_sampler` on or off) and calls `set_epoch`.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0,
-                 mega_batches: int = 50) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, mega_batches: int = 50) -> None:
+        if batch_size < 1 or mega_batches < 1:
+            raise ValueError(f"batch_size and mega_batches must be >= 1, got {batch_size}, {mega_batches}")
+        if not lengths:
+            raise ValueError("no examples to sample")
+        super().__init__(list(lengths), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.seed = seed
         self.mega = batch_size * mega_batches
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _layout(self) -> tuple[int, int, int]:
+        """(full batches, size of the short batch or 0, padding batches) — fixed per dataset."""
+        full, short = divmod(len(self.lengths), self.batch_size)
+        padding = -(full + (short > 0)) % self.num_replicas
+        return full, short, padding
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        full, short, padding = self._layout()
+        sizes = [self.batch_size] * full + [self.batch_size if full else short] * padding + [short] * (short > 0)
+        return sum(sizes[self.rank::self.num_replicas])
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
         batches: list[list[int]] = []
         for start in range(0, len(order), self.mega):
-            chunk = sorted(order[start : start + self.mega], key=lambda i: -self.lengths[i])
-            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        for b in torch.randperm(len(batches), generator=g).tolist():
-            yield from batches[b]
+            chunk = sorted(order[start:start + self.mega], key=lambda i: -self.lengths[i])
+            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        _, _, padding = self._layout()
+        pool = full or short
+        ordered = full + [pool[i % len(pool)] for i in range(padding)] + short
+        for batch in ordered[self.rank::self.num_replicas]:
+            yield from batch
+
+
+def data_parallel_replicas(trainer) -> dict[str, int]:
+    """Data-parallel world size and rank from the trainer's strategy (1, 0 without one)."""
+    strategy = trainer.strategy if trainer is not None else None
+    kwargs = getattr(strategy, "distributed_sampler_kwargs", None) if strategy is not None else None
+    if not kwargs:
+        return {"num_replicas": 1, "rank": 0}
+    return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}

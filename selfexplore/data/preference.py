@@ -25,9 +25,14 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from selfexplore.data.batching import encode_prompt_completion, pad_right
+from selfexplore.data.batching import (
+    LengthGroupedDistributedSampler,
+    data_parallel_replicas,
+    encode_prompt_completion,
+    pad_right,
+)
 from selfexplore.io import DataError, require_str
 from selfexplore.models import load_tokenizer
 
@@ -205,56 +210,6 @@ class PreferenceCollator:
         }
 
 
-class LengthGroupedDistributedSampler(DistributedSampler):
-    """Shuffled batches of similar length (less padding), whole batches per data-parallel rank.
-
-    Per epoch (seed + epoch): shuffle, cut into mega-chunks of `mega_batches` batches, sort each
-    chunk by length, cut into batches, shuffle the batch order. Rank r takes batches r, r+R, ...
-    (R = num_replicas; batches are repeated to give every rank the same count, as
-    DistributedSampler pads). The one short batch is always its rank's last, so a DataLoader with
-    the same `batch_size` cuts exactly these batches. Being a DistributedSampler, Lightning
-    neither replaces nor re-wraps it (`use_distributed_sampler` on or off) and calls `set_epoch`.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, mega_batches: int = 50) -> None:
-        if batch_size < 1 or mega_batches < 1:
-            raise ValueError(f"batch_size and mega_batches must be >= 1, got {batch_size}, {mega_batches}")
-        if not lengths:
-            raise ValueError("no examples to sample")
-        super().__init__(list(lengths), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.mega = batch_size * mega_batches
-
-    def _layout(self) -> tuple[int, int, int]:
-        """(full batches, size of the short batch or 0, padding batches) — fixed per dataset."""
-        full, short = divmod(len(self.lengths), self.batch_size)
-        padding = -(full + (short > 0)) % self.num_replicas
-        return full, short, padding
-
-    def __len__(self) -> int:
-        full, short, padding = self._layout()
-        sizes = [self.batch_size] * full + [self.batch_size if full else short] * padding + [short] * (short > 0)
-        return sum(sizes[self.rank::self.num_replicas])
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        batches: list[list[int]] = []
-        for start in range(0, len(order), self.mega):
-            chunk = sorted(order[start:start + self.mega], key=lambda i: -self.lengths[i])
-            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        full = [b for b in batches if len(b) == self.batch_size]
-        short = [b for b in batches if len(b) < self.batch_size]
-        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
-        _, _, padding = self._layout()
-        pool = full or short
-        ordered = full + [pool[i % len(pool)] for i in range(padding)] + short
-        for batch in ordered[self.rank::self.num_replicas]:
-            yield from batch
-
-
 class PreferenceDataModule(LightningDataModule):
     """Preference pairs for step-level (or outcome) DPO; see the module docstring for the rules.
 
@@ -350,7 +305,7 @@ class PreferenceDataModule(LightningDataModule):
             g = torch.Generator().manual_seed(self.seed)
             return DataLoader(self.train_dataset, shuffle=True, generator=g, **common)
         sampler = LengthGroupedDistributedSampler(self.train_dataset.lengths, self.batch_size,
-                                                  seed=self.seed, **self._replicas())
+                                                  seed=self.seed, **data_parallel_replicas(self.trainer))
         return DataLoader(self.train_dataset, sampler=sampler, **common)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -358,11 +313,3 @@ class PreferenceDataModule(LightningDataModule):
             return []
         return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def _replicas(self) -> dict[str, int]:
-        """Data-parallel world size and rank from the trainer's strategy (1, 0 without one)."""
-        strategy = self.trainer.strategy if self.trainer is not None else None
-        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) if strategy is not None else None
-        if not kwargs:
-            return {"num_replicas": 1, "rank": 0}
-        return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}

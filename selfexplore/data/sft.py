@@ -11,7 +11,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from selfexplore.data.batching import LengthGroupedSampler, encode_prompt_completion, pad_right
+from selfexplore.data.batching import (
+    LengthGroupedDistributedSampler,
+    data_parallel_replicas,
+    encode_prompt_completion,
+    pad_right,
+)
 from selfexplore.io import DataError, iter_jsonl, require_str
 from selfexplore.models import load_tokenizer
 from selfexplore.tasks import Problem, get_task
@@ -160,7 +165,8 @@ class SFTDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_set
-        sampler = (LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], self.batch_size, self.seed)
+        sampler = (LengthGroupedDistributedSampler([len(e.input_ids) for e in dataset.examples], self.batch_size,
+                                                   seed=self.seed, **data_parallel_replicas(self.trainer))
                    if self.length_grouped else None)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=sampler is None,
                           collate_fn=self._collate_train, num_workers=self.num_workers)

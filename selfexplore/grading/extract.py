@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 
 TASKS = ("gsm8k", "math")
+#: Longest 'The answer is ...' / '#### ...' line segment read (real answers are far shorter).
+MAX_SEGMENT_CHARS = 1000
 
 _ANSWER_IS_RE = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b[ \t]*:?[ \t]*", re.I)
 _HASHES_RE = re.compile(r"####[ \t]*")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BOXED_TOKEN_RE = re.compile(r"[ \t]+([^\s$]+)")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.S)
 # A number as people write it: optional sign and currency, thousands commas, decimals,
 # an optional /denominator and percent sign.
 _NUMBER_RE = re.compile(
@@ -31,42 +34,42 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown grading task {task!r}; expected one of {TASKS}")
 
 
-def match_braces(text: str, open_pos: int) -> int | None:
-    """Index of the '}' closing the '{' at `open_pos`, skipping escaped braces; None if unclosed."""
+def match_braces(text: str, open_pos: int, limit: int | None = None) -> int | None:
+    """Index of the '}' closing the '{' at `open_pos`, skipping escaped braces; None if it is
+    not closed before `limit` (default: the end of the text)."""
     depth = 0
-    i = open_pos
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
+    end = len(text) if limit is None else min(limit, len(text))
+    for m in _BRACE_RE.finditer(text, open_pos, end):
+        c = m.group()
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return i
-        i += 1
+                return m.start()
     return None
 
 
-def _boxed_at(text: str, start: int, end: int) -> str | None:
-    """Content of the \\boxed/\\fbox command spanning text[start:end], or None if malformed."""
-    j = end
-    while j < len(text) and text[j] in " \t":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        close = match_braces(text, j)
-        return None if close is None else text[j + 1:close].strip()
-    m = _BOXED_TOKEN_RE.match(text, end)  # "\boxed 5"
-    return m.group(1) if m else None
-
-
 def last_boxed(text: str) -> tuple[int, str] | None:
-    """(position, content) of the last complete \\boxed{...} or \\fbox{...} (braces matched)."""
+    """(position, content) of the last complete \\boxed{...} / \\fbox{...} (braces matched),
+    or \\boxed 5. Linear time: once a brace at p is known to be unclosed, every earlier brace
+    still open at p is unclosed too, so no scan goes past p again."""
+    limit = len(text)
     for m in reversed(list(_BOXED_RE.finditer(text))):
-        content = _boxed_at(text, m.start(), m.end())
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            if j >= limit:
+                continue
+            close = match_braces(text, j, limit)
+            if close is None:
+                limit = j
+                continue
+            content = text[j + 1:close].strip()
+        else:
+            token = _BOXED_TOKEN_RE.match(text, m.end())  # "\boxed 5"
+            content = token.group(1) if token else ""
         if content:
             return m.start(), content
     return None
@@ -91,6 +94,10 @@ def _last_number(text: str) -> str | None:
 
 def _clean_math(segment: str) -> str:
     s = segment.strip()
+    if s.startswith("$"):  # 'The answer is $5$ apples.' -> '5'
+        end = s.find("$", 1)
+        if end > 1:
+            return s[1:end].strip()
     for _ in range(3):
         s = s.rstrip(" .").strip()
         if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
@@ -117,7 +124,8 @@ def extract_answer(text: str | None, task: str = "gsm8k", *,
     Markers: 'The answer is X' (also 'The final answer is'; X is the rest of that line),
     '#### X' and \\boxed{X} / \\fbox{X} / \\boxed X; the last marker in the text wins.
     For gsm8k, X is reduced to its first number with commas and currency removed
-    ("$1,000." -> "1000"); for math it is returned as LaTeX, minus $ delimiters and a final period.
+    ("$1,000." -> "1000"; kept as text if it has no number); for math it is returned as LaTeX,
+    minus $ delimiters and a final period ('$5$ apples' -> '5').
 
     `fallback_last_number` (default False) returns the last number in the text when no marker is
     found. It is off by default because a truncated or unfinished rationale whose last number
@@ -130,8 +138,8 @@ def extract_answer(text: str | None, task: str = "gsm8k", *,
     candidates: list[tuple[int, str]] = []
     for regex in (_ANSWER_IS_RE, _HASHES_RE):
         for m in reversed(list(regex.finditer(text))):
-            line_end = text.find("\n", m.end())
-            segment = text[m.end():] if line_end < 0 else text[m.end():line_end]
+            line_end = text.find("\n", m.end(), m.end() + MAX_SEGMENT_CHARS)
+            segment = text[m.end():m.end() + MAX_SEGMENT_CHARS if line_end < 0 else line_end]
             value = _clean(segment, task)
             if value is not None:
                 candidates.append((m.start(), value))

@@ -1,11 +1,12 @@
 """String normalisation of MATH answers (LaTeX), so that equal answers usually become equal
 strings and the expensive symbolic check is the exception.
 
-Runs in linear time on bounded input: no regex here can backtrack quadratically.
+Callers cap the input length first (equiv.MAX_ANSWER_CHARS); no regex here backtracks badly.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 from selfexplore.grading.extract import last_boxed
@@ -24,13 +25,24 @@ _UNIT_WORDS_RE = re.compile(
     r"(?<=[\d})])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:%s)(?![a-zA-Z])\.?(?:\^\{?[23]\}?|[\u00b2\u00b3])?\s*$"
     % _UNITS
 )
-_SPACING_RE = re.compile(r"\\[,;: ]|\\q?quad(?![a-zA-Z])|~")
+_SPACING_RE = re.compile(r"(?<!\\)\\[,;: ]|\\q?quad(?![a-zA-Z])|~")
 _SIZING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
 _SIZING_DOT_RE = re.compile(r"\\(?:left|right)\s*\.")
-_DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\u00b0|\\degree(?![a-zA-Z])")
+_DEGREE_RE = re.compile(
+    r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\u00b0|\\degree(?![a-zA-Z])")
 _LHS_RE = re.compile(r"(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)=([^=]+)")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _CHOICE_RE = re.compile(r"\(([A-Ea-e])\)")
+_DFRAC_RE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
+_DISPLAY_RE = re.compile(r"\\displaystyle(?![a-zA-Z])")
+_SPACE_RE = re.compile(r"\s+")
+_SQRT_RE = re.compile(r"\\sqrt(\d)")
+_FRAC_DIGITS_RE = re.compile(r"\\frac(\d)(\d)")
+_FRAC_DIGIT_BRACE_RE = re.compile(r"\\frac(\d)\{")
+_FRAC_BRACE_DIGIT_RE = re.compile(r"\\frac(\{[^{}]*\})(\d)")
+_LEADING_DOT_RE = re.compile(r"(?<![\d}])\.(\d)")
+_RATIO_RE = re.compile(r"(-?\d+)/(\d+)")
+_CMD_TAIL_RE = re.compile(r"\\([a-zA-Z]+)$")
 
 
 def _strip_trailing_text(s: str) -> str:
@@ -53,7 +65,7 @@ def _strip_trailing_text(s: str) -> str:
         if i < 0:
             return s
         head = body[:i].rstrip()
-        cmd = re.search(r"\\([a-zA-Z]+)$", head[-16:])
+        cmd = _CMD_TAIL_RE.search(head[-16:])
         if cmd is None or cmd.group(1) not in _TEXT_CMDS:
             return s
         value = head[:len(head) - len(cmd.group(0))].rstrip()
@@ -64,9 +76,9 @@ def _strip_trailing_text(s: str) -> str:
 
 def _fix_fracs(s: str) -> str:
     """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}, \\frac{x}2 -> \\frac{x}{2}."""
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    return re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)
+    s = _FRAC_DIGITS_RE.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_DIGIT_BRACE_RE.sub(r"\\frac{\1}{", s)
+    return _FRAC_BRACE_DIGIT_RE.sub(r"\\frac\1{\2}", s)
 
 
 def strip_lhs(s: str) -> str:
@@ -75,6 +87,7 @@ def strip_lhs(s: str) -> str:
     return m.group(1) if m else s
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_math(answer: str) -> str:
     """A canonical string for a MATH answer.
 
@@ -95,8 +108,8 @@ def normalize_math(answer: str) -> str:
     s = _SPACING_RE.sub(" ", s)
     s = _SIZING_DOT_RE.sub("", s)
     s = _SIZING_RE.sub("", s)
-    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
-    s = re.sub(r"\\displaystyle(?![a-zA-Z])", "", s)
+    s = _DFRAC_RE.sub(r"\\frac", s)
+    s = _DISPLAY_RE.sub("", s)
     s = _DEGREE_RE.sub("", s)
     s = s.replace("\\%", "").replace("%", "")
     s = s.strip().rstrip(".").strip()
@@ -105,14 +118,14 @@ def normalize_math(answer: str) -> str:
         s = _TEXT_RE.sub(r"\1", s)
     s = _UNIT_WORDS_RE.sub("", s)
     s = s.replace("\\emptyset", "\\varnothing")
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    s = _SPACE_RE.sub("", s).rstrip(".")
+    s = _SQRT_RE.sub(r"\\sqrt{\1}", s)
     s = _fix_fracs(s)
-    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)
+    s = _LEADING_DOT_RE.sub(r"0.\1", s)
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
     s = strip_lhs(s)
-    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+    m = _RATIO_RE.fullmatch(s)
     if m:
         s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
     m = _CHOICE_RE.fullmatch(s)

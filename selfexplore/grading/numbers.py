@@ -10,14 +10,14 @@ import re
 from fractions import Fraction
 
 #: Relative tolerance for non-integer values: absorbs decimal rounding such as 0.333333 for 1/3.
-REL_TOL = 1e-6
+REL_TOL = Fraction(1, 10**6)
 #: Longest digit string turned into a number; longer ones are not treated as numbers at all.
 MAX_DIGITS = 400
 
 _MINUS = "-\u2212"  # ASCII hyphen and the Unicode minus sign
 
 _GSM8K_RE = re.compile(
-    r"""^
+    r"""
     (?P<sign>[-\u2212+])?\s*
     (?:\\?\$|[\u20ac\u00a3\u00a5])?\s*          # currency: $ \$ euro pound yen
     (?P<sign2>[-\u2212])?
@@ -25,16 +25,16 @@ _GSM8K_RE = re.compile(
     (?P<exp>[eE][-+]?\d{1,3})?
     (?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?
     \s*(?P<pct>\\?%|percent\b)?
-    (?P<units>\s*[a-zA-Z][a-zA-Z\s/.]*)?         # unit words: "dollars", "km/h", "per hour"
-    $""",
+    (?:\s*[a-zA-Z][a-zA-Z\s/.]*)?               # unit words: "dollars", "km/h", "per hour"
+    """,
     re.X,
 )
 
 _PLAIN_RE = re.compile(
-    r"""^(?P<sign>-)?(?:
+    r"""(?P<sign>-)?(?:
         (?P<num>\d+(?:\.\d+)?|\.\d+)(?:/(?P<den>\d+))?
       | \\frac\{(?P<fnum>-?\d+(?:\.\d+)?)\}\{(?P<fden>-?\d+(?:\.\d+)?)\}
-    )$""",
+    )""",
     re.X,
 )
 
@@ -49,17 +49,18 @@ def numbers_close(x: Fraction, y: Fraction) -> bool:
         return True
     if x.denominator == 1 or y.denominator == 1:
         return False
-    return abs(x - y) <= Fraction(REL_TOL) * max(abs(x), abs(y))
+    return abs(x - y) <= REL_TOL * max(abs(x), abs(y))
 
 
-def _fraction(text: str) -> Fraction | None:
-    digits = sum(c.isdigit() for c in text)
-    if digits == 0 or digits > MAX_DIGITS:
+def _decimal(text: str, exponent: str | None = None) -> Fraction | None:
+    """Exact value of digits with an optional '.' (already validated by a regex) and e-power."""
+    if len(text) > MAX_DIGITS:
         return None
-    try:
-        return Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        return None
+    whole, _, frac = text.partition(".")
+    value = Fraction(int(whole + frac or "0"), 10 ** len(frac)) if frac else Fraction(int(whole))
+    if exponent:
+        value *= Fraction(10) ** int(exponent[1:])
+    return value
 
 
 def gsm8k_values(text: str) -> tuple[Fraction, ...] | None:
@@ -73,16 +74,16 @@ def gsm8k_values(text: str) -> tuple[Fraction, ...] | None:
     if "=" in s:
         s = s.rsplit("=", 1)[1].strip()
     s = s.rstrip(". ")
-    m = _GSM8K_RE.match(s)
+    m = _GSM8K_RE.fullmatch(s)
     if m is None:
         return None
     if m["sign"] and m["sign2"]:
         return None
-    value = _fraction(m["num"].replace(",", "") + (m["exp"] or ""))
+    value = _decimal(m["num"].replace(",", ""), m["exp"])
     if value is None:
         return None
     if m["den"] is not None:
-        den = _fraction(m["den"])
+        den = _decimal(m["den"])
         if not den:
             return None
         value /= den
@@ -94,19 +95,24 @@ def gsm8k_values(text: str) -> tuple[Fraction, ...] | None:
     return (value,)
 
 
+def _signed(text: str) -> Fraction | None:
+    value = _decimal(text.lstrip("-"))
+    return -value if value is not None and text.startswith("-") else value
+
+
 def plain_number(text: str) -> Fraction | None:
     """The value of an already-normalised MATH answer that is just a number (5, -0.5, 3/4,
     \\frac{1}{2}), else None: lets most wrong answers be rejected without sympy."""
-    m = _PLAIN_RE.match(text)
+    m = _PLAIN_RE.fullmatch(text)
     if m is None:
         return None
     if m["num"] is not None:
-        value = _fraction(m["num"])
+        value = _decimal(m["num"])
         if value is not None and m["den"] is not None:
-            den = _fraction(m["den"])
+            den = _decimal(m["den"])
             value = value / den if den else None
     else:
-        num, den = _fraction(m["fnum"]), _fraction(m["fden"])
+        num, den = _signed(m["fnum"]), _signed(m["fden"])
         value = num / den if num is not None and den else None
     if value is None:
         return None

@@ -65,6 +65,8 @@ def _encloses(s: str) -> bool:
 
 def parse_structure(s: str) -> Node:
     """The composite tree of a normalised answer string (a plain string when it is a scalar)."""
+    if "," not in s and "\\cup" not in s and "\\begin" not in s and not s.startswith("\\{"):
+        return s
     union = _split_top(s, "\\cup")
     if len(union) > 1:
         return Composite("union", tuple(parse_structure(p) for p in union[:MAX_ITEMS + 1]))

@@ -37,17 +37,16 @@ class _FinishRecorder(StoppingCriteria):
         self.prompt_width = prompt_width
         self.eos_ids = eos_ids
         self.stop_criteria = stop_criteria
-        self.lengths = torch.full((batch,), -1, dtype=torch.long)
-        self.by_eos = torch.zeros(batch, dtype=torch.bool)
+        # Kept on the model's device: no host sync per decoding step.
+        self.lengths = torch.full((batch,), -1, dtype=torch.long, device=eos_ids.device)
+        self.by_eos = torch.zeros(batch, dtype=torch.bool, device=eos_ids.device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        eos = torch.isin(input_ids[:, -1], self.eos_ids.to(input_ids.device))
-        done = eos.clone()
-        if self.stop_criteria is not None:
-            done |= self.stop_criteria(input_ids, scores)
-        new = (done & (self.lengths.to(done.device) < 0)).cpu()
-        self.lengths[new] = input_ids.shape[1] - self.prompt_width
-        self.by_eos[new] = eos.cpu()[new]
+        eos = torch.isin(input_ids[:, -1], self.eos_ids)
+        done = (eos | self.stop_criteria(input_ids, scores)) if self.stop_criteria is not None else eos
+        new = done & (self.lengths < 0)
+        self.lengths = torch.where(new, input_ids.shape[1] - self.prompt_width, self.lengths)
+        self.by_eos = self.by_eos | (new & eos)
         return done
 
 
@@ -127,7 +126,7 @@ class HFSampler:
         for r, ids in enumerate(prompt_ids):
             input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[r, width - len(ids):] = 1
-        recorder = _FinishRecorder(width, len(prompt_ids), self.eos_ids, self._stop_criteria(stop))
+        recorder = _FinishRecorder(width, len(prompt_ids), self.eos_ids.to(device), self._stop_criteria(stop))
         greedy = temperature == 0
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
@@ -147,11 +146,12 @@ class HFSampler:
         finally:
             self.model.train(was_training)
         generated = out[:, width:].cpu()
-        lengths = torch.where(recorder.lengths < 0, generated.shape[1], recorder.lengths)
+        lengths = torch.where(recorder.lengths < 0, generated.shape[1], recorder.lengths).cpu()
+        by_eos = recorder.by_eos.cpu()
         self.generated_tokens += int(lengths.sum())
         texts = []
         for r, ids in enumerate(prompt_ids):
-            new = generated[r, :int(lengths[r]) - int(recorder.by_eos[r])].tolist()
+            new = generated[r, :int(lengths[r]) - int(by_eos[r])].tolist()
             texts.append(truncate_at_stop(self._continuation(ids, new), stop))
         return texts
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from selfexplore.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from selfexplore.io import iter_jsonl, read_json, write_json, write_jsonl
 from selfexplore.sampling.base import Sampler, derive_seed
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
@@ -91,11 +93,11 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     shard_dir = shard_dir_for(out_path)
     manifest_path = shard_dir / "manifest.json"
     done = _load_manifest(manifest_path, config, force)
+    done = {k: v for k, v in done.items() if _shard_complete(shard_dir, int(k), done)}
+    resumed = len(done)
     write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": config, "shards": done})
 
     starts = range(0, len(ordered), shard_size)
-    resumed = sum(1 for i in range(len(starts)) if _shard_complete(shard_dir, i, done))
-    done = {k: v for k, v in done.items() if _shard_complete(shard_dir, int(k), done)}
     backend_seconds = 0.0
     bar = tqdm(total=len(ordered), unit="q", desc="sample", disable=not progress)
     for i, first in enumerate(starts):
@@ -119,10 +121,9 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
         bar.update(len(shard))
     bar.close()
 
-    parts = [(shard_dir / _shard_name(i)).read_text(encoding="utf-8") for i in range(len(starts))]
-    atomic_write_text(out_path, "".join(parts))
-    return _stats(read_jsonl(out_path) if ordered else [], ordered, done, resumed,
-                  backend_seconds, time.perf_counter() - start)
+    shard_paths = [shard_dir / _shard_name(i) for i in range(len(starts))]
+    _concatenate_atomically(shard_paths, out_path)
+    return _stats(shard_paths, ordered, done, resumed, backend_seconds, time.perf_counter() - start)
 
 
 def _grade(task: Task, shard: Sequence[Problem], prompts: Sequence[str], completions: list[list[str]],
@@ -155,7 +156,9 @@ def _load_manifest(path: Path, config: dict[str, Any], force: bool) -> dict[str,
     if not path.is_file():
         return {}
     manifest = read_json(path)
-    old = manifest.get("config", {}) if isinstance(manifest, dict) else {}
+    if not isinstance(manifest, dict):
+        manifest = {}
+    old = manifest.get("config", {})
     if manifest.get("format") == MANIFEST_FORMAT and old == config:
         return dict(manifest.get("shards", {}))
     if not force:
@@ -183,16 +186,37 @@ def _shard_complete(shard_dir: Path, index: int, done: Mapping[str, Mapping[str,
         return sum(1 for line in f if line.strip()) == entry.get("records")
 
 
-def _stats(records: list[dict[str, Any]], problems: Sequence[Problem], done: Mapping[str, Mapping[str, Any]],
+def _concatenate_atomically(parts: Sequence[Path], out_path: Path) -> None:
+    """Stream the shard files into `out_path` so readers never see a partial file (no full copy in RAM)."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _stats(shard_paths: Sequence[Path], problems: Sequence[Problem], done: Mapping[str, Mapping[str, Any]],
            resumed: int, backend_seconds: float, total_seconds: float) -> SampleStats:
-    per_question: dict[str, list[bool]] = {p.id: [] for p in problems}
-    for r in records:
-        per_question[r["question_id"]].append(bool(r["correct"]))
-    sampled = [c for c in per_question.values() if c]
+    """Totals over every shard, streamed record by record (outputs can hold millions of samples)."""
+    per_question: dict[str, list[int]] = {p.id: [0, 0] for p in problems}  # [samples, correct]
+    for path in shard_paths:
+        for _, record in iter_jsonl(path):
+            counts = per_question[record["question_id"]]
+            counts[0] += 1
+            counts[1] += bool(record["correct"])
+    sampled = [(k, c) for k, c in per_question.values() if k]
     return SampleStats(
-        questions=len(problems), samples=len(records), correct=sum(r["correct"] for r in records),
-        pass_rate_mean=sum(sum(c) / len(c) for c in sampled) / len(sampled) if sampled else 0.0,
-        pass_at_n=sum(any(c) for c in sampled) / len(sampled) if sampled else 0.0,
+        questions=len(problems), samples=sum(k for k, _ in sampled), correct=sum(c for _, c in sampled),
+        pass_rate_mean=sum(c / k for k, c in sampled) / len(sampled) if sampled else 0.0,
+        pass_at_n=sum(c > 0 for _, c in sampled) / len(sampled) if sampled else 0.0,
         questions_without_samples=len(problems) - len(sampled),
         generated_tokens=sum(int(v.get("generated_tokens", 0)) for v in done.values()),
         shards=len(done), resumed_shards=resumed,

