@@ -23,6 +23,7 @@ from selfexplore.grading.timeout import alarm_usable, resolve, run_limited, with
 # cheap guard (small numbers, shallow nesting), so only the hard time limit can stop it.
 SLOW = r"\sin(e^{e^{e^{e^{x}}}})"
 SAFETY_BOUND = 5.0  # generous wall-clock bound; the guarantee under test is the timeout itself
+LONG = 30.0  # rule tests check verdicts, not speed: a loaded CI machine must not flip them
 
 
 def in_thread(fn, *args, **kwargs):
@@ -77,8 +78,8 @@ def test_gsm8k_not_equivalent(pred: str, gold: str) -> None:
     ("\\frac{-1}{2}", "-0.5"), ("- 0.5", "-\\frac12"), ("\\frac{a}{b}", "a/b"),
 ])
 def test_math_normalisation_equivalent(pred: str, gold: str) -> None:
-    assert is_equiv(pred, gold, "math")
-    assert is_equiv(gold, pred, "math")
+    assert is_equiv(pred, gold, "math", timeout=LONG)
+    assert is_equiv(gold, pred, "math", timeout=LONG)
 
 
 @pytest.mark.parametrize("pred, gold", [
@@ -86,7 +87,7 @@ def test_math_normalisation_equivalent(pred: str, gold: str) -> None:
     ("x \\in [1,2]", "[1,2]"), ("30^\\circ", "40"), ("(C)", "B"), ("1.0000001", "1"),
 ])
 def test_math_normalisation_not_equivalent(pred: str, gold: str) -> None:
-    assert not is_equiv(pred, gold, "math")
+    assert not is_equiv(pred, gold, "math", timeout=LONG)
 
 
 # ---- MATH: composite answers -----------------------------------------------------------------
@@ -103,7 +104,7 @@ def test_math_normalisation_not_equivalent(pred: str, gold: str) -> None:
     ("\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", False),
 ])
 def test_math_composite(pred: str, gold: str, expected: bool) -> None:
-    assert is_equiv(pred, gold, "math") is expected
+    assert is_equiv(pred, gold, "math", timeout=LONG) is expected
 
 
 # ---- MATH: numeric tolerance and symbolic equivalence ----------------------------------------
@@ -122,8 +123,8 @@ def test_math_composite(pred: str, gold: str, expected: bool) -> None:
     ("sqrt(2)", "\\sqrt{2}"), ("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}"), ("ab", "ba"),
 ])
 def test_math_symbolic_equivalent(pred: str, gold: str) -> None:
-    assert is_equiv(pred, gold, "math")
-    assert is_equiv(gold, pred, "math")
+    assert is_equiv(pred, gold, "math", timeout=LONG)
+    assert is_equiv(gold, pred, "math", timeout=LONG)
 
 
 @pytest.mark.parametrize("pred, gold", [
@@ -133,8 +134,8 @@ def test_math_symbolic_equivalent(pred: str, gold: str) -> None:
     ("e^{i\\pi}", "1"), ("__import__('os').system('true')", "0"),
 ])
 def test_math_symbolic_not_equivalent(pred: str, gold: str) -> None:
-    assert not is_equiv(pred, gold, "math")
-    assert not is_equiv(gold, pred, "math")
+    assert not is_equiv(pred, gold, "math", timeout=LONG)
+    assert not is_equiv(gold, pred, "math", timeout=LONG)
 
 
 @pytest.mark.parametrize("text, value", [

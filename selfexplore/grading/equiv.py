@@ -14,8 +14,8 @@ from selfexplore.grading.extract import TASKS
 from selfexplore.grading.normalize import bracket_depth, normalize_math, strip_lhs
 from selfexplore.grading.numbers import gsm8k_values, numbers_close, plain_number
 from selfexplore.grading.structure import compare, parse_structure
-from selfexplore.grading.symbolic import math_equiv
-from selfexplore.grading.timeout import run_limited
+from selfexplore.grading.symbolic import math_equiv, warm_up
+from selfexplore.grading.timeout import alarm_usable, run_limited
 
 #: Longer answers are only ever compared as exact strings (real answers are far shorter).
 MAX_ANSWER_CHARS = 1000
@@ -53,6 +53,8 @@ class _Undecided(Exception):
 @functools.lru_cache(maxsize=8192)
 def _symbolic(a: str, b: str, timeout: float) -> bool:
     """Cached: explore and RFT grade the same few answers against one gold many times."""
+    if alarm_usable():  # in-process check: pay sympy's one-off import cost outside the limit
+        warm_up()
     result = run_limited(math_equiv, (a, b, timeout), timeout)
     if result is None:
         raise _Undecided
@@ -92,7 +94,9 @@ def is_equiv(pred: str | None, gold: str | None, task: str = "gsm8k",
     math: LaTeX normalisation (see `normalize_math`), then tuples, intervals (open/closed ends
     matter), sets, unions and matrices element by element, bare lists in any order; scalars
     by exact number comparison, else symbolically with sympy (see `symbolic`), within
-    `timeout` seconds; running out of time counts as not equivalent.
+    `timeout` seconds; running out of time counts as not equivalent. The first symbolic check
+    in a process also pays a one-off sympy warm-up (or, off the main thread, a worker start) of
+    about a second outside that limit, so a cold start never turns a correct answer wrong.
 
     None, an empty answer, or an answer over MAX_ANSWER_CHARS that is not identical to the
     gold answer, is never equivalent. Never raises on any string input.

@@ -7,10 +7,11 @@ evaluation could explode: long literals, huge powers and factorials, deep nestin
 tokens. The symbolic stage still runs under a hard time limit; these guards keep it cheap.
 
 Grammar (loosely): numbers; single-letter variables with optional subscripts (x_1, a_{n});
-Greek letters; + - * / ^ ! and implicit multiplication; ( ) { } grouping; |x|; \\frac, \\sqrt[n]{},
-\\binom; \\pi, \\infty, e (Euler's number) and i (imaginary unit); \\cdot \\times \\div; \\sin \\cos
-\\tan \\cot \\sec \\csc \\arcsin \\arccos \\arctan \\sinh \\cosh \\tanh \\exp \\ln \\log (natural log,
-\\log_b for base b), with powers such as \\sin^2 x and \\sin^{-1} x = \\arcsin x. Plain-text forms
+Greek letters; + - * / ^ ! and implicit multiplication; ( ) { } grouping; |x|; \\frac,
+\\sqrt[n]{}, \\binom; \\pi, \\infty, e (Euler's number) and i (imaginary unit); \\cdot \\times
+\\div; \\sin \\cos \\tan \\cot \\sec \\csc \\arcsin \\arccos \\arctan \\sinh \\cosh \\tanh \\exp
+\\ln \\log (natural log, \\log_b for base b), with powers such as \\sin^2 x and
+\\sin^{-1} x = \\arcsin x. Plain-text forms
 (sqrt(2), pi, sin x) work too. Three or more letters in a row that are not a function name are
 taken for a word, not a product, so 'dog' and 'god' are never declared equal.
 """

@@ -22,8 +22,8 @@ _UNITS = (
     "kilograms?|liters?|litres?|ml|gallons?"
 )
 _UNIT_WORDS_RE = re.compile(
-    r"(?<=[\d})])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:%s)(?![a-zA-Z])\.?(?:\^\{?[23]\}?|[\u00b2\u00b3])?\s*$"
-    % _UNITS
+    r"(?<=[\d})])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:%s)(?![a-zA-Z])\.?"
+    r"(?:\^\{?[23]\}?|[\u00b2\u00b3])?\s*$" % _UNITS
 )
 _SPACING_RE = re.compile(r"(?<!\\)\\[,;: ]|\\q?quad(?![a-zA-Z])|~")
 _SIZING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
@@ -82,7 +82,7 @@ def _fix_fracs(s: str) -> str:
 
 
 def strip_lhs(s: str) -> str:
-    """'x=5' -> '5', 'k_1=3' -> '3', '\\theta=2' -> '2': a single variable on the left is a label."""
+    """'x=5' -> '5', 'k_1=3' -> '3', '\\theta=2' -> '2': a lone variable on the left is a label."""
     m = _LHS_RE.fullmatch(s)
     return m.group(1) if m else s
 

@@ -47,7 +47,9 @@ class TimeLimitExceeded(BaseException):
 
 def alarm_usable() -> bool:
     """Whether SIGALRM can time-limit code on the calling thread."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "setitimer"):
+        return False
+    if threading.current_thread() is not threading.main_thread():
         return False
     if signal.getsignal(signal.SIGALRM) is None:  # installed outside Python: leave it alone
         return False

@@ -2,7 +2,7 @@
 
 Protocol: one JSON request per stdin line, {"target": "module:function", "args": [...],
 "seconds": s}; one JSON reply per stdout line, {"result": value or null}. It prints 'ready'
-once sympy is imported, and exits at end of input.
+once sympy is imported and warmed up, and exits at end of input.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from selfexplore.grading import symbolic  # noqa: F401  (imports sympy before 'ready')
+from selfexplore.grading.symbolic import warm_up
 from selfexplore.grading.timeout import WORKER_MEMORY_BYTES, resolve, within
 
 # Answer slightly before the caller's deadline, so it gets a reply instead of killing us.
@@ -23,12 +23,15 @@ def _limit_memory() -> None:
     except ImportError:  # not POSIX: the caller's kill still bounds the time
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = WORKER_MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(hard, WORKER_MEMORY_BYTES)
+    limit = WORKER_MEMORY_BYTES
+    if hard != resource.RLIM_INFINITY:
+        limit = min(hard, limit)
     if soft == resource.RLIM_INFINITY or soft > limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 def main() -> None:
+    warm_up()
     _limit_memory()
     out = sys.stdout
     out.write("ready\n")

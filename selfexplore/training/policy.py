@@ -42,6 +42,11 @@ def shard_with_fsdp2(model: torch.nn.Module, mesh: Any) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def wrap_decoder_layers(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP1 (`FSDPStrategy(auto_wrap_policy=...)`) policy: one unit per HF `*DecoderLayer` block."""
+    return recurse or type(module).__name__.endswith("DecoderLayer")
+
+
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
