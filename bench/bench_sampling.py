@@ -2,9 +2,9 @@
 
 Question: how many generated tokens per second does each backend deliver on the same tiny
 model, prompts, n and max_new_tokens, and how much does the sample stage add on top of the
-backend (grading, JSONL, shard bookkeeping)? The model is a ~3.5M-parameter Llama with a BPE
-tokenizer trained on arith texts, fitted briefly so that completions end with EOS at natural,
-varying lengths. Each backend gets one warm-up call, then the median of `--repeats` timed
+backend (grading, JSONL, shard bookkeeping)? The model is a ~1M-parameter Llama with a BPE
+tokenizer trained on arith texts, fitted briefly so that completions tend to end with EOS at
+varying lengths (`mean_tokens_per_sample` shows how far from `max_new_tokens`). Each backend gets one warm-up call, then the median of `--repeats` timed
 calls. Prints one JSON line per result, then ratio lines.
 
 vLLM runs in-process when importable; otherwise pass `--vllm-python` (the interpreter of an
@@ -38,11 +38,11 @@ def emit(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def build_model(out_dir: Path, epochs: int, seed: int) -> None:
+def build_model(out_dir: Path, num_texts: int, epochs: int, seed: int) -> None:
     """Tiny Llama (head_dim 32 for vLLM) + tokenizer on arith train texts, trained `epochs` epochs."""
     task = get_task("arith", seed=seed)
-    texts = [task.prompt(p) + p.solution for p in task.load("train")]
-    config = TinyLlamaConfig(hidden_size=256, num_heads=8, num_kv_heads=8, num_layers=4, intermediate_size=704,
+    texts = [task.prompt(p) + p.solution for p in task.load("train")[:num_texts]]
+    config = TinyLlamaConfig(hidden_size=128, num_heads=4, num_kv_heads=4, num_layers=4, intermediate_size=352,
                              vocab_size=512, max_position_embeddings=512)
     build_tiny_llama(texts, out_dir, config, seed=seed)
     model = load_model(ModelSpec(path=str(out_dir)))
@@ -89,7 +89,9 @@ def measure(name: str, run: Callable[[int], int], repeats: int, common: dict) ->
         t0 = time.perf_counter()
         tokens.append(run(r))
         seconds.append(time.perf_counter() - t0)
+    samples = common["prompts"] * common["n"]
     result = {"bench": "sampling", "backend": name, **common, "tokens_median": statistics.median(tokens),
+              "mean_tokens_per_sample": round(statistics.median(tokens) / samples, 1),
               "seconds_median": round(statistics.median(seconds), 3),
               "tokens_per_s": round(statistics.median(t / s for t, s in zip(tokens, seconds)), 1)}
     emit(**result)
@@ -107,7 +109,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-epochs", type=int, default=3)
+    parser.add_argument("--train-texts", type=int, default=600)
+    parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",") if b]
@@ -116,7 +119,7 @@ def main() -> None:
 
     if not (args.model_dir / "config.json").is_file():
         t0 = time.perf_counter()
-        build_model(args.model_dir, args.train_epochs, args.seed)
+        build_model(args.model_dir, args.train_texts, args.train_epochs, args.seed)
         emit(bench="sampling", event="built_model", seconds=round(time.perf_counter() - t0, 1))
     task = get_task("arith", seed=args.seed)
     problems = task.load("test")[:args.prompts]

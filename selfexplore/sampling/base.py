@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 OverlongMode = Literal["truncate", "skip", "error"]
+OVERLONG_MODES: tuple[OverlongMode, ...] = ("truncate", "skip", "error")
 
 
 @runtime_checkable
@@ -64,11 +65,16 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
-        if self.overlong_prompts not in ("truncate", "skip", "error"):
-            raise ValueError(f"overlong_prompts must be truncate|skip|error, got {self.overlong_prompts!r}")
+        check_backend_args(self.batch_size, self.overlong_prompts)
         check_sampling_args(self.n, self.temperature, self.top_p, self.max_new_tokens)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def check_backend_args(batch_size: int, overlong_prompts: str) -> None:
+    """Fail at construction, not at the first overlong prompt deep into a run."""
+    if overlong_prompts not in OVERLONG_MODES:
+        raise ValueError(f"overlong_prompts must be one of {OVERLONG_MODES}, got {overlong_prompts!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def check_sampling_args(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:

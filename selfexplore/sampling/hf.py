@@ -18,6 +18,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 
 from selfexplore.sampling.base import (
     OverlongMode,
+    check_backend_args,
     check_sampling_args,
     derive_seed,
     plan_prompt,
@@ -55,6 +56,7 @@ class HFSampler:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64,
                  overlong_prompts: OverlongMode = "skip", max_model_len: int | None = None) -> None:
+        check_backend_args(batch_size, overlong_prompts)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

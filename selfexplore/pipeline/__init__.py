@@ -1,0 +1,1 @@
+"""The Self-Explore pipeline: rounds, state, report; `run_pipeline(config)`."""

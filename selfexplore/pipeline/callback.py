@@ -1,0 +1,44 @@
+"""SelfExploreCallback: the round transition between Self-Explore DPO rounds.
+
+At the end of round r's training it exports the policy, evaluates it, has the pipeline sample
+from it, pair, explore (the new policy is the explorer) and build the granular pairs of round
+r+1, then points the preference datamodule at them and sets the reference for the next round
+('keep' the RFT reference, as the paper, or 'update' it to this policy). The next `fit` then
+reads the new pairs. Sampling runs after training has finished with the model, and each
+sampler is released before training resumes, so training and a vLLM engine never hold the
+same GPU memory at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+if TYPE_CHECKING:
+    from selfexplore.pipeline.run import Pipeline
+    from selfexplore.training.dpo import StepDPOModule
+
+
+class SelfExploreCallback(Callback):
+    def __init__(self, pipeline: Pipeline, round: int, rounds: int,
+                 reference_update: Literal["keep", "update"] = "keep") -> None:
+        self.pipeline = pipeline
+        self.round = round
+        self.rounds = rounds
+        self.reference_update = reference_update
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        module: StepDPOModule = pl_module  # type: ignore[assignment]
+        policy, metrics = self.pipeline.finish_self_explore_round(self.round, module)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"round/{k}": v for k, v in metrics.items()}, step=self.round)
+            trainer.logger.save()
+        if self.round >= self.rounds:
+            return
+        self.round += 1
+        gpairs = self.pipeline.prepare_round(self.round, explorer=policy)
+        trainer.datamodule.train_path = str(gpairs)
+        if self.reference_update == "update":
+            module.reference_path = str(policy)
+        module.reference_tables.clear()

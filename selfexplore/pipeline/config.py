@@ -1,0 +1,107 @@
+"""Settings of the one-command pipeline (SFT -> RFT -> explore -> step-DPO, R rounds)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from selfexplore.explore.config import ExploreConfig
+from selfexplore.models import ModelSpec, TinyLlamaConfig
+from selfexplore.sampling.base import SamplingConfig
+
+BASELINES = ("sft", "rft", "outcome_dpo", "self_explore")
+
+
+@dataclass
+class TrainerSettings:
+    """Lightning Trainer settings shared by every training stage of the pipeline."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class SFTStage:
+    """Budget and optimizer of an SFT-style stage (SFT on gold rationales, RFT on samples)."""
+
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 16
+    max_length: int = 384
+    warmup_ratio: float = 0.0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DPOStage:
+    """Budget and loss of a DPO stage (outcome-level baseline and every Self-Explore round)."""
+
+    epochs: int = 3
+    lr: float = 1e-6
+    batch_size: int = 32
+    optimizer: Literal["adamw", "rmsprop", "adamw8bit", "sgd"] = "rmsprop"
+    warmup_ratio: float = 0.1
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    nll_alpha: float = 0.0
+    max_length: int = 384
+    max_prompt_length: int = 256
+    reference: Literal["precomputed", "copy", "adapter"] = "precomputed"
+
+
+@dataclass
+class PipelineConfig:
+    """The paper's recipe end to end, then `rounds - 1` more Self-Explore rounds.
+
+    model: the base model (SFT and RFT start from it); with `from_scratch`, a tiny Llama is
+        built at `model.path` first (the CPU quickstart).
+    train_questions: how many training questions are sampled and explored (None: all).
+    rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
+    reference_update: 'keep' the RFT reference in every round (the paper) or 'update' it to
+        the policy that starts each round.
+    baselines: which rows of the paper's comparison to produce.
+    """
+
+    run_dir: str = "runs/quickstart"
+    task: str = "arith"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(path="runs/quickstart/base"))
+    from_scratch: TinyLlamaConfig | None = None
+    seed: int = 0
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    sft: SFTStage = field(default_factory=SFTStage)
+    rft: SFTStage = field(default_factory=SFTStage)
+    dpo: DPOStage = field(default_factory=DPOStage)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+    train_questions: int | None = None
+    rft_max_per_question: int = 8
+    rft_include_gold: bool = True
+    rounds: int = 2
+    reference_update: Literal["keep", "update"] = "keep"
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    eval_split: str = "test"
+    eval_limit: int | None = None
+    eval_max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """What must not change under an existing run directory (progress bars may)."""
+        d = asdict(self)
+        d["trainer"].pop("enable_progress_bar", None)
+        return d

@@ -1,0 +1,94 @@
+"""Per-run report: `report.md` (table per stage and round) and `report.png` (accuracy, pits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfexplore.io import atomic_write_text
+
+
+def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
+    """One row per trained policy: accuracy, pass@N of its samples, pairs, pits, tokens, time."""
+    def get(unit: str, key: str) -> Any:
+        return units.get(unit, {}).get(key)
+
+    rows = [{"stage": "SFT", "round": 0, "accuracy": get("round_0/sft/eval", "accuracy"),
+             "pass_at_n": get("round_1/samples.jsonl", "pass_at_n"), "pairs": None, "pits": None,
+             "tokens": get("round_1/samples.jsonl", "generated_tokens"),
+             "seconds": get("round_0/sft", "seconds")},
+            {"stage": "RFT", "round": 1, "accuracy": get("round_1/rft/eval", "accuracy"),
+             "pass_at_n": get("round_1/explorer_samples.jsonl", "pass_at_n"), "pairs": get("round_1/pairs", "pairs"),
+             "pits": None, "tokens": get("round_1/explorer_samples.jsonl", "generated_tokens"),
+             "seconds": get("round_1/rft", "seconds")},
+            {"stage": "Outcome DPO", "round": 1, "accuracy": get("round_1/outcome_dpo/eval", "accuracy"),
+             "pass_at_n": None, "pairs": get("round_1/pairs", "pairs"), "pits": None, "tokens": None,
+             "seconds": get("round_1/outcome_dpo", "seconds")}]
+    for r in range(1, rounds + 1):
+        explore = units.get(f"round_{r}/explore", {})
+        rows.append({"stage": "Self-Explore", "round": r, "accuracy": get(f"round_{r}/self_explore/eval", "accuracy"),
+                     "pass_at_n": get(f"round_{r + 1}/explorer_samples.jsonl", "pass_at_n"),
+                     "pairs": explore.get("num_pairs"), "pits": explore.get("pit_histogram"),
+                     "tokens": explore.get("tokens_generated"),
+                     "seconds": get(f"round_{r}/self_explore", "seconds")})
+    return [row for row in rows if row["accuracy"] is not None]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return " ".join(f"{k}:{v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: Any) -> Path:
+    """Write report.md and report.png under `run_dir`; returns the markdown path."""
+    run_dir = Path(run_dir)
+    rows = report_rows(units, config.rounds)
+    header = ["stage", "round", "accuracy", "pass_at_n", "pairs", "pits", "tokens", "seconds"]
+    lines = [f"# Self-Explore run: {run_dir.name}", "",
+             f"task `{config.task}`, eval split `{config.eval_split}`, seed {config.seed}; accuracy is greedy "
+             "test accuracy; pass_at_n is over the policy's own samples of the training questions; pits is the "
+             "first-pit step histogram of the exploration that made that round's pairs.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
+    total = sum(u.get("seconds", 0.0) for u in units.values())
+    lines += ["", f"Total wall time of completed units: {total:.0f} s", "", "![report](report.png)", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    _plot(rows, run_dir / "report.png")
+    return path
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_pit) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["stage"] if r["stage"] != "Self-Explore" else f"Self-Explore r{r['round']}" for r in rows]
+    accs = [100 * r["accuracy"] for r in rows]
+    ax_acc.bar(labels, accs, color=["#999", "#6a9", "#58c", *["#d62"] * (len(rows) - 3)][: len(rows)])
+    for i, a in enumerate(accs):
+        ax_acc.text(i, a + 0.5, f"{a:.1f}", ha="center")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_title("Accuracy per stage and round")
+    ax_acc.tick_params(axis="x", rotation=20)
+    for row in rows:
+        if row["pits"]:
+            steps = sorted(int(k) for k in row["pits"])
+            ax_pit.plot(steps, [row["pits"][str(s)] for s in steps], marker="o", label=f"round {row['round']}")
+    ax_pit.set_xlabel("first-pit step")
+    ax_pit.set_ylabel("rationales")
+    ax_pit.set_title("First-pit positions")
+    if ax_pit.lines:
+        ax_pit.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)

@@ -1,0 +1,245 @@
+"""The one-command pipeline: SFT -> sample -> RFT -> explore -> step-DPO, then more rounds.
+
+Every unit of work writes plain files under `run_dir` and is then marked complete in
+`state.json`; rerunning the same command skips completed units, and the long stages inside a
+unit (sampling, exploration) resume from their shards. Layout:
+
+    base/                          tiny model built from scratch (quickstart only)
+    round_0/sft/policy, eval.jsonl
+    round_1/samples.jsonl          from the SFT policy (-> RFT data)
+    round_1/rft.jsonl, rft/policy
+    round_1/rft_samples.jsonl      from the RFT policy (-> outcome pairs)
+    round_1/pairs.jsonl, explore/{explore,gpairs}.jsonl
+    round_1/outcome_dpo/policy     baseline: DPO on outcome pairs
+    round_r/self_explore/policy    step-level DPO, round r
+    report.md, report.png
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+
+from selfexplore.data.preference import PreferenceDataModule
+from selfexplore.data.sft import SFTDataModule
+from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sample_stats
+from selfexplore.explore.stage import run_explore_stage
+from selfexplore.io import read_jsonl, write_jsonl
+from selfexplore.models import ModelSpec, build_tiny_llama
+from selfexplore.pipeline.callback import SelfExploreCallback
+from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
+from selfexplore.pipeline.report import write_report
+from selfexplore.pipeline.state import RunState
+from selfexplore.sampling.base import get_sampler
+from selfexplore.sampling.stage import run_sample_stage
+from selfexplore.tasks import get_task
+from selfexplore.training.dpo import StepDPOModule
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
+from selfexplore.training.sft import SFTModule
+
+
+class Pipeline:
+    """Runs (or resumes) one configured run; each public step is an idempotent unit."""
+
+    def __init__(self, config: PipelineConfig, force: bool = False) -> None:
+        self.cfg = config
+        self.root = Path(config.run_dir)
+        self.state = RunState(self.root, config.fingerprint_dict(), force=force)
+        self.task = get_task(config.task, **config.task_options)
+        data = Path(config.data_dir) if config.data_dir else None
+        train = self.task.load("train", path=data / "train.jsonl" if data else None)
+        self.train_problems = sorted(train, key=lambda p: p.id)[: config.train_questions]
+        evaluation = self.task.load(config.eval_split, path=data / f"{config.eval_split}.jsonl" if data else None)
+        self.eval_problems = evaluation[: config.eval_limit]
+        self.problems_by_id = {p.id: p for p in self.train_problems}
+
+    # ----- bookkeeping -----------------------------------------------------------------------
+    def unit(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `work` unless `name` is already complete; record its result and wall time."""
+        if self.state.done(name):
+            return self.state.result(name)
+        start = time.perf_counter()
+        result = work()
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        return self.state.complete(name, result)
+
+    def _trainer(self, out_dir: Path, epochs: int, callbacks: list[Callback] | None = None) -> Trainer:
+        s = self.cfg.trainer
+        return Trainer(
+            accelerator=s.accelerator, devices=s.devices, strategy=s.strategy, precision=s.precision,
+            max_epochs=epochs, gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
+            logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, enable_checkpointing=False,
+            limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+            enable_progress_bar=s.enable_progress_bar, callbacks=callbacks or [])
+
+    def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path, epochs: int,
+             callbacks: list[Callback] | None = None) -> None:
+        seed_everything(self.cfg.seed, workers=True)
+        self._trainer(out_dir, epochs, callbacks).fit(module, datamodule=data)
+
+    # ----- stages ----------------------------------------------------------------------------
+    def build_base(self) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            path = Path(self.cfg.model.path)
+            if self.cfg.from_scratch is not None and not path.exists():
+                corpus = [self.task.prompt(p) + p.solution for p in self.task.load("train", path=self._data("train"))]
+                build_tiny_llama(corpus, path, self.cfg.from_scratch, seed=self.cfg.seed)
+            return {"policy": str(path)}
+        return self.unit("base", work)
+
+    def _data(self, split: str) -> Path | None:
+        return Path(self.cfg.data_dir) / f"{split}.jsonl" if self.cfg.data_dir else None
+
+    def train_sft(self, name: str, init: str, stage: SFTStage, train_path: Path | None = None) -> str:
+        out = self.root / name
+
+        def work() -> dict[str, Any]:
+            module = SFTModule(replace(self.cfg.model, path=init),
+                               optimizer=OptimizerConfig(name="adamw", lr=stage.lr, weight_decay=stage.weight_decay),
+                               scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
+            data = SFTDataModule(task=self.cfg.task, task_options=self.cfg.task_options, data_dir=self.cfg.data_dir,
+                                 train_path=str(train_path) if train_path else None, max_length=stage.max_length,
+                                 batch_size=stage.batch_size, val_limit=0, seed=self.cfg.seed)
+            self._fit(module, data, out, stage.epochs)
+            module.export(str(out / "policy"))
+            return {"policy": str(out / "policy"), "data": data.stats}
+        return self.unit(name, work)["policy"]
+
+    def _dpo_module(self, init: str, reference: str, stage: DPOStage) -> StepDPOModule:
+        return StepDPOModule(
+            replace(self.cfg.model, path=init), beta=stage.beta, loss_type=stage.loss_type,
+            label_smoothing=stage.label_smoothing, nll_alpha=stage.nll_alpha,
+            reference=stage.reference, reference_path=None if stage.reference == "adapter" else reference,
+            reference_cache_dir=str(self.root / "reference_cache"),
+            optimizer=OptimizerConfig(name=stage.optimizer, lr=stage.lr),
+            scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
+
+    def _preference_data(self, pairs: Path, stage: DPOStage) -> PreferenceDataModule:
+        return PreferenceDataModule(train_path=str(pairs), max_length=stage.max_length,
+                                    max_prompt_length=stage.max_prompt_length, batch_size=stage.batch_size,
+                                    seed=self.cfg.seed)
+
+    def sample(self, name: str, policy: str, problems: list, greedy: bool = False) -> dict[str, Any]:
+        """Graded samples of `policy` (n per question; one greedy answer when `greedy`)."""
+        def work() -> dict[str, Any]:
+            s = self.cfg.sampling
+            n, temperature = (1, 0.0) if greedy else (s.n, s.temperature)
+            max_new = self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens
+            sampler = get_sampler(s, policy, cache_dir=str(self.root / "cache"))
+            try:
+                stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=n, temperature=temperature,
+                                         top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
+                                         backend_name=s.backend, model=policy,
+                                         settings={"batch_size": s.batch_size},
+                                         progress=self.cfg.trainer.enable_progress_bar)
+            finally:
+                getattr(sampler, "close", lambda: None)()
+            return {"path": str(self.root / name), **stats.to_dict()}
+        return self.unit(name, work)
+
+    def evaluate(self, stage_dir: str, policy: str) -> dict[str, Any]:
+        result = self.sample(f"{stage_dir}/eval.jsonl", policy, self.eval_problems, greedy=True)
+        return {"accuracy": result["pass_rate_mean"], "num_eval": result["questions"]}
+
+    def build_rft_data(self, round_: int, samples_path: str) -> Path:
+        out = self.root / f"round_{round_}" / "rft.jsonl"
+
+        def work() -> dict[str, Any]:
+            records = build_rft_set(read_jsonl(samples_path), max_per_question=self.cfg.rft_max_per_question)
+            if self.cfg.rft_include_gold:
+                records += [{"prompt": self.task.prompt(p), "response": p.solution,
+                             "meta": {"question_id": p.id, "sample_id": "gold"}}
+                            for p in self.task.load("train", path=self._data("train"))]
+            return {"records": write_jsonl(out, records)}
+        self.unit(f"round_{round_}/rft_data", work)
+        return out
+
+    def prepare_round(self, round_: int, explorer: str) -> Path:
+        """Samples of `explorer` -> outcome pairs -> first-pit exploration -> granular pairs."""
+        rd = f"round_{round_}"
+        samples = self.sample(f"{rd}/explorer_samples.jsonl", explorer, self.train_problems)
+
+        def pairs_work() -> dict[str, Any]:
+            records = read_jsonl(samples["path"])
+            pairs = build_outcome_pairs(records, round=round_, max_per_question=self.cfg.rft_max_per_question)
+            return {"path": str(self.root / rd / "pairs.jsonl"), "pairs": write_jsonl(self.root / rd / "pairs.jsonl", pairs),
+                    **sample_stats(records)}
+        pairs = self.unit(f"{rd}/pairs", pairs_work)
+
+        def explore_work() -> dict[str, Any]:
+            sampler = get_sampler(self.cfg.sampling, explorer, cache_dir=str(self.root / "cache"))
+            try:
+                return run_explore_stage(sampler, self.task, pairs["path"], self.problems_by_id, self.root / rd / "explore",
+                                         replace(self.cfg.explore, round=round_, seed=self.cfg.seed + round_))
+            finally:
+                getattr(sampler, "close", lambda: None)()
+        self.unit(f"{rd}/explore", explore_work)
+        return self.root / rd / "explore" / "gpairs.jsonl"
+
+    def finish_self_explore_round(self, round_: int, module: StepDPOModule | None) -> tuple[str, dict[str, float]]:
+        """Export (once) and evaluate the policy trained in round `round_` (called by the callback)."""
+        name = f"round_{round_}/self_explore"
+        policy = str(self.root / name / "policy")
+        if not self.state.done(name):
+            if module is None:
+                raise RuntimeError(f"{name} was never trained; nothing to evaluate")
+            module.export(policy)
+            self.state.complete(name, {"policy": policy})
+        metrics = self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
+        return policy, {"accuracy": metrics["accuracy"], "round": float(round_)}
+
+    # ----- the whole run ---------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        base = self.build_base()["policy"]
+        sft = self.train_sft("round_0/sft", base, cfg.sft)
+        self.unit("round_0/sft/eval", lambda: self.evaluate("round_0/sft", sft))
+        samples = self.sample("round_1/samples.jsonl", sft, self.train_problems)
+        rft = self.train_sft("round_1/rft", base, cfg.rft, self.build_rft_data(1, samples["path"]))
+        self.unit("round_1/rft/eval", lambda: self.evaluate("round_1/rft", rft))
+        gpairs = self.prepare_round(1, explorer=rft)
+        if "outcome_dpo" in cfg.baselines:
+            self.train_outcome_dpo(rft)
+        if "self_explore" in cfg.baselines:
+            self.train_self_explore(rft, gpairs)
+            for r in range(1, cfg.rounds + 1):  # a kill between a round's export and its eval
+                self.finish_self_explore_round(r, None)
+        return write_report(self.root, self.state.units, cfg)
+
+    def train_outcome_dpo(self, rft: str) -> None:
+        name = "round_1/outcome_dpo"
+
+        def work() -> dict[str, Any]:
+            module = self._dpo_module(rft, rft, self.cfg.dpo)
+            self._fit(module, self._preference_data(self.root / "round_1" / "pairs.jsonl", self.cfg.dpo),
+                      self.root / name, self.cfg.dpo.epochs)
+            module.export(str(self.root / name / "policy"))
+            return {"policy": str(self.root / name / "policy")}
+        policy = self.unit(name, work)["policy"]
+        self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
+
+    def train_self_explore(self, rft: str, gpairs: Path) -> None:
+        """Round after round of step-level DPO; the callback prepares each next round."""
+        cfg = self.cfg
+        first = next((r for r in range(1, cfg.rounds + 1) if not self.state.done(f"round_{r}/self_explore")), None)
+        if first is None:
+            return
+        start = rft if first == 1 else self.state.result(f"round_{first - 1}/self_explore")["policy"]
+        reference = rft if cfg.reference_update == "keep" else start
+        gpairs = gpairs if first == 1 else self.prepare_round(first, explorer=start)
+        module = self._dpo_module(start, reference, cfg.dpo)
+        data = self._preference_data(gpairs, cfg.dpo)
+        callback = SelfExploreCallback(self, first, cfg.rounds, cfg.reference_update)
+        for r in range(first, cfg.rounds + 1):
+            self._fit(module, data, self.root / f"round_{r}" / "self_explore", cfg.dpo.epochs, [callback])
+
+
+def run_pipeline(config: PipelineConfig, force: bool = False) -> Path:
+    """Run or resume the configured pipeline; returns the path of `report.md`."""
+    return Pipeline(config, force=force).run()
