@@ -44,6 +44,10 @@ from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 from selfexplore.training.sft import SFTModule
 
 
+class PipelineError(RuntimeError):
+    """A stage produced nothing the next stage can train on."""
+
+
 class Pipeline:
     """Runs (or resumes) one configured run; each public step is an idempotent unit."""
 
@@ -212,8 +216,15 @@ class Pipeline:
                 self.finish_self_explore_round(r, None)
         return write_report(self.root, self.state.units, cfg)
 
+    def _require_pairs(self, path: Path, what: str) -> None:
+        if not path.is_file() or not path.stat().st_size:
+            raise PipelineError(
+                f"{path}: no {what}. The policy needs questions it answers right in some samples and wrong in "
+                "others; train SFT longer, sample more (sampling.n), or make the task easier (task_options).")
+
     def train_outcome_dpo(self, rft: str) -> None:
         name = "round_1/outcome_dpo"
+        self._require_pairs(self.root / "round_1" / "pairs.jsonl", "outcome pairs")
 
         def work() -> dict[str, Any]:
             module = self._dpo_module(rft, rft, self.cfg.dpo)
@@ -233,6 +244,7 @@ class Pipeline:
         start = rft if first == 1 else self.state.result(f"round_{first - 1}/self_explore")["policy"]
         reference = rft if cfg.reference_update == "keep" else start
         gpairs = gpairs if first == 1 else self.prepare_round(first, explorer=start)
+        self._require_pairs(gpairs, "granular pairs")
         module = self._dpo_module(start, reference, cfg.dpo)
         data = self._preference_data(gpairs, cfg.dpo)
         callback = SelfExploreCallback(self, first, cfg.rounds, cfg.reference_update)

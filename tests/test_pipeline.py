@@ -1,0 +1,177 @@
+"""The one-command pipeline: a miniature run end to end, resume after kills, round transitions.
+
+Training runs for real on a tiny from-scratch model. Sampling uses a scripted sampler that
+writes the gold steps with seeded random arithmetic slips (an error propagates to the final
+answer), so the run is fast, deterministic and always yields pairs and first pits, whatever
+a seconds-long training makes of the tiny model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+import selfexplore.pipeline.run as pipeline_run
+from selfexplore.models import ModelSpec, TinyLlamaConfig
+from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage, TrainerSettings
+from selfexplore.pipeline.run import Pipeline, run_pipeline
+from selfexplore.pipeline.state import RunStateError
+from selfexplore.explore.config import ExploreConfig
+from selfexplore.sampling.base import SamplingConfig
+from selfexplore.tasks import get_task
+
+TASK_OPTIONS = {"train_size": 48, "validation_size": 8, "test_size": 8, "min_steps": 2, "max_steps": 3,
+                "max_operand": 20, "operations": ["+", "-"]}
+
+
+class ScriptedSampler:
+    """Continues a prompt with the gold steps, each slipping (result + 1) with probability 0.3."""
+
+    def __init__(self, policy: str) -> None:
+        task = get_task("arith", **TASK_OPTIONS)
+        self.gold = {task.prompt(p): p.solution.split("\n") for s in ("train", "test") for p in task.load(s)}
+        self.policy = policy
+        self.generated_tokens = 0
+
+    def _continue(self, prompt: str, rng: random.Random) -> str:
+        question = next(q for q in self.gold if prompt.startswith(q))
+        done = [line for line in prompt[len(question):].split("\n") if line]
+        steps = self.gold[question]
+        slipped = any(line not in steps for line in done)
+        out = []
+        for line in steps[len(done):]:
+            if line.startswith("The answer is"):
+                value = int(line.rsplit(" ", 1)[1]) + (1 if slipped else 0)
+                out.append(f"The answer is {value}")
+            elif "=" in line and rng.random() < 0.3:
+                slipped = True
+                out.append(re.sub(r"= (\d+)$", lambda m: f"= {int(m.group(1)) + 1}", line))
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+        results = []
+        for i, prompt in enumerate(prompts):
+            policy = "/".join(Path(self.policy).parts[-3:])  # the same across run directories
+            key = f"{policy}|{prompt}" if temperature == 0 else f"{policy}|{prompt}|{seed}"
+            rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
+            results.append([self._continue(prompt, rng) for _ in range(n)])
+            self.generated_tokens += sum(len(c.split()) for c in results[-1])
+        return results
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ScriptedSampler(policy))
+
+
+def _config(run_dir: Path, **overrides) -> PipelineConfig:
+    fields = dict(
+        run_dir=str(run_dir), task="arith", task_options=TASK_OPTIONS,
+        model=ModelSpec(path=str(run_dir / "base")),
+        from_scratch=TinyLlamaConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                                     intermediate_size=128, vocab_size=300, max_position_embeddings=256),
+        trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
+        sft=SFTStage(epochs=1, lr=3e-3, batch_size=16, max_length=128),
+        rft=SFTStage(epochs=1, lr=3e-3, batch_size=16, max_length=128),
+        dpo=DPOStage(epochs=1, lr=1e-4, batch_size=8, max_length=128, max_prompt_length=96),
+        sampling=SamplingConfig(n=4, max_new_tokens=48),
+        explore=ExploreConfig(k=2, max_new_tokens=48),
+        train_questions=12, rounds=2, eval_max_new_tokens=48,
+    )
+    return PipelineConfig(**{**fields, **overrides})
+
+
+ARTIFACTS = ["round_1/samples.jsonl", "round_1/rft.jsonl", "round_1/pairs.jsonl", "round_1/explore/explore.jsonl",
+             "round_1/explore/gpairs.jsonl", "round_2/pairs.jsonl", "round_2/explore/gpairs.jsonl",
+             "round_0/sft/eval.jsonl", "round_2/self_explore/eval.jsonl"]
+
+
+def _read(run_dir: Path) -> dict[str, str]:
+    return {a: (run_dir / a).read_text() for a in ARTIFACTS}
+
+
+def test_miniature_pipeline_runs_end_to_end(scripted, tmp_path: Path) -> None:
+    report = run_pipeline(_config(tmp_path / "run"))
+    run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())["units"]
+    for unit in ("round_0/sft", "round_1/rft", "round_1/outcome_dpo", "round_1/self_explore",
+                 "round_2/self_explore", "round_1/explore", "round_2/explore"):
+        assert unit in state, unit
+    for r in (1, 2):
+        gpairs = [json.loads(line) for line in (run / f"round_{r}/explore/gpairs.jsonl").read_text().splitlines()]
+        assert gpairs and all(p["chosen"] and p["rejected"] and p["chosen"] != p["rejected"] for p in gpairs)
+        assert all(p["meta"]["round"] == r for p in gpairs)
+        assert (run / f"round_{r}/self_explore/policy/config.json").is_file()
+    text = report.read_text()
+    for row in ("| SFT | 0 |", "| RFT | 1 |", "| Outcome DPO | 1 |", "| Self-Explore | 1 |", "| Self-Explore | 2 |"):
+        assert row in text
+    assert (run / "report.png").stat().st_size > 1000
+
+
+def test_callback_points_data_at_next_round_and_keeps_or_updates_reference(scripted, tmp_path, monkeypatch) -> None:
+    seen = []
+    original = Pipeline._fit
+
+    def spy(self, module, data, out_dir, epochs, callbacks=None):
+        if callbacks:  # Self-Explore rounds
+            seen.append((Path(data.train_path).parent.parent.name, module.reference_path))
+        return original(self, module, data, out_dir, epochs, callbacks)
+
+    monkeypatch.setattr(Pipeline, "_fit", spy)
+    for update in ("keep", "update"):
+        run = tmp_path / update
+        seen.clear()
+        run_pipeline(_config(run, reference_update=update, baselines=["sft", "rft", "self_explore"]))
+        rft = str(run / "round_1/rft/policy")
+        expected_ref = rft if update == "keep" else str(run / "round_1/self_explore/policy")
+        assert seen == [("round_1", rft), ("round_2", expected_ref)]
+
+
+class Killed(RuntimeError):
+    """Stands in for a process killed between two units of work."""
+
+
+def test_kill_and_resume_at_stage_boundaries_gives_same_artifacts(scripted, tmp_path, monkeypatch) -> None:
+    run_pipeline(_config(tmp_path / "reference"))
+    expected = _read(tmp_path / "reference")
+    original = Pipeline.unit
+    # kill before the 2nd, 5th, 9th, ... new unit of each successive attempt: boundaries in the SFT,
+    # RFT, exploration, baseline and Self-Explore stages, and inside the round transition
+    for budget in (1, 4, 5, 4, 3, 2):
+        started = {"n": 0}
+
+        def dying(self, name, work, budget=budget, started=started):
+            if not self.state.done(name):
+                started["n"] += 1
+                if started["n"] > budget:
+                    raise Killed(f"killed before {name}")
+            return original(self, name, work)
+
+        monkeypatch.setattr(Pipeline, "unit", dying)
+        with pytest.raises(Killed):
+            run_pipeline(_config(tmp_path / "resumed"))
+    monkeypatch.setattr(Pipeline, "unit", original)
+    run_pipeline(_config(tmp_path / "resumed"))
+    resumed = _read(tmp_path / "resumed")
+    for name in ARTIFACTS:
+        assert resumed[name] == expected[name], name
+
+
+def test_run_dir_of_another_config_is_refused(scripted, tmp_path: Path) -> None:
+    cfg = _config(tmp_path / "run", baselines=["sft"], rounds=1)
+    Pipeline(cfg)
+    with pytest.raises(RunStateError, match="different configuration"):
+        Pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, seed=7))
+    Pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, seed=7), force=True)
+
+
+def test_unknown_baseline_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown baselines"):
+        _config(tmp_path, baselines=["ppo"])
