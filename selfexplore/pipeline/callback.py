@@ -11,6 +11,7 @@ same GPU memory at once.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -27,10 +28,15 @@ class SelfExploreCallback(Callback):
         self.round = round
         self.rounds = rounds
         self.reference_update = reference_update
+        self._started = time.perf_counter()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         module: StepDPOModule = pl_module  # type: ignore[assignment]
-        policy, metrics = self.pipeline.finish_self_explore_round(self.round, module)
+        seconds = time.perf_counter() - self._started
+        policy, metrics = self.pipeline.finish_self_explore_round(self.round, module, seconds)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"round/{k}": v for k, v in metrics.items()}, step=self.round)
             trainer.logger.save()

@@ -186,7 +186,8 @@ class Pipeline:
         self.unit(f"{rd}/explore", explore_work)
         return self.root / rd / "explore" / "gpairs.jsonl"
 
-    def finish_self_explore_round(self, round_: int, module: StepDPOModule | None) -> tuple[str, dict[str, float]]:
+    def finish_self_explore_round(self, round_: int, module: StepDPOModule | None,
+                                  seconds: float = 0.0) -> tuple[str, dict[str, float]]:
         """Export (once) and evaluate the policy trained in round `round_` (called by the callback)."""
         name = f"round_{round_}/self_explore"
         policy = str(self.root / name / "policy")
@@ -194,7 +195,7 @@ class Pipeline:
             if module is None:
                 raise RuntimeError(f"{name} was never trained; nothing to evaluate")
             module.export(policy)
-            self.state.complete(name, {"policy": policy})
+            self.state.complete(name, {"policy": policy, "seconds": round(seconds, 2)})
         metrics = self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
         return policy, {"accuracy": metrics["accuracy"], "round": float(round_)}
 
