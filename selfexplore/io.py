@@ -10,8 +10,9 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 class DataError(ValueError):
@@ -30,22 +31,28 @@ class DataError(ValueError):
         super().__init__(f"{': '.join([', '.join(where)] if where else [])}{': ' if where else ''}{message}")
 
 
+def parse_record(raw: str | bytes, path: str | os.PathLike, lineno: int) -> dict[str, Any]:
+    """One JSONL line -> a JSON object; anything else raises DataError naming file and line."""
+    try:
+        record = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", path, lineno) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
+    return record
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, record) for each non-blank line; a malformed line raises DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path)
-    with path.open("r", encoding="utf-8") as f:
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
-            if not isinstance(record, dict):
-                raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
-            yield lineno, record
+            if raw.strip():
+                yield lineno, parse_record(raw, path, lineno)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -66,20 +73,31 @@ def require_str(record: dict[str, Any], field: str, path: str | os.PathLike | No
     return value
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text so that readers see either the old file or the whole new one, never a part."""
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file opened for writing that replaces `path` only when the block completes.
+
+    Readers see either the old file or the whole new one, never a part; a crash or kill
+    leaves at most a hidden temporary file beside it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ from selfexplore.data.batching import (
     encode_prompt_completion,
     pad_right,
 )
-from selfexplore.io import DataError, require_str
+from selfexplore.io import DataError, parse_record, require_str
 from selfexplore.models import load_tokenizer
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -84,14 +84,7 @@ def special_prefix_length(tokenizer) -> int:
 
 def _parse_line(raw: bytes, path: Path, line: int) -> tuple[str, str, str]:
     """One JSONL line -> (prompt, chosen, rejected); DataError names file, line and field."""
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DataError("not UTF-8 text", path, line) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, line) from None
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}", path, line)
+    record = parse_record(raw, path, line)
     prompt, chosen, rejected = (require_str(record, f, path, line) for f in FIELDS)
     if chosen == rejected:
         raise DataError("identical to 'chosen': a pair must prefer one text over another", path, line, "rejected")

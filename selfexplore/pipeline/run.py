@@ -31,7 +31,7 @@ from selfexplore.data.sft import SFTDataModule
 from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sample_stats
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, write_jsonl
-from selfexplore.models import ModelSpec, build_tiny_llama
+from selfexplore.models import build_tiny_llama
 from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
 from selfexplore.pipeline.report import write_report

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from selfexplore.io import iter_jsonl, read_json, write_json, write_jsonl
+from selfexplore.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
 from selfexplore.sampling.base import Sampler, derive_seed
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
@@ -188,19 +186,10 @@ def _shard_complete(shard_dir: Path, index: int, done: Mapping[str, Mapping[str,
 
 def _concatenate_atomically(parts: Sequence[Path], out_path: Path) -> None:
     """Stream the shard files into `out_path` so readers never see a partial file (no full copy in RAM)."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as f:
-                    shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out_path, "wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                shutil.copyfileobj(f, out)
 
 
 def _stats(shard_paths: Sequence[Path], problems: Sequence[Problem], done: Mapping[str, Mapping[str, Any]],

@@ -8,14 +8,13 @@ records and counts them (`task.last_load_stats`), and stable problem ids.
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfexplore.io import DataError, require_str
+from selfexplore.io import DataError, parse_record, require_str
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +139,7 @@ class JsonlTask(Task):
         return problems
 
     def _parse_line(self, raw: str, path: Path, lineno: int) -> Problem:
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
+        record = parse_record(raw, path, lineno)
         q_field, s_field = self._layout(record, path, lineno)
         question = require_str(record, q_field, path, lineno)
         raw_solution = require_str(record, s_field, path, lineno)
