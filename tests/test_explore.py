@@ -130,7 +130,7 @@ def test_pit_in_the_middle_adaptive_stops_each_step_at_first_success():
     assert rec["status"] == "pit" and rec["pit"] == 2
     assert rec["outcomes"][0] == {"step": 1, "completions": [BAD, OK], "correct": [False, True]}
     assert sampler.requested(prefix(1)) == 2 and sampler.requested(prefix(2)) == 4
-    assert [n for _, n, _ in sampler.calls] == [1, 1, 1, 1, 2]  # waves 1, 1 | 1, 1, 2
+    assert [len(ps) for ps, _, _ in sampler.calls] == [1, 1, 1, 1, 2]  # waves 1, 1 | 1, 1, 2
     (pair,) = build_granular_pairs([rec])
     assert pair["prompt"] == Q + "1 + 1 = 2\n"
     assert pair["rejected"] == "2 + 3 = 6" and pair["chosen"] == OK
@@ -178,6 +178,21 @@ def test_shared_prefixes_are_explored_once_in_adaptive_mode():
     assert recs[0]["tokens_generated"] > recs[1]["tokens_generated"] > 0
     exhaustive, sampler_ex = explore(rats, script, mode="exhaustive")
     assert sampler_ex.requested(prefix(1)) == 8 and [r["pit"] for r in exhaustive] == [3, 3]
+
+
+def test_one_call_per_wave_mixes_wave_sizes_with_repeated_prompts():
+    q2 = "Q2: and this?\n"
+    rats = [rationale(), rationale(sid="q2:0", qid="q2", q=q2)]
+    script = {prefix(1): [BAD] * 4, prefix(1, q=q2): [OK], prefix(2, q=q2): [BAD, BAD, OK, BAD],
+              prefix(3, q=q2): [OK], prefix(4, q=q2): [""] * 4}
+    recs, sampler = explore(rats, script)
+    assert [r["pit"] for r in recs] == [1, 4]
+    assert all(n == 1 for _, n, _ in sampler.calls)
+    third = sampler.calls[2][0]  # wave 3 of q1's step 1 (2 draws) beside wave 2 of q2's step 2 (1 draw)
+    assert third == (prefix(1), prefix(1), prefix(2, q=q2))
+    assert recs[0]["outcomes"] == [{"step": 1, "completions": [BAD] * 4, "correct": [False] * 4}]
+    assert recs[1]["outcomes"][1] == {"step": 2, "completions": [BAD, BAD, OK, BAD],
+                                      "correct": [False, False, True, False]}
 
 
 def test_prefix_cache_is_per_question():
@@ -255,7 +270,7 @@ def test_seeds_are_deterministic_and_depend_on_chunk_and_wave():
     _, s2 = explore([rationale()], dict(script), seed=5)
     seeds = [seed for _, _, seed in s1.calls]
     assert seeds == [seed for _, _, seed in s2.calls] and len(set(seeds)) == len(seeds)
-    assert seeds[0] == derive_seed(5, 0, 0, 1)
+    assert seeds[0] == derive_seed(5, 0, 0)
     other = ScriptedSampler(script)
     (rec,) = find_first_pits([rationale()], other, TASK, ExploreConfig(seed=5), chunk_index=1)
     assert rec["pit"] == 2 and not set(seeds) & {seed for _, _, seed in other.calls}

