@@ -9,7 +9,9 @@ both modes with several seeds. Prints one JSON line per result: per mode the tok
 pairs and pit histogram; then the token ratio and a permutation test of "same pit
 distribution" (chi-square statistic on the pit-step histogram, no-pit as its own bin).
 
-    OMP_NUM_THREADS=2 python bench/bench_explore.py            # about 3-6 minutes on 2 CPU cores
+    OMP_NUM_THREADS=2 python bench/bench_explore.py --work-dir runs/bench_explore
+    (training dominates: 5-20 minutes on 2 busy CPU cores; a rerun with the same --work-dir
+    reuses the trained model)
 """
 
 from __future__ import annotations
@@ -120,15 +122,23 @@ def main() -> None:
     texts = [task.prompt(p) + p.solution for p in problems]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
+        trained = work / "trained"
         t0 = time.perf_counter()
-        model_dir = build_tiny_llama(texts, work / "model", TinyLlamaConfig(
-            hidden_size=args.hidden, num_layers=2, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 32,
-            intermediate_size=args.hidden * 11 // 4, vocab_size=512))
-        model = load_model(ModelSpec(path=str(model_dir), dtype="float32"), for_training=True)
-        tokenizer = load_tokenizer(model_dir)
-        loss = train(model, tokenizer, texts, args.epochs, args.lr, 32, args.seed)
-        emit(result="train", loss=round(loss, 4), problems=len(problems),
-             params=sum(p.numel() for p in model.parameters()), seconds=round(time.perf_counter() - t0, 1))
+        if (trained / "config.json").is_file():  # reuse the model of an earlier run with this --work-dir
+            model = load_model(ModelSpec(path=str(trained), dtype="float32"), for_training=False)
+            tokenizer = load_tokenizer(trained)
+            emit(result="train", reused=str(trained))
+        else:
+            model_dir = build_tiny_llama(texts, work / "model", TinyLlamaConfig(
+                hidden_size=args.hidden, num_layers=2, num_heads=args.hidden // 32,
+                num_kv_heads=args.hidden // 32, intermediate_size=args.hidden * 11 // 4, vocab_size=512))
+            model = load_model(ModelSpec(path=str(model_dir), dtype="float32"), for_training=True)
+            tokenizer = load_tokenizer(model_dir)
+            loss = train(model, tokenizer, texts, args.epochs, args.lr, 32, args.seed)
+            model.save_pretrained(trained)
+            tokenizer.save_pretrained(trained)
+            emit(result="train", loss=round(loss, 4), problems=len(problems),
+                 params=sum(p.numel() for p in model.parameters()), seconds=round(time.perf_counter() - t0, 1))
 
         sampler = HFSampler(model, tokenizer, batch_size=128)
         subset = problems[:args.questions]
@@ -161,7 +171,7 @@ def main() -> None:
         pits: dict[str, list] = {}
         totals: dict[str, dict[str, float]] = {}
         for mode in ("exhaustive", "adaptive"):
-            pits[mode], tot = [], Counter()
+            pits[mode], tot, by_step, at_step = [], Counter(), Counter(), Counter()
             for rep in range(args.repeats):
                 config = ExploreConfig(mode=mode, seed=1000 + rep, max_new_tokens=args.max_new_tokens)
                 before, t0 = sampler.generated_tokens, time.perf_counter()
@@ -170,6 +180,10 @@ def main() -> None:
                 run = {"tokens": sampler.generated_tokens - before, "pairs": len(gpairs),
                        "pits": sum(r["status"] == "pit" for r in records), "seconds": time.perf_counter() - t0}
                 tot.update(run)
+                for r in records:
+                    if r["status"] == "pit":
+                        by_step[r["pit"]] += r["tokens_generated"]
+                        at_step[r["pit"]] += 1
                 hist = histogram(records)
                 pits[mode] += list(hist.elements())
                 emit(result="explore", mode=mode, repeat=rep, tokens=run["tokens"], pits=run["pits"],
@@ -180,6 +194,7 @@ def main() -> None:
             emit(result="mode", mode=mode, tokens=tot["tokens"], pits=tot["pits"], granular_pairs=tot["pairs"],
                  tokens_per_pair=round(tot["tokens"] / max(tot["pairs"], 1), 1),
                  tokens_per_pit=round(tot["tokens"] / max(tot["pits"], 1), 1),
+                 tokens_per_rationale_by_pit_step={str(t): round(by_step[t] / at_step[t], 1) for t in sorted(at_step)},
                  seconds=round(tot["seconds"], 1))
         stat, p_value = permutation_test(pits["adaptive"], pits["exhaustive"], args.permutations, args.seed)
         ex, ad = totals["exhaustive"], totals["adaptive"]
