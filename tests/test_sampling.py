@@ -17,7 +17,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selfexplore.io import read_json, read_jsonl
-from selfexplore.sampling import HFSampler, SamplingConfig, get_sampler, run_sample_stage, truncate_at_stop
+from selfexplore.sampling import (
+    HFSampler,
+    SamplingConfig,
+    get_sampler,
+    run_sample_stage,
+    truncate_at_stop,
+)
 from selfexplore.tasks.base import Problem, Task
 
 TEXTS = [f"Tom has {a} apples and buys {b} more.\n{a} + {b} = {a + b}\nThe answer is {a + b}\n"
@@ -82,7 +88,7 @@ def loaded(model_dir: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
 
 @pytest.fixture
 def hf(loaded: tuple[LlamaForCausalLM, PreTrainedTokenizerFast]) -> HFSampler:
-    return HFSampler(*loaded, batch_size=8)
+    return HFSampler(*loaded, batch_size=8, segment_tokens=8)  # several segments: exercises row pruning
 
 
 def _direct_greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompt_ids: list[int],
@@ -96,7 +102,7 @@ def _direct_greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
 # ---------------------------------------------------------------- HF backend
 
 def test_hf_samples_n_per_prompt_seeded_and_independent_of_history(hf: HFSampler) -> None:
-    kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24, stop=None)
+    kwargs = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
     rng_before = torch.get_rng_state()
     first = hf.generate(PROMPTS, seed=1, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not disturb the caller's RNG"
@@ -111,6 +117,14 @@ def test_hf_samples_n_per_prompt_seeded_and_independent_of_history(hf: HFSampler
     assert twice[0] != twice[1]
 
 
+def test_hf_samples_do_not_depend_on_batching(loaded) -> None:
+    kwargs = {"n": 3, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 30, "stop": None, "seed": 4}
+    small = HFSampler(*loaded, batch_size=2, segment_tokens=4).generate(PROMPTS, **kwargs)
+    large = HFSampler(*loaded, batch_size=64, segment_tokens=64).generate(PROMPTS, **kwargs)
+    assert small == large
+    assert HFSampler(*loaded).generate(PROMPTS[1:2], **kwargs) != small[1:2], "the index in the call keys a stream"
+
+
 def test_hf_counts_generated_tokens_without_padding(hf: HFSampler, loaded) -> None:
     model, tokenizer = loaded
     ids = tokenizer(PROMPTS)["input_ids"]
@@ -123,7 +137,7 @@ def test_hf_counts_generated_tokens_without_padding(hf: HFSampler, loaded) -> No
 
 
 def test_hf_stop_strings_truncate_and_halt_early(hf: HFSampler) -> None:
-    kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=5)
+    kwargs = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "seed": 5}
     t0 = hf.generated_tokens
     free = hf.generate(PROMPTS, stop=None, **kwargs)
     t1 = hf.generated_tokens
@@ -149,7 +163,7 @@ def test_overlong_prompts_truncate_skip_or_error(loaded) -> None:
     max_new = 40
     assert len(long_ids) + max_new > CONTEXT >= len(long_ids)
     prompts = [long_prompt, PROMPTS[0]]
-    kwargs = dict(n=2, temperature=0.0, top_p=1.0, max_new_tokens=max_new, stop=None, seed=0)
+    kwargs = {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new, "stop": None, "seed": 0}
 
     skip = HFSampler(model, tokenizer, overlong_prompts="skip")
     out = skip.generate(prompts, **kwargs)
@@ -228,8 +242,8 @@ class _Arith(Task):
 
 PROBLEMS = [Problem(id=f"q{i:02d}", question=f"Tom has {a} apples and buys {b} more.", solution="", answer=str(a + b))
             for i, (a, b) in enumerate([(3, 7), (6, 2), (9, 12), (12, 2), (15, 7), (21, 17), (24, 22)])]
-STAGE = dict(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=7, shard_size=2, backend_name="hf",
-             model="tiny", progress=False)
+STAGE = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "seed": 7, "shard_size": 2, "backend_name": "hf",
+             "model": "tiny", "progress": False}
 
 
 class _Killed(RuntimeError):
@@ -326,7 +340,7 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
 
     model, tokenizer = loaded
     hf_sampler = HFSampler(model, tokenizer)
-    kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24)
+    kwargs = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24}
     config = SamplingConfig(backend="vllm", seed=0, overlong_prompts="skip")
     with get_sampler(config, str(model_dir), cache_dir=str(tmp_path)) as sampler:
         assert isinstance(sampler, VLLMSampler)
@@ -345,7 +359,7 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
         stopped = sampler.generate(PROMPTS, stop=["\n"], seed=1, **kwargs)
         assert stopped == [[truncate_at_stop(c, ["\n"]) for c in cs] for cs in first]
 
-        greedy_args = dict(n=2, temperature=0.0, top_p=1.0, max_new_tokens=30, stop=None, seed=0)
+        greedy_args = {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 30, "stop": None, "seed": 0}
         assert sampler.generate(PROMPTS, **greedy_args) == hf_sampler.generate(PROMPTS, **greedy_args)
 
         long_prompt = "Tom has 3 apples and buys 7 more.\n" * 8

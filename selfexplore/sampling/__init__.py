@@ -1,6 +1,12 @@
 """Sampling: the Sampler protocol, HF `generate` and vLLM backends, and the resumable sample stage."""
 
-from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, get_sampler, truncate_at_stop
+from selfexplore.sampling.base import (
+    Sampler,
+    SamplingConfig,
+    derive_seed,
+    get_sampler,
+    truncate_at_stop,
+)
 from selfexplore.sampling.hf import HFSampler
 from selfexplore.sampling.stage import SampleStats, run_sample_stage
 

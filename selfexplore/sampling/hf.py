@@ -1,10 +1,14 @@
 """The transformers `generate` backend: the CPU default, and the reference vLLM is checked against.
 
-Speed comes from batching many sequences per `generate` call (KV cache on), sorting rows by
-prompt length so left padding stays small, and running greedy decoding once per prompt.
-Reproducibility: each batch is seeded from (seed, batch index) inside a forked RNG, so a call's
-output depends only on its arguments and `batch_size`, never on what ran before, and the
-caller's global RNG is left untouched.
+Speed: many sequences per `generate` call (KV cache on), rows sorted by prompt length so left
+padding stays small, generation in segments that drop finished rows (and their KV cache) so
+sequences that hit EOS or a stop string stop costing compute, and greedy decoding run once
+per prompt.
+
+Reproducibility: every sampled row draws from its own counter-based random stream keyed by
+(seed, prompt index, sample index, step). A call's output therefore depends only on its
+arguments, not on batch size, segmenting, which other rows stopped, or anything that ran
+before; the global RNG is never touched. (Padding can still move logits by float rounding.)
 """
 
 from __future__ import annotations
@@ -13,8 +17,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import (
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 from selfexplore.sampling.base import (
     OverlongMode,
@@ -24,6 +43,37 @@ from selfexplore.sampling.base import (
     plan_prompt,
     truncate_at_stop,
 )
+
+_MASK64 = (1 << 64) - 1
+
+
+def _uniform(row_seed: int, step: int) -> float:
+    """A uniform in [0, 1) from (row seed, step): splitmix64 of a Weyl counter, 24 bits (exact in fp32)."""
+    z = (row_seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 40) / (1 << 24)
+
+
+class _RowSeededSampler(LogitsProcessor):
+    """Samples each row's next token by inverse CDF with that row's own uniform.
+
+    It runs last in greedy mode and leaves only the drawn token finite, so `generate`'s argmax
+    picks it: exact sampling from the (temperature-scaled, top-p-filtered) distribution
+    without the shared RNG, so no row's draws depend on the others.
+    """
+
+    def __init__(self, row_seeds: list[int], prompt_width: int) -> None:
+        self.row_seeds = row_seeds
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        u = torch.tensor([_uniform(s, step) for s in self.row_seeds], dtype=cdf.dtype, device=cdf.device)
+        # Scaling by the total keeps the draw inside the support despite rounding in the cumsum.
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=scores.shape[1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
 
 
 class _FinishRecorder(StoppingCriteria):
@@ -52,14 +102,22 @@ class _FinishRecorder(StoppingCriteria):
 
 
 class HFSampler:
-    """`Sampler` over a loaded causal LM (a live policy between rounds, or a checkpoint)."""
+    """`Sampler` over a loaded causal LM (a live policy between rounds, or a checkpoint).
+
+    `batch_size` is the number of sequences per `generate` call; `segment_tokens` how many
+    tokens are generated between two prunings of finished rows.
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64,
-                 overlong_prompts: OverlongMode = "skip", max_model_len: int | None = None) -> None:
+                 overlong_prompts: OverlongMode = "skip", max_model_len: int | None = None,
+                 segment_tokens: int = 16) -> None:
         check_backend_args(batch_size, overlong_prompts)
+        if segment_tokens < 1:
+            raise ValueError(f"segment_tokens must be >= 1, got {segment_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.segment_tokens = segment_tokens
         self.overlong_prompts: OverlongMode = overlong_prompts
         self.context = max_model_len or getattr(model.config, "max_position_embeddings", None)
         self.generated_tokens = 0
@@ -96,66 +154,93 @@ class HFSampler:
         check_sampling_args(n, temperature, top_p, max_new_tokens)
         stop = [s for s in (stop or []) if s]
         encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        kept: list[list[int] | None] = []
+        kept: dict[int, list[int]] = {}
         for i, ids in enumerate(encoded):
             keep = plan_prompt(len(ids), max_new_tokens, self.context, self.overlong_prompts, i)
             self.overlong_count += keep != len(ids)
-            kept.append(None if keep is None else ids[len(ids) - keep:])
+            if keep is not None:
+                kept[i] = ids[len(ids) - keep:]
 
         greedy = temperature == 0
-        copies = 1 if greedy else n
-        # One row per sequence; longest prompts first so padding is small and OOM shows early.
-        rows = sorted(((i, c) for i, ids in enumerate(kept) if ids is not None for c in range(copies)),
-                      key=lambda r: -len(kept[r[0]]))  # type: ignore[arg-type]
+        # One row (prompt index, sample index) per sequence; longest prompts first so padding
+        # stays small and an out-of-memory error shows at once.
+        rows = sorted(((i, k) for i in kept for k in range(1 if greedy else n)), key=lambda r: -len(kept[r[0]]))
         results: list[list[str]] = [[] for _ in prompts]
-        for b, start in enumerate(range(0, len(rows), self.batch_size)):
+        for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
-            texts = self._generate_batch([kept[i] for i, _ in batch], temperature, top_p,  # type: ignore[misc]
-                                         max_new_tokens, stop, derive_seed(seed, "batch", b))
+            texts = self._generate_batch([kept[i] for i, _ in batch], [derive_seed(seed, "row", i, k) for i, k in batch],
+                                         temperature, top_p, max_new_tokens, stop)
             for (i, _), text in zip(batch, texts):
                 results[i].append(text)
-        if greedy:
-            results = [r * n for r in results]
-        return results
+        return [r * n for r in results] if greedy else results
 
-    def _generate_batch(self, prompt_ids: list[list[int]], temperature: float, top_p: float,
-                        max_new_tokens: int, stop: list[str], seed: int) -> list[str]:
+    def _generate_batch(self, prompt_ids: list[list[int]], row_seeds: list[int], temperature: float, top_p: float,
+                        max_new_tokens: int, stop: list[str]) -> list[str]:
         """Generate one row per prompt (left-padded) and return the decoded, stop-truncated texts."""
-        device = self.model.device
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
         for r, ids in enumerate(prompt_ids):
             input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[r, width - len(ids):] = 1
-        recorder = _FinishRecorder(width, len(prompt_ids), self.eos_ids.to(device), self._stop_criteria(stop))
-        greedy = temperature == 0
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
-            temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-            top_k=None if greedy else 0, repetition_penalty=1.0,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_ids.tolist(),
-        )
         was_training = self.model.training
         self.model.eval()
-        devices = [device] if device.type == "cuda" else []
+        device = self.model.device
         try:
-            with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                torch.manual_seed(seed)
-                out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                          generation_config=config,
-                                          stopping_criteria=StoppingCriteriaList([recorder]))
+            with torch.inference_mode():
+                new_ids, by_eos = self._decode_segments(input_ids.to(device), attention.to(device), row_seeds,
+                                                        temperature, top_p, max_new_tokens, stop)
         finally:
             self.model.train(was_training)
-        generated = out[:, width:].cpu()
-        lengths = torch.where(recorder.lengths < 0, generated.shape[1], recorder.lengths).cpu()
-        by_eos = recorder.by_eos.cpu()
-        self.generated_tokens += int(lengths.sum())
-        texts = []
-        for r, ids in enumerate(prompt_ids):
-            new = generated[r, :int(lengths[r]) - int(by_eos[r])].tolist()
-            texts.append(truncate_at_stop(self._continuation(ids, new), stop))
-        return texts
+        self.generated_tokens += sum(len(ids) for ids in new_ids)
+        return [truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), stop)
+                for prompt, ids, eos in zip(prompt_ids, new_ids, by_eos)]
+
+    def _decode_segments(self, input_ids: torch.Tensor, attention: torch.Tensor, row_seeds: list[int],
+                         temperature: float, top_p: float, max_new_tokens: int,
+                         stop: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Generate in segments of `segment_tokens`, dropping finished rows (and their KV cache) in between.
+
+        `generate` keeps computing rows that hit EOS until the whole batch is done; sampled
+        lengths vary a lot, so pruning every segment saves much of the batch's compute.
+        Returns per row the generated ids (with the EOS/stop-completing token) and whether EOS ended it.
+        """
+        batch, prompt_width = input_ids.shape
+        new_ids: list[list[int]] = [[] for _ in range(batch)]
+        by_eos = [False] * batch
+        rows = list(range(batch))  # original index of each row still generating
+        eos_ids = self.eos_ids.to(input_ids.device)
+        stop_criteria = self._stop_criteria(stop)
+        config = GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids.tolist())
+        cache = DynamicCache(config=self.model.config)  # ours, so finished rows can be pruned from it
+        produced = 0
+        while rows and produced < max_new_tokens:
+            config.max_new_tokens = min(self.segment_tokens, max_new_tokens - produced)
+            processors = LogitsProcessorList()
+            if temperature > 0:
+                processors.append(TemperatureLogitsWarper(temperature))
+                if top_p < 1.0:
+                    processors.append(TopPLogitsWarper(top_p))
+                processors.append(_RowSeededSampler([row_seeds[r] for r in rows], prompt_width))
+            recorder = _FinishRecorder(input_ids.shape[1], len(rows), eos_ids, stop_criteria)
+            sequences = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
+                                            generation_config=config, logits_processor=processors,
+                                            stopping_criteria=StoppingCriteriaList([recorder]))
+            segment = sequences[:, input_ids.shape[1]:]
+            produced += segment.shape[1]
+            lengths = torch.where(recorder.lengths < 0, segment.shape[1], recorder.lengths).tolist()
+            ended_by_eos = recorder.by_eos.tolist()
+            for r, row in enumerate(rows):
+                new_ids[row].extend(segment[r, :lengths[r]].tolist())
+                by_eos[row] = ended_by_eos[r]
+            keep = (recorder.lengths < 0).nonzero().squeeze(1)
+            if len(keep) < len(rows):
+                cache.batch_select_indices(keep)
+            rows = [rows[i] for i in keep.tolist()]
+            attention = torch.cat([attention, attention.new_ones(segment.shape)], dim=1)[keep]
+            input_ids = sequences[keep]
+        return new_ids, by_eos
 
     def _continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         """Decode new tokens in the context of the prompt.

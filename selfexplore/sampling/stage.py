@@ -12,6 +12,7 @@ refused rather than silently mixing samples.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -70,15 +71,16 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     """Sample `n` completions per problem, grade them with `task`, write `out_path` (JSONL).
 
     `model` names the policy (e.g. its checkpoint path) and `settings` holds anything else
-    the outputs depend on (e.g. the HF backend's batch_size); both go into the fingerprint
-    that guards resumption. `force=True` discards shards written under another config.
+    that identifies it (e.g. an adapter path); both go into the config fingerprint that
+    guards resumption, with every sampling argument. `force=True` discards shards written
+    under another config. Returns totals; `progress` shows a tqdm bar.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     start = time.perf_counter()
     out_path = Path(out_path)
     ordered = sorted(problems, key=lambda p: p.id)
-    duplicates = sorted({a.id for a, b in zip(ordered, ordered[1:]) if a.id == b.id})
+    duplicates = sorted({a.id for a, b in itertools.pairwise(ordered) if a.id == b.id})
     if duplicates:
         raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
     prompts = [task.prompt(p) for p in ordered]

@@ -18,11 +18,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from selfexplore.sampling.base import SamplingConfig, check_sampling_args, derive_seed, plan_prompt
+from selfexplore.sampling.base import (
+    SamplingConfig,
+    check_sampling_args,
+    derive_seed,
+    plan_prompt,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MISSING_VLLM = (
     "The 'vllm' sampling backend needs vLLM, which is not installed. Install it with "
@@ -146,7 +154,7 @@ class VLLMSampler:
         gc.collect()
         cleanup_dist_env_and_memory()
 
-    def __enter__(self) -> VLLMSampler:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
