@@ -317,7 +317,7 @@ def test_alarm_restores_an_outer_timer_and_handler() -> None:
         assert is_equiv(SLOW, "1", "math", timeout=0.2) is False
         remaining, _ = signal.getitimer(signal.ITIMER_REAL)
         assert signal.getsignal(signal.SIGALRM) is outer
-        assert 1.0 < remaining < 3.0
+        assert remaining > 1.0 and remaining < 3.0
         signal.setitimer(signal.ITIMER_REAL, 0.05)  # an outer deadline inside a grading call
         assert is_equiv(SLOW, "2", "math", timeout=2.0) is False
         time.sleep(0.05)
