@@ -69,7 +69,7 @@ def test_dpo_steps_raise_margins_and_accuracy(tiny_arith_model: Path, tmp_path: 
     # at step 0 the policy equals the reference: margins 0, accuracy 0 by definition
     assert after["margin"] > 0.5 and after["accuracy"] >= 0.9, after
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected"):
+                "logps/chosen", "logps/rejected", "tokens_per_sec"):
         assert f"train/{key}" in trainer.callback_metrics
     assert (tmp_path / "policy" / "config.json").is_file()
 

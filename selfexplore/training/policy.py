@@ -84,6 +84,7 @@ class PolicyModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self._tokenizer = None
         self._batch_started: float | None = None
+        self._batch_tokens = 0
 
     # ----- model lifecycle -------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -120,12 +121,16 @@ class PolicyModule(LightningModule):
         self._batch_started = time.perf_counter()
 
     def log_throughput(self, tokens: int) -> None:
-        """Log real (non-padding) tokens per second of the current training step."""
-        if self._batch_started is None:
+        """Count the real (non-padding) tokens of this step; logged per second once the step ends."""
+        self._batch_tokens = tokens
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """tokens/s over the whole step: forward, backward and optimizer update."""
+        if self._batch_started is None or not self._batch_tokens:
             return
         elapsed = time.perf_counter() - self._batch_started
         if elapsed > 0:
-            self.log("train/tokens_per_sec", tokens / elapsed, on_step=True, prog_bar=True)
+            self.log("train/tokens_per_sec", self._batch_tokens / elapsed, on_step=True, prog_bar=True)
 
     # ----- evaluation ------------------------------------------------------------------------
     def greedy_complete(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None) -> list[str]:
