@@ -134,6 +134,22 @@ def test_callback_points_data_at_next_round_and_keeps_or_updates_reference(scrip
         assert seen == [("round_1", rft), ("round_2", expected_ref)]
 
 
+@pytest.mark.parametrize("rft_init", ["base", "sft"])
+def test_rft_starts_from_the_configured_checkpoint(scripted, tmp_path, monkeypatch, rft_init) -> None:
+    inits = {}
+    original = Pipeline.train_sft
+
+    def spy(self, name, init, stage, train_path=None):
+        inits[name] = init
+        return original(self, name, init, stage, train_path)
+
+    monkeypatch.setattr(Pipeline, "train_sft", spy)
+    run = tmp_path / "run"
+    run_pipeline(_config(run, rft_init=rft_init, baselines=["sft", "rft"], rounds=1))
+    expected = str(run / "base") if rft_init == "base" else str(run / "round_0/sft/policy")
+    assert inits == {"round_0/sft": str(run / "base"), "round_1/rft": expected}
+
+
 class Killed(RuntimeError):
     """Stands in for a process killed between two units of work."""
 

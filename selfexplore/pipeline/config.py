@@ -65,6 +65,8 @@ class PipelineConfig:
         built at `model.path` first (the CPU quickstart).
     train_questions: how many training questions are sampled and explored (None: all).
     rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
+    rft_init: RFT starts from the 'base' model (the paper) or continues from the 'sft' policy
+        (cheaper: a few epochs on the RFT set instead of SFT's whole budget again).
     reference_update: 'keep' the RFT reference in every round (the paper) or 'update' it to
         the policy that starts each round.
     baselines: which rows of the paper's comparison to produce.
@@ -86,6 +88,7 @@ class PipelineConfig:
     train_questions: int | None = None
     rft_max_per_question: int = 8
     rft_include_gold: bool = True
+    rft_init: Literal["base", "sft"] = "base"
     rounds: int = 2
     reference_update: Literal["keep", "update"] = "keep"
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))

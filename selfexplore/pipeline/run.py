@@ -206,7 +206,8 @@ class Pipeline:
         sft = self.train_sft("round_0/sft", base, cfg.sft)
         self.unit("round_0/sft/eval", lambda: self.evaluate("round_0/sft", sft))
         samples = self.sample("round_1/samples.jsonl", sft, self.train_problems)
-        rft = self.train_sft("round_1/rft", base, cfg.rft, self.build_rft_data(1, samples["path"]))
+        rft_init = base if cfg.rft_init == "base" else sft
+        rft = self.train_sft("round_1/rft", rft_init, cfg.rft, self.build_rft_data(1, samples["path"]))
         self.unit("round_1/rft/eval", lambda: self.evaluate("round_1/rft", rft))
         gpairs = self.prepare_round(1, explorer=rft)
         if "outcome_dpo" in cfg.baselines:
