@@ -1,0 +1,126 @@
+"""Bench: the quickstart end to end, wall time split by stage, accuracy per stage, over seeds.
+
+Question: how long does `selfexplore pipeline --config configs/quickstart.yaml` take on this
+machine, where does the time go, and does the paper's ordering (Self-Explore > outcome DPO >
+RFT > SFT, round 2 >= round 1) hold across seeds? Each seed is a fresh run directory driven
+through the real CLI in a subprocess (`--pipeline.seed`, `--pipeline.run_dir` overrides), so
+what is timed is exactly what a user runs. Afterwards the script reads each run's
+`state.json` (every unit records its wall time) and prints one JSON line per seed and stage,
+then a summary line per stage (median seconds over seeds) and per trained policy (mean and
+sample standard deviation of accuracy), and a markdown table of the summary.
+
+    OMP_NUM_THREADS=2 python bench/bench_quickstart.py --seeds 0 1 2 --work-dir runs/bench_quickstart
+    (about 10-15 minutes per seed on 2 quiet cores; a rerun reuses finished runs, resumes others)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from selfexplore.pipeline.report import report_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STAGES = (  # (stage, predicate on the unit name); the first match wins
+    ("build base model", lambda u: u == "base"),
+    ("evaluate (greedy)", lambda u: u.endswith(("/eval.jsonl", "/eval"))),
+    ("train SFT", lambda u: u == "round_0/sft"),
+    ("train RFT", lambda u: u.endswith(("/rft", "/rft_data"))),
+    ("sample", lambda u: u.endswith(("samples.jsonl", "/pairs"))),
+    ("explore", lambda u: u.endswith("/explore")),
+    ("train outcome DPO", lambda u: u.endswith("/outcome_dpo")),
+    ("train Self-Explore", lambda u: u.endswith("/self_explore")),
+)
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def stage_of(unit: str) -> str:
+    return next(name for name, match in STAGES if match(unit))
+
+
+def stage_seconds(units: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Wall seconds per stage; an eval unit wraps its eval.jsonl unit, so only one is counted."""
+    out: dict[str, float] = defaultdict(float)
+    for unit, result in units.items():
+        if unit.endswith("/eval") and f"{unit}.jsonl" in units:
+            continue
+        out[stage_of(unit)] += float(result.get("seconds", 0.0))
+    return dict(out)
+
+
+def run_seed(config: Path, seed: int, run_dir: Path, threads: int | None) -> float:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, str(ROOT / "cli.py"), "pipeline", "--config", str(config),
+           "--pipeline.seed", str(seed), "--pipeline.run_dir", str(run_dir),
+           "--pipeline.trainer.enable_progress_bar", "false"]
+    log = run_dir.with_suffix(".log")
+    start = time.perf_counter()
+    with log.open("a") as out:
+        subprocess.run(cmd, check=True, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def summary_table(rows_by_seed: dict[int, list[dict[str, Any]]]) -> str:
+    by_policy: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for rows in rows_by_seed.values():
+        for row in rows:
+            by_policy[(row["stage"], row["round"])].append(100 * row["accuracy"])
+    seeds = sorted(rows_by_seed)
+    lines = ["| stage | round | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |",
+             "|---|---|" + "---|" * (len(seeds) + 2)]
+    for (stage, rnd), accs in by_policy.items():
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {stage} | {rnd} | " + " | ".join(f"{a:.1f}" for a in accs)
+                     + f" | {statistics.mean(accs):.1f} | {std:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_quickstart"))
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: inherited)")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    per_stage: dict[str, list[float]] = defaultdict(list)
+    rows_by_seed: dict[int, list[dict[str, Any]]] = {}
+    for seed in args.seeds:
+        run_dir = args.work_dir / f"seed{seed}"
+        wall = run_seed(args.config, seed, run_dir, args.threads)
+        state = json.loads((run_dir / "state.json").read_text())
+        units = state["units"]
+        seconds = stage_seconds(units)
+        for stage, value in seconds.items():
+            per_stage[stage].append(value)
+            emit(kind="stage", seed=seed, stage=stage, seconds=round(value, 1))
+        total = sum(seconds.values())
+        per_stage["total (units)"].append(total)
+        emit(kind="run", seed=seed, units_seconds=round(total, 1), this_invocation_seconds=round(wall, 1))
+        rounds = sum(1 for u in units if u.endswith("/self_explore"))
+        rows_by_seed[seed] = report_rows(units, rounds)
+        for row in rows_by_seed[seed]:
+            emit(kind="accuracy", seed=seed, stage=row["stage"], round=row["round"], accuracy=row["accuracy"])
+    for stage, values in per_stage.items():
+        emit(kind="summary", stage=stage, median_seconds=round(statistics.median(values), 1),
+             seeds=len(values), share=round(statistics.median(values) / statistics.median(per_stage["total (units)"]), 3))
+    print(summary_table(rows_by_seed))
+
+
+if __name__ == "__main__":
+    main()
