@@ -51,7 +51,7 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     header = ["stage", "round", "accuracy", "pass_at_n", "pairs", "pits", "tokens", "seconds"]
     lines = [f"# Self-Explore run: {run_dir.name}", "",
              f"task `{config.task}`, eval split `{config.eval_split}`, seed {config.seed}; accuracy is greedy "
-             "test accuracy; pass_at_n is over the policy's own samples of the training questions; pits is the "
+             f"accuracy on the {config.eval_split} split; pass_at_n is over the policy's own samples of the training questions; pits is the "
              "first-pit step histogram of the exploration that made that round's pairs.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
@@ -72,10 +72,11 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     fig, (ax_acc, ax_pit) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [r["stage"] if r["stage"] != "Self-Explore" else f"Self-Explore r{r['round']}" for r in rows]
     accs = [100 * r["accuracy"] for r in rows]
-    ax_acc.bar(labels, accs, color=["#999", "#6a9", "#58c", *["#d62"] * (len(rows) - 3)][: len(rows)])
+    colors = {"SFT": "#999", "RFT": "#6a9", "Outcome DPO": "#58c", "Self-Explore": "#d62"}
+    ax_acc.bar(labels, accs, color=[colors[r["stage"]] for r in rows])
     for i, a in enumerate(accs):
         ax_acc.text(i, a + 0.5, f"{a:.1f}", ha="center")
-    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_ylabel("greedy accuracy (%)")
     ax_acc.set_title("Accuracy per stage and round")
     ax_acc.tick_params(axis="x", rotation=20)
     for row in rows:
