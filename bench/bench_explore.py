@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="explore with this trained HF folder (e.g. a quickstart run's round_1/rft/policy, "
+                             "with --arith set to that run's knobs) instead of training a model here")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -124,10 +127,11 @@ def main() -> None:
         work = args.work_dir or Path(tmp)
         trained = work / "trained"
         t0 = time.perf_counter()
-        if (trained / "config.json").is_file():  # reuse the model of an earlier run with this --work-dir
-            model = load_model(ModelSpec(path=str(trained), dtype="float32"), for_training=False)
-            tokenizer = load_tokenizer(trained)
-            emit(result="train", reused=str(trained))
+        reuse = args.policy or trained  # a given policy, or the model of an earlier run with this --work-dir
+        if (reuse / "config.json").is_file():
+            model = load_model(ModelSpec(path=str(reuse), dtype="float32"), for_training=False)
+            tokenizer = load_tokenizer(reuse)
+            emit(result="train", reused=str(reuse))
         else:
             model_dir = build_tiny_llama(texts, work / "model", TinyLlamaConfig(
                 hidden_size=args.hidden, num_layers=2, num_heads=args.hidden // 32,
@@ -195,7 +199,8 @@ def main() -> None:
                  tokens_per_pair=round(tot["tokens"] / max(tot["pairs"], 1), 1),
                  tokens_per_pit=round(tot["tokens"] / max(tot["pits"], 1), 1),
                  tokens_per_rationale_by_pit_step={str(t): round(by_step[t] / at_step[t], 1) for t in sorted(at_step)},
-                 seconds=round(tot["seconds"], 1))
+                 seconds=round(tot["seconds"], 1),
+                 seconds_per_100_rationales=round(100 * tot["seconds"] / (args.repeats * len(rationales)), 1))
         stat, p_value = permutation_test(pits["adaptive"], pits["exhaustive"], args.permutations, args.seed)
         ex, ad = totals["exhaustive"], totals["adaptive"]
         emit(result="comparison",
