@@ -26,6 +26,8 @@ from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sam
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, write_json, write_jsonl
+from selfexplore.models import load_tokenizer
+from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
 from selfexplore.pipeline.run import run_pipeline
 from selfexplore.sampling.base import SamplingConfig, get_sampler
@@ -53,9 +55,10 @@ def lightning_main(args: list[str] | None = None) -> SelfExploreCLI:
 
 
 def pipeline(pipeline: PipelineConfig, force: bool = False) -> None:
-    """Run (or resume) the whole method; prints the report table."""
+    """Run (or resume) the whole method; prints the report table (rank 0; see `pipeline.run`)."""
     report = run_pipeline(pipeline, force=force)
-    print(report.read_text())
+    if report is not None:
+        print(report.read_text())
 
 
 def _problems(task: str, task_options: dict[str, Any] | None, split: str, data_path: str | None,
@@ -66,15 +69,22 @@ def _problems(task: str, task_options: dict[str, Any] | None, split: str, data_p
 
 def sample(policy: str, out: str, task: str = "arith", task_options: dict[str, Any] | None = None,
            split: str = "train", data_path: str | None = None, limit: int | None = None,
-           adapter: str | None = None, sampling: SamplingConfig | None = None, force: bool = False) -> None:
-    """N graded samples per question of `policy` (HF folder, optional LoRA adapter) -> `out`."""
+           adapter: str | None = None, sampling: SamplingConfig | None = None, force: bool = False,
+           prompt_format: PromptFormat | None = None) -> None:
+    """N graded samples per question of `policy` (HF folder or gguf: spec, optional LoRA adapter) -> `out`.
+
+    `prompt_format` must be the one the policy was trained with (raw prompts by default).
+    """
     s = sampling or SamplingConfig()
+    fmt = prompt_format or PromptFormat()
     t, problems = _problems(task, task_options, split, data_path, limit)
+    prompt = fmt.prompter(t, load_tokenizer(policy) if fmt.chat_template else None)
     sampler = get_sampler(s, policy, adapter, cache_dir=str(Path(out).parent / "cache"))
     try:
         stats = run_sample_stage(sampler, t, problems, out, n=s.n, temperature=s.temperature, top_p=s.top_p,
                                  max_new_tokens=s.max_new_tokens, stop=s.stop, seed=s.seed, backend_name=s.backend,
-                                 model=policy, settings={"batch_size": s.batch_size, "adapter": adapter}, force=force)
+                                 model=policy, settings={"batch_size": s.batch_size, "adapter": adapter}, force=force,
+                                 prompt=prompt)
     finally:
         getattr(sampler, "close", lambda: None)()
     print(json.dumps(stats.to_dict()))

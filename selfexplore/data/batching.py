@@ -9,20 +9,20 @@ from torch.utils.data import DistributedSampler
 
 
 def encode_prompt_completion(tokenizer, prompt: str, completion: str,
-                             add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of prompt and completion, encoded SEPARATELY.
+                             end_id: int | None) -> tuple[list[int], list[int]]:
+    """Token ids of prompt and completion, encoded SEPARATELY; `end_id` appended unless None.
 
     Why separately: a step-level prompt ends mid-rationale, and encoding the joined string
     would let BPE merge tokens across the boundary, so the completion the loss sees would not
     be the one the sampler produced. The prompt gets the tokenizer's special tokens (BOS, as in
-    pre-training); the completion gets none, plus EOS when `add_eos`.
+    pre-training); the completion gets none. `end_id` is normally
+    `selfexplore.models.chat.completion_end_id(tokenizer)` (EOS, or the chat template's
+    end-of-turn token), the token the samplers stop on.
     """
     prompt_ids = list(tokenizer(prompt).input_ids)
     completion_ids = list(tokenizer(completion, add_special_tokens=False).input_ids)
-    if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no eos_token; set one or disable EOS")
-        completion_ids.append(tokenizer.eos_token_id)
+    if end_id is not None:
+        completion_ids.append(end_id)
     return prompt_ids, completion_ids
 
 

@@ -5,8 +5,10 @@ Rules, stated once:
   trained), each completion separately with none, and the ids are concatenated. A step prompt
   ends mid-rationale ("... 12 + 7 = 1"), so encoding the joined text would let BPE merge across
   the boundary and score tokens the sampler never produced.
-- EOS: with `eos=True` (default) EOS is appended to BOTH chosen and rejected, so neither side
-  is rewarded or punished for ending. (The reference implementation added it to chosen only.)
+- EOS: with `eos=True` (default) the end token is appended to BOTH chosen and rejected, so
+  neither side is rewarded or punished for ending. (The reference implementation added it to
+  chosen only.) The end token is EOS, or the chat template's end-of-turn token when the
+  tokenizer has a template (`selfexplore.models.chat.completion_end_id`: what samplers stop on).
 - Loss mask: the completion tokens (and their EOS) only, never the prompt or padding.
 - Truncation (per pair, same prompt for both sides): when prompt + longer completion exceeds
   `max_length`, the prompt is first cut to `max_prompt_length` keeping its END (the leading
@@ -35,6 +37,7 @@ from selfexplore.data.batching import (
 )
 from selfexplore.io import DataError, parse_record, require_str
 from selfexplore.models import load_tokenizer
+from selfexplore.models.chat import completion_end_id
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -136,6 +139,7 @@ class PreferenceDataset(Dataset):
         if not path.is_file():
             raise DataError("file not found", path)
         keep_prefix = special_prefix_length(tokenizer)
+        end_id = completion_end_id(tokenizer) if eos else None
         if not keep_prefix < max_prompt_length < max_length:
             raise ValueError(f"need {keep_prefix} (special prefix) < max_prompt_length ({max_prompt_length}) "
                              f"< max_length ({max_length})")
@@ -156,8 +160,8 @@ class PreferenceDataset(Dataset):
                     stats["skipped_invalid"] += 1
                     first_error = first_error or e
                     continue
-                p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, chosen, add_eos=eos)
-                _, r_ids = encode_prompt_completion(tokenizer, prompt, rejected, add_eos=eos)
+                p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, chosen, end_id)
+                _, r_ids = encode_prompt_completion(tokenizer, prompt, rejected, end_id)
                 p_ids, c_ids, r_ids, p_cut, c_cut = truncate_pair(p_ids, c_ids, r_ids, max_length,
                                                                   max_prompt_length, keep_prefix)
                 if c_ids == r_ids:
@@ -212,7 +216,7 @@ class PreferenceDataModule(LightningDataModule):
         tokenizer_path: tokenizer folder; by default the LightningModule's `tokenizer`.
         max_length / max_prompt_length: token budgets (paper: 384 GSM8K; 1024 / 512 MATH).
         batch_size: pairs per batch (the forward sees 2x rows).
-        eos: append EOS to both chosen and rejected.
+        eos: append the end token (EOS or the chat end-of-turn) to both chosen and rejected.
         on_invalid: 'error' stops at the first bad record; 'skip' counts it in `stats`.
         length_grouped: batch pairs of similar length (seeded; DDP-aware, see
             `LengthGroupedDistributedSampler`); else a plain seeded shuffle.

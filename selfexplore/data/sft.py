@@ -19,6 +19,7 @@ from selfexplore.data.batching import (
 )
 from selfexplore.io import DataError, iter_jsonl, require_str
 from selfexplore.models import load_tokenizer
+from selfexplore.models.chat import PromptFormat, completion_end_id
 from selfexplore.tasks import Problem, get_task
 
 
@@ -43,13 +44,15 @@ def tokenize_sft(tokenizer, pairs: list[tuple[str, str]], max_length: int, inclu
                  overlong: Literal["drop", "truncate"]) -> tuple[list[SFTExample], dict[str, int]]:
     """Prompt/response pairs -> examples; counts of dropped and truncated ones.
 
-    Loss is on the response and its EOS (and on the prompt too when `include_prompt`, as the
-    paper's SFT did). Over-long examples are dropped, or their response end is cut ('truncate';
-    an example whose prompt alone fills `max_length` is always dropped).
+    Loss is on the response and its end token (EOS, or the chat template's end-of-turn: see
+    `completion_end_id`), and on the prompt too when `include_prompt`, as the paper's SFT did.
+    Over-long examples are dropped, or their response end is cut ('truncate'; an example whose
+    prompt alone fills `max_length` is always dropped).
     """
     examples, stats = [], {"dropped_overlong": 0, "truncated": 0}
+    end_id = completion_end_id(tokenizer)
     for prompt, response in pairs:
-        p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, response, add_eos=True)
+        p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, response, end_id)
         if len(p_ids) + len(c_ids) > max_length:
             if overlong == "drop" or len(p_ids) >= max_length:
                 stats["dropped_overlong"] += 1
@@ -80,6 +83,8 @@ class SFTDataModule(LightningDataModule):
         max_length: tokens per example; longer ones are dropped or truncated (`overlong`).
         include_prompt_in_loss: train on the prompt tokens too (the paper did).
         val_limit / test_limit: evaluate on the first N problems only (greedy decoding is slow).
+        prompt_format: raw task prompts (default, the paper) or the tokenizer's chat template;
+            applies to the task's problems, not to `train_path` records (already prompts).
     """
 
     def __init__(
@@ -99,9 +104,11 @@ class SFTDataModule(LightningDataModule):
         test_limit: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        prompt_format: PromptFormat | None = None,
     ) -> None:
         super().__init__()
         self.task = get_task(task, **(task_options or {}))
+        self.prompt_format = prompt_format or PromptFormat()
         self.data_dir = data_dir
         self.train_path = train_path
         self.tokenizer_path = tokenizer_path
@@ -124,17 +131,18 @@ class SFTDataModule(LightningDataModule):
         return self.task.load(split, path=path)
 
     def corpus_texts(self) -> list[str]:
-        """Training text, for a tokenizer trained from scratch."""
+        """Training text, for a tokenizer trained from scratch (raw prompts: it has no template yet)."""
         return [self.task.prompt(p) + p.solution for p in self.problems("train")]
 
     def _train_pairs(self) -> list[tuple[str, str]]:
         if self.train_path:
             return read_prompt_response_jsonl(self.train_path)
-        return [(self.task.prompt(p), p.solution) for p in self.problems("train")]
+        return [(self._prompt(p), p.solution) for p in self.problems("train")]
 
     def setup(self, stage: str) -> None:
         tokenizer = (load_tokenizer(self.tokenizer_path) if self.tokenizer_path
                      else self.trainer.lightning_module.tokenizer)
+        self._prompt = self.prompt_format.prompter(self.task, tokenizer)
         if stage == "fit" and self.train_set is None:
             pairs = self._train_pairs()
             examples, self.stats = tokenize_sft(tokenizer, pairs, self.max_length,
@@ -158,7 +166,7 @@ class SFTDataModule(LightningDataModule):
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad_right([e.labels for e in batch], -100)}
 
     def _collate_eval(self, problems: list[Problem]) -> dict[str, Any]:
-        pairs = [(self.task.prompt(p), p.solution) for p in problems]
+        pairs = [(self._prompt(p), p.solution) for p in problems]
         examples, _ = tokenize_sft(self._tokenizer, pairs, self.max_length, False, "truncate")
         batch = self._collate_train(examples) if len(examples) == len(problems) else {}
         return {**batch, "prompts": [prompt for prompt, _ in pairs], "golds": [p.answer for p in problems]}

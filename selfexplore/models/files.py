@@ -17,20 +17,30 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 def resolve_source(path: str | os.PathLike) -> tuple[str, bool]:
     """(what to pass to `from_pretrained`, whether it is a local folder).
 
+    A `gguf:` spec becomes its cached HF folder (converted on first use, see `models.gguf`).
     An existing folder is loaded with `local_files_only`. A string shaped like a Hub id
     ("org/name") is left to transformers, which only reads its cache when HF_HUB_OFFLINE is set.
     Anything else raises FileNotFoundError naming the path, before transformers can turn
     it into an obscure Hub error.
     """
-    text = os.fspath(path)
+    text = local_model_path(path)
     local = Path(text).expanduser()
     if local.is_dir():
         return str(local), True
     if local.exists():
-        raise NotADirectoryError(f"'{text}' is a file; expected a Hugging Face model folder")
+        hint = f" (for a GGUF file use the spec 'gguf:{text}')" if text.endswith(".gguf") else ""
+        raise NotADirectoryError(f"'{text}' is a file; expected a Hugging Face model folder{hint}")
     if _HUB_ID.fullmatch(text) and ".." not in text:
         return text, False
     raise FileNotFoundError(f"path '{text}' does not exist (resolved to '{local.resolve()}')")
+
+
+def local_model_path(path: str | os.PathLike) -> str:
+    """`path` itself, or for a `gguf:` spec the folder it converts to: what any loader can open."""
+    from selfexplore.models.gguf import is_gguf_spec, resolve_gguf
+
+    text = os.fspath(path)
+    return str(resolve_gguf(text)) if is_gguf_spec(text) else text
 
 
 @contextmanager
@@ -47,18 +57,27 @@ def explain_missing(source: str, local: bool) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temp folder beside `out_dir`; on success it replaces `out_dir` in one rename.
 
     A crash inside the block leaves `out_dir` as it was (the temp folder is removed; a killed
     process can leave a hidden `.<name>.tmp-*` sibling, never a half-written `out_dir`).
+    With `replace=False` an `out_dir` that exists by then (another process finished the same
+    work first: a cache) is kept and the new folder discarded.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        if out.exists():
+        if not replace:
+            try:
+                os.replace(tmp, out)  # atomic; fails if another process's folder is already there
+            except OSError:
+                if not out.is_dir():
+                    raise
+                shutil.rmtree(tmp)
+        elif out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / out.name)
             os.replace(tmp, out)

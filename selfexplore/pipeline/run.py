@@ -13,6 +13,13 @@ unit (sampling, exploration) resume from their shards. Layout:
     round_1/outcome_dpo/policy     baseline: DPO on outcome pairs
     round_r/self_explore/policy    step-level DPO, round r
     report.md, report.png
+
+With `trainer.devices > 1` (DDP, FSDP) Lightning reruns this command once per extra rank, so
+every rank walks the same sequence of units. Training units (fit + export) are collective: all
+ranks train, export gathers any sharded weights, rank 0 writes. Every other unit (sampling,
+pairs, exploration, evaluation, data files, the report) runs on rank 0 alone while the others
+wait for it in `state.json` (see `selfexplore.pipeline.state` for why a file poll). Only rank 0
+writes files, and every rank continues from rank 0's recorded results.
 """
 
 from __future__ import annotations
@@ -25,20 +32,21 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.data.sft import SFTDataModule
 from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sample_stats
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, write_jsonl
-from selfexplore.models import build_tiny_llama
+from selfexplore.models import build_tiny_llama, load_tokenizer
 from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
 from selfexplore.pipeline.report import write_report
-from selfexplore.pipeline.state import RunState
+from selfexplore.pipeline.state import RunState, is_rank_zero
 from selfexplore.sampling.base import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
-from selfexplore.tasks import get_task
+from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 from selfexplore.training.sft import SFTModule
@@ -54,7 +62,8 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, force: bool = False) -> None:
         self.cfg = config
         self.root = Path(config.run_dir)
-        self.state = RunState(self.root, config.fingerprint_dict(), force=force)
+        self.rank_zero = is_rank_zero()
+        self.state = RunState(self.root, config.fingerprint_dict(), force=force, writer=self.rank_zero)
         self.task = get_task(config.task, **config.task_options)
         data = Path(config.data_dir) if config.data_dir else None
         train = self.task.load("train", path=data / "train.jsonl" if data else None)
@@ -62,30 +71,61 @@ class Pipeline:
         evaluation = self.task.load(config.eval_split, path=data / f"{config.eval_split}.jsonl" if data else None)
         self.eval_problems = evaluation[: config.eval_limit]
         self.problems_by_id = {p.id: p for p in self.train_problems}
+        self._prompt: Callable[[Problem], str] | None = None
 
     # ----- bookkeeping -----------------------------------------------------------------------
-    def unit(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run `work` unless `name` is already complete; record its result and wall time."""
+    def unit(self, name: str, work: Callable[[], dict[str, Any]], collective: bool = False) -> dict[str, Any]:
+        """Run `work` unless `name` is already complete; record its result and wall time.
+
+        A `collective` unit (training, export) runs on every rank, any other on rank 0 alone.
+        Rank 0 records the result (or, if `work` raises, the failure); the other ranks wait for
+        that record and return it, so all ranks continue from the same result. `work` may report
+        `seconds` spent before the unit started (a Self-Explore round's training); the unit's
+        own wall time is added to them.
+        """
         if self.state.done(name):
             return self.state.result(name)
+        if not (collective or self.rank_zero):
+            return self.state.wait_for(name)
         start = time.perf_counter()
-        result = work()
-        result["seconds"] = round(time.perf_counter() - start, 2)
+        try:
+            result = work()
+        except BaseException as error:
+            if self.rank_zero:
+                self.state.fail(name, error)
+            raise
+        if not self.rank_zero:
+            return self.state.wait_for(name)
+        result["seconds"] = round(result.get("seconds", 0.0) + time.perf_counter() - start, 2)
         return self.state.complete(name, result)
 
     def _trainer(self, out_dir: Path, epochs: int, callbacks: list[Callback] | None = None) -> Trainer:
         s = self.cfg.trainer
-        return Trainer(
+        trainer = Trainer(
             accelerator=s.accelerator, devices=s.devices, strategy=s.strategy, precision=s.precision,
             max_epochs=epochs, gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
             logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, enable_checkpointing=False,
             limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
             enable_progress_bar=s.enable_progress_bar, callbacks=callbacks or [])
+        if not isinstance(trainer.strategy.launcher, (_SubprocessScriptLauncher, type(None))):
+            raise PipelineError(
+                f"trainer.strategy {s.strategy!r} starts its processes inside each fit, but every rank must run "
+                "the whole pipeline: use 'ddp' or 'fsdp' (Lightning reruns the command per rank) or start the "
+                "ranks yourself (torchrun)")
+        return trainer
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path, epochs: int,
              callbacks: list[Callback] | None = None) -> None:
         seed_everything(self.cfg.seed, workers=True)
         self._trainer(out_dir, epochs, callbacks).fit(module, datamodule=data)
+
+    def prompt(self, problem: Problem) -> str:
+        """Model input for a problem under the configured prompt format (one place for every stage)."""
+        if self._prompt is None:
+            fmt = self.cfg.prompt_format
+            tokenizer = load_tokenizer(self.cfg.model.path) if fmt.chat_template else None
+            self._prompt = fmt.prompter(self.task, tokenizer)
+        return self._prompt(problem)
 
     # ----- stages ----------------------------------------------------------------------------
     def build_base(self) -> dict[str, Any]:
@@ -109,11 +149,12 @@ class Pipeline:
                                scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
             data = SFTDataModule(task=self.cfg.task, task_options=self.cfg.task_options, data_dir=self.cfg.data_dir,
                                  train_path=str(train_path) if train_path else None, max_length=stage.max_length,
-                                 batch_size=stage.batch_size, val_limit=0, seed=self.cfg.seed)
+                                 batch_size=stage.batch_size, val_limit=0, seed=self.cfg.seed,
+                                 prompt_format=self.cfg.prompt_format)
             self._fit(module, data, out, stage.epochs)
             module.export(str(out / "policy"))
             return {"policy": str(out / "policy"), "data": data.stats}
-        return self.unit(name, work)["policy"]
+        return self.unit(name, work, collective=True)["policy"]
 
     def _dpo_module(self, init: str, reference: str, stage: DPOStage) -> StepDPOModule:
         return StepDPOModule(
@@ -141,7 +182,7 @@ class Pipeline:
                                          top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
                                          backend_name=s.backend, model=policy,
                                          settings={"batch_size": s.batch_size},
-                                         progress=self.cfg.trainer.enable_progress_bar)
+                                         progress=self.cfg.trainer.enable_progress_bar, prompt=self.prompt)
             finally:
                 getattr(sampler, "close", lambda: None)()
             return {"path": str(self.root / name), **stats.to_dict()}
@@ -157,7 +198,7 @@ class Pipeline:
         def work() -> dict[str, Any]:
             records = build_rft_set(read_jsonl(samples_path), max_per_question=self.cfg.rft_max_per_question)
             if self.cfg.rft_include_gold:
-                records += [{"prompt": self.task.prompt(p), "response": p.solution,
+                records += [{"prompt": self.prompt(p), "response": p.solution,
                              "meta": {"question_id": p.id, "sample_id": "gold"}}
                             for p in self.task.load("train", path=self._data("train"))]
             return {"records": write_jsonl(out, records)}
@@ -188,19 +229,21 @@ class Pipeline:
 
     def finish_self_explore_round(self, round_: int, module: StepDPOModule | None,
                                   seconds: float = 0.0) -> tuple[str, dict[str, float]]:
-        """Export (once) and evaluate the policy trained in round `round_` (called by the callback)."""
+        """Export (once) and evaluate the policy trained in round `round_` (the callback, every rank)."""
         name = f"round_{round_}/self_explore"
-        policy = str(self.root / name / "policy")
-        if not self.state.done(name):
+
+        def export() -> dict[str, Any]:
             if module is None:
                 raise RuntimeError(f"{name} was never trained; nothing to evaluate")
-            module.export(policy)
-            self.state.complete(name, {"policy": policy, "seconds": round(seconds, 2)})
+            module.export(str(self.root / name / "policy"))
+            return {"policy": str(self.root / name / "policy"), "seconds": seconds}
+        policy = self.unit(name, export, collective=True)["policy"]
         metrics = self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
         return policy, {"accuracy": metrics["accuracy"], "round": float(round_)}
 
     # ----- the whole run ---------------------------------------------------------------------
-    def run(self) -> Path:
+    def run(self) -> Path | None:
+        """The whole method; returns `report.md` (rank 0; other ranks write nothing and return None)."""
         cfg = self.cfg
         base = self.build_base()["policy"]
         sft = self.train_sft("round_0/sft", base, cfg.sft)
@@ -216,7 +259,7 @@ class Pipeline:
             self.train_self_explore(rft, gpairs)
             for r in range(1, cfg.rounds + 1):  # a kill between a round's export and its eval
                 self.finish_self_explore_round(r, None)
-        return write_report(self.root, self.state.units, cfg)
+        return write_report(self.root, self.state.units, cfg) if self.rank_zero else None
 
     def _require_pairs(self, path: Path, what: str) -> None:
         if not path.is_file() or not path.stat().st_size:
@@ -234,7 +277,7 @@ class Pipeline:
                       self.root / name, self.cfg.dpo.epochs)
             module.export(str(self.root / name / "policy"))
             return {"policy": str(self.root / name / "policy")}
-        policy = self.unit(name, work)["policy"]
+        policy = self.unit(name, work, collective=True)["policy"]
         self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
 
     def train_self_explore(self, rft: str, gpairs: Path) -> None:
@@ -254,6 +297,6 @@ class Pipeline:
             self._fit(module, data, self.root / f"round_{r}" / "self_explore", cfg.dpo.epochs, [callback])
 
 
-def run_pipeline(config: PipelineConfig, force: bool = False) -> Path:
-    """Run or resume the configured pipeline; returns the path of `report.md`."""
+def run_pipeline(config: PipelineConfig, force: bool = False) -> Path | None:
+    """Run or resume the configured pipeline; returns the path of `report.md` (None off rank 0)."""
     return Pipeline(config, force=force).run()

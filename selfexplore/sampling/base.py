@@ -89,6 +89,16 @@ def check_sampling_args(n: int, temperature: float, top_p: float, max_new_tokens
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def stop_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> list[int]:
+    """Token ids that end a completion: the model's EOS ids plus the tokenizer's completion end
+    (its EOS, or its chat template's end-of-turn token, which training appends)."""
+    from selfexplore.models.chat import completion_end_id
+
+    ids = [] if generation_eos is None else (generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    end = completion_end_id(tokenizer)
+    return [*ids, end] if end not in ids else list(ids)
+
+
 def derive_seed(seed: int, *keys: int | str) -> int:
     """A stable 63-bit seed for a sub-task (batch, shard, prompt): independent of run order."""
     digest = hashlib.sha256(":".join(str(k) for k in (seed, *keys)).encode()).digest()

@@ -41,6 +41,7 @@ from selfexplore.sampling.base import (
     check_sampling_args,
     derive_seed,
     plan_prompt,
+    stop_token_ids,
     truncate_at_stop,
 )
 
@@ -122,11 +123,7 @@ class HFSampler:
         self.context = max_model_len or getattr(model.config, "max_position_embeddings", None)
         self.generated_tokens = 0
         self.overlong_count = 0
-        eos = model.generation_config.eos_token_id
-        eos = tokenizer.eos_token_id if eos is None else eos
-        if eos is None:
-            raise ValueError("the model has no EOS token id (generation_config or tokenizer): cannot stop")
-        self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], dtype=torch.long)
+        self.eos_ids = torch.tensor(stop_token_ids(model.generation_config.eos_token_id, tokenizer), dtype=torch.long)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.eos_ids[0]) if pad is None else pad
         self._stop_cache: dict[tuple[str, ...], StopStringCriteria] = {}

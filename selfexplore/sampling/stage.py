@@ -16,7 +16,7 @@ import itertools
 import json
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +67,13 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
                      n: int, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 512,
                      stop: Sequence[str] | None = None, seed: int = 0, shard_size: int = 64,
                      backend_name: str = "hf", model: str = "", settings: Mapping[str, Any] | None = None,
-                     force: bool = False, progress: bool = True) -> SampleStats:
+                     force: bool = False, progress: bool = True,
+                     prompt: Callable[[Problem], str] | None = None) -> SampleStats:
     """Sample `n` completions per problem, grade them with `task`, write `out_path` (JSONL).
+
+    `prompt` turns a problem into model input (default `task.prompt`, the paper's raw prompt;
+    `PromptFormat.prompter` gives the chat-template one). The prompts are part of the
+    fingerprint, so a resume with another prompt format is refused.
 
     `model` names the policy (e.g. its checkpoint path) and `settings` holds anything else
     that identifies it (e.g. an adapter path); both go into the config fingerprint that
@@ -83,7 +88,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     duplicates = sorted({a.id for a, b in itertools.pairwise(ordered) if a.id == b.id})
     if duplicates:
         raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
-    prompts = [task.prompt(p) for p in ordered]
+    prompts = [(prompt or task.prompt)(p) for p in ordered]
     config = {
         "model": model, "backend": backend_name, "task": task.name, "n": n, "temperature": temperature,
         "top_p": top_p, "max_new_tokens": max_new_tokens, "stop": list(stop) if stop else None, "seed": seed,

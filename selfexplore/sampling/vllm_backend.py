@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from selfexplore.models.files import local_model_path
 from selfexplore.sampling.base import (
     SamplingConfig,
     check_sampling_args,
     derive_seed,
     plan_prompt,
+    stop_token_ids,
 )
 
 if TYPE_CHECKING:
@@ -89,6 +91,7 @@ class VLLMSampler:
     def __init__(self, model_path: str | os.PathLike, adapter_path: str | os.PathLike | None = None, *,
                  config: SamplingConfig | None = None, cache_dir: str | os.PathLike | None = None) -> None:
         config = config or SamplingConfig(backend="vllm")
+        model_path = local_model_path(model_path)
         vllm = import_vllm(cache_dir)
         from vllm.lora.request import LoRARequest
 
@@ -109,6 +112,7 @@ class VLLMSampler:
         self._sampling_params = vllm.SamplingParams
         self._tokens_prompt = vllm.TokensPrompt
         self.tokenizer = self.llm.get_tokenizer()
+        self.stop_token_ids = stop_token_ids(None, self.tokenizer)
         self.context = int(self.llm.llm_engine.model_config.max_model_len)
         self.overlong_prompts = config.overlong_prompts
         self.generated_tokens = 0
@@ -130,7 +134,8 @@ class VLLMSampler:
             # A seed per prompt: identical prompts in one call still get different samples.
             params.append(self._sampling_params(
                 n=1 if greedy else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                stop=[s for s in stop if s] if stop else None, seed=derive_seed(seed, "prompt", i)))
+                stop=[s for s in stop if s] if stop else None, stop_token_ids=self.stop_token_ids,
+                seed=derive_seed(seed, "prompt", i)))
             owners.append(i)
         results: list[list[str]] = [[] for _ in prompts]
         if not requests:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from selfexplore.models import ModelSpec, load_model
+from selfexplore.models.files import local_model_path
 from selfexplore.training.losses import dpo_loss, nll_loss, sequence_logps
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 from selfexplore.training.policy import PolicyModule
@@ -31,12 +32,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
 
 
 def checkpoint_fingerprint(*paths: str | None) -> str:
-    """Content hash of model/adapter folders (weights, configs, tokenizer); ids hash by name."""
+    """Content hash of model/adapter folders (weights, configs, tokenizer); ids hash by name.
+
+    A `gguf:` spec hashes as its converted folder, whose name holds the file's content hash.
+    """
     h = hashlib.sha256()
     for path in paths:
         if not path:
             continue
-        folder = Path(path)
+        folder = Path(local_model_path(path))
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
             if folder.is_dir() else []
         if not files:
