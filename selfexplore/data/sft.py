@@ -82,6 +82,7 @@ class SFTDataModule(LightningDataModule):
         tokenizer_path: tokenizer folder; by default the policy's (the LightningModule's).
         max_length: tokens per example; longer ones are dropped or truncated (`overlong`).
         include_prompt_in_loss: train on the prompt tokens too (the paper did).
+        train_limit: train on the first N problems of the train split only (None: all).
         val_limit / test_limit: evaluate on the first N problems only (greedy decoding is slow).
         prompt_format: raw task prompts (default, the paper) or the tokenizer's chat template;
             applies to the task's problems, not to `train_path` records (already prompts).
@@ -100,6 +101,7 @@ class SFTDataModule(LightningDataModule):
         include_prompt_in_loss: bool = False,
         overlong: Literal["drop", "truncate"] = "drop",
         length_grouped: bool = True,
+        train_limit: int | None = None,
         val_limit: int | None = 200,
         test_limit: int | None = None,
         num_workers: int = 0,
@@ -118,6 +120,7 @@ class SFTDataModule(LightningDataModule):
         self.include_prompt_in_loss = include_prompt_in_loss
         self.overlong = overlong
         self.length_grouped = length_grouped
+        self.train_limit = train_limit
         self.val_limit = val_limit
         self.test_limit = test_limit
         self.num_workers = num_workers
@@ -137,7 +140,7 @@ class SFTDataModule(LightningDataModule):
     def _train_pairs(self) -> list[tuple[str, str]]:
         if self.train_path:
             return read_prompt_response_jsonl(self.train_path)
-        return [(self._prompt(p), p.solution) for p in self.problems("train")]
+        return [(self._prompt(p), p.solution) for p in self.problems("train")[: self.train_limit]]
 
     def setup(self, stage: str) -> None:
         tokenizer = (load_tokenizer(self.tokenizer_path) if self.tokenizer_path
@@ -156,8 +159,8 @@ class SFTDataModule(LightningDataModule):
             self.train_set = SFTDataset(examples)
             rank_zero_info(f"SFT data: {self.stats}")
         split, limit = ("test", self.test_limit) if stage == "test" else ("validation", self.val_limit)
-        if split not in self.eval_problems:
-            self.eval_problems[split] = self.problems(split)[:limit]
+        if split not in self.eval_problems:  # limit 0: no eval, and no need for that split's file
+            self.eval_problems[split] = self.problems(split)[:limit] if limit != 0 else []
         self._tokenizer = tokenizer
 
     def _collate_train(self, batch: list[SFTExample]) -> dict[str, torch.Tensor]:

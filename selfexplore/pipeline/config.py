@@ -26,26 +26,46 @@ class TrainerSettings:
     enable_progress_bar: bool = True
 
 
+def check_accumulation(accumulate_grad_batches: int) -> None:
+    """Fail when the config is read, not when a late stage builds its Trainer."""
+    if accumulate_grad_batches < 1:
+        raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+
+
 @dataclass
 class SFTStage:
-    """Budget and optimizer of an SFT-style stage (SFT on gold rationales, RFT on samples)."""
+    """Budget and optimizer of an SFT-style stage (SFT on gold rationales, RFT on samples).
+
+    batch_size is per device: an optimizer step sees batch_size x accumulate_grad_batches x
+    devices examples. include_prompt_in_loss: train on the prompt tokens too (the paper did).
+    """
 
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 16
+    accumulate_grad_batches: int = 1
     max_length: int = 384
     warmup_ratio: float = 0.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = 0.0
+    include_prompt_in_loss: bool = False
+
+    def __post_init__(self) -> None:
+        check_accumulation(self.accumulate_grad_batches)
 
 
 @dataclass
 class DPOStage:
-    """Budget and loss of a DPO stage (outcome-level baseline and every Self-Explore round)."""
+    """Budget and loss of a DPO stage (outcome-level baseline and every Self-Explore round).
+
+    batch_size (pairs) is per device: an optimizer step sees batch_size x accumulate_grad_batches
+    x devices pairs.
+    """
 
     epochs: int = 3
     lr: float = 1e-6
     batch_size: int = 32
+    accumulate_grad_batches: int = 1
     optimizer: Literal["adamw", "rmsprop", "adamw8bit", "sgd"] = "rmsprop"
     warmup_ratio: float = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -57,6 +77,9 @@ class DPOStage:
     max_prompt_length: int = 256
     reference: Literal["precomputed", "copy", "adapter"] = "precomputed"
 
+    def __post_init__(self) -> None:
+        check_accumulation(self.accumulate_grad_batches)
+
 
 @dataclass
 class PipelineConfig:
@@ -67,6 +90,8 @@ class PipelineConfig:
         first (the CPU quickstart).
     prompt_format: raw `question\n` prompts (the paper) or the tokenizer's chat template
         (instruct models); used by every stage (SFT, RFT, sampling, exploration, evaluation).
+    sft_questions: how many gold rationales (the first N of the train split) SFT trains on and
+        RFT adds when `rft_include_gold` (None: all, the paper).
     train_questions: how many training questions are sampled and explored (None: all).
     rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
     rft_init: RFT starts from the 'base' model (the paper) or continues from the 'sft' policy
@@ -90,6 +115,7 @@ class PipelineConfig:
     dpo: DPOStage = field(default_factory=DPOStage)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     explore: ExploreConfig = field(default_factory=ExploreConfig)
+    sft_questions: int | None = None
     train_questions: int | None = None
     rft_max_per_question: int = 8
     rft_include_gold: bool = True

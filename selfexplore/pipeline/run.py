@@ -67,6 +67,7 @@ class Pipeline:
         self.task = get_task(config.task, **config.task_options)
         data = Path(config.data_dir) if config.data_dir else None
         train = self.task.load("train", path=data / "train.jsonl" if data else None)
+        self.gold_problems = train[: config.sft_questions]
         self.train_problems = sorted(train, key=lambda p: p.id)[: config.train_questions]
         evaluation = self.task.load(config.eval_split, path=data / f"{config.eval_split}.jsonl" if data else None)
         self.eval_problems = evaluation[: config.eval_limit]
@@ -149,7 +150,8 @@ class Pipeline:
                                scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
             data = SFTDataModule(task=self.cfg.task, task_options=self.cfg.task_options, data_dir=self.cfg.data_dir,
                                  train_path=str(train_path) if train_path else None, max_length=stage.max_length,
-                                 batch_size=stage.batch_size, val_limit=0, seed=self.cfg.seed,
+                                 batch_size=stage.batch_size, train_limit=self.cfg.sft_questions, val_limit=0,
+                                 seed=self.cfg.seed,
                                  prompt_format=self.cfg.prompt_format)
             self._fit(module, data, out, stage.epochs)
             module.export(str(out / "policy"))
@@ -200,7 +202,7 @@ class Pipeline:
             if self.cfg.rft_include_gold:
                 records += [{"prompt": self.prompt(p), "response": p.solution,
                              "meta": {"question_id": p.id, "sample_id": "gold"}}
-                            for p in self.task.load("train", path=self._data("train"))]
+                            for p in self.gold_problems]
             return {"records": write_jsonl(out, records)}
         self.unit(f"round_{round_}/rft_data", work)
         return out

@@ -1,0 +1,138 @@
+"""The pipeline as the SmolLM2 config runs it, in miniature: GSM8K-style files (no validation
+split), a tokenizer with a chat template, a LoRA policy (SFT -> merged export -> sample -> RFT ->
+explore -> step-DPO with the adapter-disabled reference), `sft_questions` bounding the gold data.
+
+Sampling is scripted (gold steps with seeded slips) so the run is fast and always finds pits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import selfexplore.pipeline.run as pipeline_run
+from selfexplore.explore.config import ExploreConfig
+from selfexplore.models import LoraSpec, ModelSpec, build_tiny_llama, load_tokenizer
+from selfexplore.models.chat import PromptFormat
+from selfexplore.pipeline.config import (
+    DPOStage,
+    PipelineConfig,
+    SFTStage,
+    TrainerSettings,
+)
+from selfexplore.pipeline.run import run_pipeline
+from selfexplore.sampling.base import SamplingConfig
+from selfexplore.tasks import get_task
+
+USER, ASSISTANT = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def gsm8k_records(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b, c = (rng.randint(1, 9) for _ in range(3))
+        records.append({"question": f"Tom has {a} apples, gets {b} more, then {c} more. How many?",
+                        "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n{a + b} + {c} = {a + b + c}\n"
+                                  f"#### {a + b + c}"})
+    return records
+
+
+class ChatScripted:
+    """Continues a chat prompt with the gold steps; a sampled step slips (+1) with probability 0.3."""
+
+    def __init__(self, gold: dict[str, list[str]]) -> None:
+        self.gold = gold
+        self.generated_tokens = 0
+
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+        out = []
+        for i, prompt in enumerate(prompts):
+            assert prompt.startswith(USER) and ASSISTANT in prompt, prompt  # the chat format reached sampling
+            question, done = prompt[len(USER):].split(ASSISTANT)
+            steps = self.gold[question]
+            done_steps = [s for s in done.split("\n") if s]
+            rng = random.Random(f"{seed}|{i}|{prompt}")
+            completions = []
+            for _ in range(n):
+                slipped = any(s not in steps for s in done_steps)
+                lines = []
+                for line in steps[len(done_steps):]:
+                    if line.startswith("The answer is"):
+                        lines.append(f"The answer is {int(line.split()[-1]) + slipped}")
+                    elif temperature > 0 and rng.random() < 0.3:
+                        slipped = True
+                        lines.append(line + "1")
+                    else:
+                        lines.append(line)
+                completions.append("\n".join(lines))
+            self.generated_tokens += n
+            out.append(completions)
+        return out
+
+
+@pytest.fixture
+def chat_base(tmp_path: Path) -> Path:
+    """A tiny Llama whose tokenizer has ChatML special tokens and template (embeddings resized)."""
+    from transformers import AutoModelForCausalLM
+
+    from selfexplore.models import TinyLlamaConfig
+
+    texts = [r["question"] + "\n" + r["answer"] for r in gsm8k_records(64, seed=1)]
+    folder = build_tiny_llama(texts, tmp_path / "base", TinyLlamaConfig(
+        hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128, vocab_size=300,
+        max_position_embeddings=256))
+    tok = load_tokenizer(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_lora_chat_pipeline_end_to_end(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    train, test = gsm8k_records(16, seed=2), gsm8k_records(4, seed=3)
+    for name, records in (("train", train), ("test", test)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    task = get_task("gsm8k")
+    gold = {p.question.strip(): p.solution.split("\n") for s in ("train", "test")
+            for p in task.load(s, data / f"{s}.jsonl")}
+    monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ChatScripted(gold))
+
+    run = tmp_path / "run"
+    config = PipelineConfig(
+        run_dir=str(run), task="gsm8k", data_dir=str(data),
+        model=ModelSpec(path=str(chat_base), lora=LoraSpec(r=4, alpha=8)),
+        prompt_format=PromptFormat(chat_template=True),
+        trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
+        sft=SFTStage(epochs=1, lr=1e-3, batch_size=4, max_length=160),
+        rft=SFTStage(epochs=1, lr=1e-3, batch_size=4, max_length=160),
+        dpo=DPOStage(epochs=1, lr=1e-4, batch_size=4, optimizer="adamw", max_length=192, max_prompt_length=128,
+                     reference="adapter"),
+        sampling=SamplingConfig(n=4, max_new_tokens=32), explore=ExploreConfig(k=2, max_new_tokens=32),
+        sft_questions=6, train_questions=8, rounds=1, baselines=["sft", "rft", "self_explore"],
+        eval_max_new_tokens=32)
+    report = run_pipeline(config).read_text()
+
+    for row in ("| SFT | 0 |", "| RFT | 1 |", "| Self-Explore | 1 |"):
+        assert row in report
+    state = json.loads((run / "state.json").read_text())["units"]
+    assert state["round_0/sft"]["data"]["records"] == 6  # sft_questions bounds SFT's gold data
+    rft = [json.loads(line) for line in (run / "round_1/rft.jsonl").read_text().splitlines()]
+    assert sum(r["meta"]["sample_id"] == "gold" for r in rft) == 6
+    assert all(r["prompt"].startswith(USER) and r["prompt"].endswith(ASSISTANT) for r in rft)
+    gpairs = [json.loads(line) for line in (run / "round_1/explore/gpairs.jsonl").read_text().splitlines()]
+    assert gpairs and all(p["prompt"].startswith(USER) for p in gpairs)
+    for stage in ("round_0/sft", "round_1/rft", "round_1/self_explore"):
+        policy = run / stage / "policy"
+        assert not (policy / "adapter_config.json").exists()  # LoRA merged into a plain HF folder
+        assert load_tokenizer(policy).chat_template == CHATML
