@@ -163,12 +163,12 @@ def test_kill_and_resume_at_stage_boundaries_gives_same_artifacts(scripted, tmp_
     for budget in (1, 4, 5, 4, 3, 2):
         started = {"n": 0}
 
-        def dying(self, name, work, budget=budget, started=started):
+        def dying(self, name, work, collective=False, budget=budget, started=started):
             if not self.state.done(name):
                 started["n"] += 1
                 if started["n"] > budget:
                     raise Killed(f"killed before {name}")
-            return original(self, name, work)
+            return original(self, name, work, collective)
 
         monkeypatch.setattr(Pipeline, "unit", dying)
         with pytest.raises(Killed):

@@ -7,6 +7,11 @@ r+1, then points the preference datamodule at them and sets the reference for th
 reads the new pairs. Sampling runs after training has finished with the model, and each
 sampler is released before training resumes, so training and a vLLM engine never hold the
 same GPU memory at once.
+
+Under DDP / FSDP the hook runs on every rank: the export is collective, rank 0 alone evaluates,
+samples and explores while the other ranks wait for its results (see `Pipeline.unit`). Only
+then does any rank move on, to the same next-round pairs file and reference (paths fixed by the
+run directory and the round), so every rank trains round r+1 on the same data.
 """
 
 from __future__ import annotations

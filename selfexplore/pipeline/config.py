@@ -15,7 +15,11 @@ BASELINES = ("sft", "rft", "outcome_dpo", "self_explore")
 
 @dataclass
 class TrainerSettings:
-    """Lightning Trainer settings shared by every training stage of the pipeline."""
+    """Lightning Trainer settings shared by every training stage of the pipeline.
+
+    strategy: a Lightning strategy name ('auto', 'ddp', 'fsdp' ...), or 'fsdp2' for FSDP2
+        sharding over `devices` (ModelParallelStrategy); with `devices` > 1 see `pipeline.run`.
+    """
 
     accelerator: str = "auto"
     devices: int | str = 1

@@ -32,6 +32,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 from selfexplore.data.preference import PreferenceDataModule
@@ -103,7 +104,7 @@ class Pipeline:
     def _trainer(self, out_dir: Path, epochs: int, callbacks: list[Callback] | None = None) -> Trainer:
         s = self.cfg.trainer
         trainer = Trainer(
-            accelerator=s.accelerator, devices=s.devices, strategy=s.strategy, precision=s.precision,
+            accelerator=s.accelerator, devices=s.devices, strategy=self._strategy(), precision=s.precision,
             max_epochs=epochs, gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
             logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, enable_checkpointing=False,
             limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
@@ -111,9 +112,19 @@ class Pipeline:
         if not isinstance(trainer.strategy.launcher, (_SubprocessScriptLauncher, type(None))):
             raise PipelineError(
                 f"trainer.strategy {s.strategy!r} starts its processes inside each fit, but every rank must run "
-                "the whole pipeline: use 'ddp' or 'fsdp' (Lightning reruns the command per rank) or start the "
-                "ranks yourself (torchrun)")
+                "the whole pipeline: use 'ddp', 'fsdp' or 'fsdp2' (Lightning reruns the command per rank) or start "
+                "the ranks yourself (torchrun)")
         return trainer
+
+    def _strategy(self) -> str | Strategy:
+        """`trainer.strategy`; 'fsdp2' (FSDP2 sharding over every device, a strategy Lightning has
+        no name for) becomes a new ModelParallelStrategy for each Trainer."""
+        s = self.cfg.trainer
+        if s.strategy != "fsdp2":
+            return s.strategy
+        if not str(s.devices).isdigit():
+            raise PipelineError(f"trainer.strategy 'fsdp2' needs trainer.devices as a number, got {s.devices!r}")
+        return ModelParallelStrategy(data_parallel_size=int(s.devices), tensor_parallel_size=1)
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path, epochs: int,
              callbacks: list[Callback] | None = None) -> None:

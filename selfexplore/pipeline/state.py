@@ -1,17 +1,52 @@
-"""`state.json`: which units of work of a run are complete, so a rerun continues from there."""
+"""`state.json`: which units of work of a run are complete, so a rerun continues from there.
+
+With several processes (DDP / FSDP, `trainer.devices > 1`) every rank runs the pipeline, and
+`state.json` is also how they stay in step: rank 0 is its only writer, and a rank that must
+wait for rank 0's work polls the file until the unit appears there. A file poll, not a
+`torch.distributed` barrier, because no process group exists before the first `fit`, and
+sampling or exploration on rank 0 can outlast a collective's timeout (30 minutes by default)
+while the other ranks wait. The poll fails instead of hanging when rank 0 records that a
+unit raised, or when the process that launched this rank (rank 0, under Lightning's launcher)
+is gone. The run directory must be on a file system every rank sees, as the policies each
+training stage exports are for every rank anyway.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from selfexplore.io import read_json, write_json
 
+# Launchers name a process's rank in these (Lightning: LOCAL_RANK/NODE_RANK; torchrun: RANK).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+# Rank 0's current attempt, exported so the ranks Lightning launches from it inherit it.
+ATTEMPT_VARIABLE = "SELFEXPLORE_RUN_ATTEMPT"
+# Poll fast at first (most units are short), then back off to spare a shared file system.
+POLL_SECONDS = (0.05, 2.0)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (or the only process).
+
+    Read from the launcher's environment variables rather than a process group, so every
+    rank knows its role from the start, before the first `fit` creates the group: the main
+    process of Lightning's launcher has none of them set until then and is rank 0.
+    """
+    return all(int(os.environ.get(name, "0")) == 0 for name in RANK_VARIABLES)
+
 
 class RunStateError(RuntimeError):
     """The run directory belongs to another configuration."""
+
+
+class RankZeroFailed(RuntimeError):
+    """Rank 0 failed, or is gone, while this rank waited for one of its units."""
 
 
 class RunState:
@@ -19,23 +54,38 @@ class RunState:
 
     A unit is marked complete only after all its files are written, so a kill at any point
     leaves either a finished unit or one that is redone (stages inside resume from shards).
+    Only the `writer` (rank 0) writes; other ranks read the file and `wait_for` units.
     """
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], force: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], force: bool = False,
+                 writer: bool = True) -> None:
         self.path = Path(run_dir) / "state.json"
         self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        self.force = force
+        self.writer = writer
         self.units: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            saved = read_json(self.path)
-            if saved.get("config_sha256") != self.fingerprint and not force:
-                raise RunStateError(
-                    f"{self.path.parent} was made by a different configuration (state.json config_sha256 "
-                    f"{saved.get('config_sha256', '?')[:12]} != {self.fingerprint[:12]}); use another run_dir, "
-                    "or --force to continue it anyway (completed units are kept)")
-            self.units = saved.get("units", {})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path.parent / "config.json", config)
-        self._save()
+        self._launcher = os.getppid()
+        self._load()
+        if writer:
+            self.attempt = uuid.uuid4().hex
+            os.environ[ATTEMPT_VARIABLE] = self.attempt
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path.parent / "config.json", config)
+            self._save()  # also clears the failure a previous attempt recorded
+        else:
+            self.attempt = os.environ.get(ATTEMPT_VARIABLE)
+
+    def _load(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        saved = read_json(self.path)
+        if saved.get("config_sha256") != self.fingerprint and not self.force:
+            raise RunStateError(
+                f"{self.path.parent} was made by a different configuration (state.json config_sha256 "
+                f"{saved.get('config_sha256', '?')[:12]} != {self.fingerprint[:12]}); use another run_dir, "
+                "or --force to continue it anyway (completed units are kept)")
+        self.units = saved.get("units", {})
+        return saved
 
     def done(self, unit: str) -> bool:
         return unit in self.units
@@ -48,5 +98,35 @@ class RunState:
         self._save()
         return self.units[unit]
 
-    def _save(self) -> None:
-        write_json(self.path, {"config_sha256": self.fingerprint, "units": self.units})
+    def fail(self, unit: str, error: BaseException) -> None:
+        """Record that `unit` raised in this attempt, so ranks waiting for it raise too."""
+        self._save({"unit": unit, "error": f"{type(error).__name__}: {error}", "attempt": self.attempt})
+
+    def wait_for(self, unit: str) -> dict[str, Any]:
+        """Block until rank 0 records `unit`, then return its result (ranks other than 0).
+
+        Raises RankZeroFailed when rank 0 records a failure in this attempt (an attempt is known
+        only to ranks Lightning launched from rank 0; other launchers, such as torchrun, stop
+        every rank when one fails) or when this rank's launcher process exits.
+        """
+        delay, max_delay = POLL_SECONDS
+        while True:
+            failed = self._load().get("failed")
+            if unit in self.units:
+                return self.units[unit]
+            if failed and self.attempt is not None and failed.get("attempt") == self.attempt:
+                raise RankZeroFailed(f"rank 0 failed in {failed['unit']} while this rank waited for {unit}: "
+                                     f"{failed['error']}")
+            if os.getppid() != self._launcher:
+                raise RankZeroFailed(f"the launching process (pid {self._launcher}) exited while this rank "
+                                     f"waited for {unit}; see rank 0's output")
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay)
+
+    def _save(self, failed: dict[str, str | None] | None = None) -> None:
+        if not self.writer:
+            raise RuntimeError("only rank 0 writes state.json")
+        state: dict[str, Any] = {"config_sha256": self.fingerprint, "units": self.units}
+        if failed is not None:
+            state["failed"] = failed
+        write_json(self.path, state)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from selfexplore.models import (
@@ -147,18 +148,31 @@ class PolicyModule(LightningModule):
             self.export(self.export_dir)
 
     def export(self, out_dir: str) -> Path | None:
-        """Save the policy as an HF folder; under FSDP2 the shards are gathered first."""
-        model = self.policy
-        if self.device_mesh is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """Save the policy as an HF folder from rank 0; returns None on the other ranks.
 
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.global_rank != 0:
-                return None
+        Sharded weights (FSDP2 via ModelParallelStrategy, FSDP1 via FSDPStrategy) are first
+        gathered to full tensors on rank 0's CPU; the gather is collective, so under FSDP every
+        rank must call this.
+        """
+        state = self._gather_sharded_policy()
+        if self.global_rank != 0:
+            return None
+        model = self.policy
+        if state is not None:
             model = load_model(self.model_spec, for_training=False)
             model.load_state_dict(state)
-        elif self.global_rank != 0:
-            return None
         path = export_policy(model, self.tokenizer, out_dir, merge=self.export_merged)
         rank_zero_info(f"Exported policy to {path}")
         return path
+
+    def _gather_sharded_policy(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full state dict (on rank 0; empty elsewhere) when FSDP shards it, else None."""
+        if self.device_mesh is not None:  # FSDP2: the policy's parameters are DTensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP1 wraps this whole module: gather it (Lightning's 'full' state dict) and keep the policy
+            state = self.trainer.strategy.lightning_module_state_dict()
+            return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        return None
