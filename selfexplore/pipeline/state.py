@@ -7,8 +7,8 @@ wait for rank 0's work polls the file until the unit appears there. A file poll,
 sampling or exploration on rank 0 can outlast a collective's timeout (30 minutes by default)
 while the other ranks wait. The poll fails instead of hanging when rank 0 records that a
 unit raised, or when the process that launched this rank (rank 0, under Lightning's launcher)
-is gone. The run directory must be on a file system every rank sees, as the policies each
-training stage exports are for every rank anyway.
+is gone. The run directory must be on a file system every rank sees (every rank also loads
+the policy each training stage exports).
 """
 
 from __future__ import annotations
