@@ -1,11 +1,11 @@
 """GPU recipes: every file runs on CPU with the 7B model swapped for a tiny one, and the family agrees.
 
 `configs/recipes/` holds, for each dataset x model cell, SFT and step-DPO LightningCLI configs
-for QLoRA on one GPU and FSDP2 on 8 GPUs, and shared `sampling/<dataset>.yaml` and
-`explore/<dataset>.yaml` blocks for the stage commands. The files are
+for QLoRA on one GPU and FSDP2 on 8 GPUs, and a pipeline config for each of the two, which
+includes the shared `sampling/<dataset>.yaml` and `explore/<dataset>.yaml` blocks (vLLM). The files are
 complete on their own, so the consistency tests below are what keeps them one family: recipes
 of a kind differ only along their dataset / model axes, QLoRA and FSDP agree on everything but
-the learning rate (QLoRA: 20x).
+the learning rate (QLoRA: 20x), and each pipeline config trains exactly as its cell's recipes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import yaml
 from jsonargparse import ArgumentParser, capture_parser
 
 from selfexplore.cli import main
+from selfexplore.pipeline.config import PipelineConfig
+from selfexplore.pipeline.run import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "recipes"
@@ -28,7 +31,9 @@ DATASETS = ("gsm8k", "math")
 MODELS = ("mistral7b", "llemma7b", "deepseekmath7b")
 STRATEGIES = ("qlora", "fsdp")
 CELLS = [(d, m) for d in DATASETS for m in MODELS]
-STAGE_RECIPES = [RECIPES / f"{d}-{m}-{stage}-{s}.yaml" for d, m in CELLS for stage in ("sft", "dpo") for s in STRATEGIES]
+STAGE_RECIPES = [RECIPES / f"{d}-{m}-{stage}-{s}.yaml"
+                 for d, m in CELLS for stage in ("sft", "dpo") for s in STRATEGIES]
+PIPELINE_RECIPES = [RECIPES / f"{d}-{m}-pipeline-{s}.yaml" for d, m in CELLS for s in STRATEGIES]
 QLORA_LR_FACTOR = 20  # a LoRA adapter's lr over the paper's full-weight lr
 # Flattened keys that may change with the dataset or with the model; every other key is the same
 # across a kind (run directories are normalised first).
@@ -58,6 +63,11 @@ def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
 
 
+def _subset(actual: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `actual` that `expected` names, recursively (to compare with `expected`)."""
+    return {k: _subset(actual[k], v) if isinstance(v, dict) else actual[k] for k, v in expected.items()}
+
+
 def _effective_batch(config: dict[str, Any]) -> int:
     trainer = config["trainer"]
     return trainer["devices"] * trainer.get("accumulate_grad_batches", 1) * config["data"]["init_args"]["batch_size"]
@@ -66,6 +76,11 @@ def _effective_batch(config: dict[str, Any]) -> int:
 def _stage_parser(command: str) -> ArgumentParser:
     """The parser `selfexplore <command>` builds, without running the command."""
     return capture_parser(lambda: main([command]))
+
+
+def _pipeline_config(path: Path, *overrides: str) -> PipelineConfig:
+    parser = _stage_parser("pipeline")
+    return parser.instantiate_classes(parser.parse_args(["--config", str(path), *overrides])).pipeline
 
 
 def _data_dir(tmp_path: Path, task: str) -> Path:
@@ -94,7 +109,7 @@ def _pairs(path: Path) -> Path:
 
 def test_the_family_is_complete() -> None:
     found = {p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.yaml")}
-    expected = {p.name for p in STAGE_RECIPES}
+    expected = {p.name for p in STAGE_RECIPES + PIPELINE_RECIPES}
     expected |= {f"{block}/{d}.yaml" for block in ("sampling", "explore") for d in DATASETS}
     assert found == expected
 
@@ -161,12 +176,73 @@ def test_qlora_and_fsdp_recipes_agree(dataset: str, model: str, stage: str) -> N
     assert q_data == f_data  # task, data, lengths
 
 
+@pytest.mark.parametrize("recipe", PIPELINE_RECIPES, ids=lambda p: p.stem)
+def test_pipeline_recipe_trains_as_its_cell_recipes(recipe: Path) -> None:
+    dataset, model, _, strategy = recipe.stem.split("-")
+    config = _pipeline_config(recipe)
+    sft, dpo = _recipe(dataset, model, "sft", strategy), _recipe(dataset, model, "dpo", strategy)
+    sft_args, dpo_args = sft["model"]["init_args"], dpo["model"]["init_args"]
+    sft_data, dpo_data = sft["data"]["init_args"], dpo["data"]["init_args"]
+
+    assert (config.task, config.data_dir) == (sft_data["task"], sft_data["data_dir"])
+    assert config.seed == sft["seed_everything"] == dpo["seed_everything"]
+    assert _subset(asdict(config.model), sft_args["model"]) == sft_args["model"]
+    strategy_name = "fsdp2" if "strategy" in sft["trainer"] else "auto"  # fsdp2: ModelParallelStrategy
+    assert (config.trainer.accelerator, config.trainer.devices, config.trainer.strategy, config.trainer.precision,
+            config.trainer.gradient_clip_val) == ("gpu", sft["trainer"]["devices"], strategy_name,
+                                                  sft["trainer"]["precision"], sft["trainer"]["gradient_clip_val"])
+    sft_stage = {"epochs": sft["trainer"]["max_epochs"], "lr": sft_args["optimizer"]["lr"],
+                 "weight_decay": sft_args["optimizer"]["weight_decay"], "schedule": sft_args["scheduler"]["name"],
+                 "warmup_ratio": sft_args["scheduler"]["warmup_ratio"], "batch_size": sft_data["batch_size"],
+                 "accumulate_grad_batches": sft["trainer"].get("accumulate_grad_batches", 1),
+                 "max_length": sft_data["max_length"], "include_prompt_in_loss": sft_data["include_prompt_in_loss"]}
+    assert _subset(asdict(config.sft), sft_stage) == sft_stage
+    assert config.rft == config.sft
+    dpo_stage = {"epochs": dpo["trainer"]["max_epochs"], "lr": dpo_args["optimizer"]["lr"],
+                 "optimizer": dpo_args["optimizer"]["name"], "schedule": dpo_args["scheduler"]["name"],
+                 "warmup_ratio": dpo_args["scheduler"]["warmup_ratio"], "beta": dpo_args["beta"],
+                 "loss_type": dpo_args["loss_type"], "reference": dpo_args["reference"],
+                 "batch_size": dpo_data["batch_size"],
+                 "accumulate_grad_batches": dpo["trainer"].get("accumulate_grad_batches", 1),
+                 "max_length": dpo_data["max_length"], "max_prompt_length": dpo_data["max_prompt_length"]}
+    assert _subset(asdict(config.dpo), dpo_stage) == dpo_stage
+    # the dataset's shared blocks; one generation budget for sampling, exploring and evaluating
+    assert config.sampling.backend == "vllm"
+    assert config.sampling.max_new_tokens == config.explore.max_new_tokens == config.eval_max_new_tokens
+    qlora_sft = _recipe(dataset, model, "sft", "qlora")["model"]["init_args"]  # FSDP SFT does not evaluate
+    assert config.eval_max_new_tokens == qlora_sft["eval_max_new_tokens"]
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_shared_blocks_parse_for_the_stage_commands(dataset: str) -> None:
-    sample = _stage_parser("sample")
+    sample, explore = _stage_parser("sample"), _stage_parser("explore")
     sampling = sample.instantiate_classes(sample.parse_args(
         ["--policy", "p", "--out", "o", "--sampling", str(RECIPES / "sampling" / f"{dataset}.yaml")])).sampling
-    explore = _stage_parser("explore")
-    explore_config = explore.instantiate_classes(explore.parse_args(
-        ["--explorer", "p", "--pairs", "q", "--out_dir", "o", "--config", str(RECIPES / "explore" / f"{dataset}.yaml")])).config
-    assert (sampling.backend, sampling.n, explore_config.k) == ("vllm", 100, 4)
+    exploring = explore.instantiate_classes(explore.parse_args(
+        ["--explorer", "p", "--pairs", "q", "--out_dir", "o",
+         "--config", str(RECIPES / "explore" / f"{dataset}.yaml")]))
+    assert (sampling.backend, sampling.n, exploring.config.k) == ("vllm", 100, 4)
+
+
+@pytest.mark.parametrize("recipe", PIPELINE_RECIPES, ids=lambda p: p.stem)
+def test_pipeline_recipe_trains_with_a_tiny_model(recipe: Path, tiny_arith_model: Path, tmp_path: Path) -> None:
+    """The recipe's own stage settings (QLoRA or full weights, accumulation, loss on the prompt) through
+    the pipeline's SFT and DPO stages, on one CPU process."""
+    dataset = recipe.stem.split("-")[0]
+    lora = ["--pipeline.model.lora.r", "4"] if "-qlora" in recipe.stem else []
+    config = _pipeline_config(
+        recipe, "--pipeline.run_dir", str(tmp_path / "run"), "--pipeline.data_dir", str(_data_dir(tmp_path, dataset)),
+        "--pipeline.model.path", str(tiny_arith_model), "--pipeline.model.dtype", "float32", *lora,
+        "--pipeline.trainer.accelerator", "cpu", "--pipeline.trainer.devices", "1",
+        "--pipeline.trainer.strategy", "auto", "--pipeline.trainer.precision", "32-true",
+        "--pipeline.trainer.enable_progress_bar", "false",
+        "--pipeline.sft.epochs", "1", "--pipeline.sft.max_length", "96",
+        "--pipeline.dpo.epochs", "1", "--pipeline.dpo.max_length", "96", "--pipeline.dpo.max_prompt_length", "48",
+        "--pipeline.sampling.backend", "hf", "--pipeline.sampling.dtype", "auto",
+        "--pipeline.eval_limit", "2", "--pipeline.eval_max_new_tokens", "4")
+    run = Pipeline(config)
+    sft = run.train_sft("round_0/sft", str(tiny_arith_model), config.sft)
+    _pairs(tmp_path / "run" / "round_1" / "pairs.jsonl")
+    run.train_outcome_dpo(sft)
+    assert (tmp_path / "run" / "round_1" / "outcome_dpo" / "policy" / "config.json").is_file()
+    assert run.state.done("round_1/outcome_dpo/eval")

@@ -101,11 +101,13 @@ class Pipeline:
         result["seconds"] = round(result.get("seconds", 0.0) + time.perf_counter() - start, 2)
         return self.state.complete(name, result)
 
-    def _trainer(self, out_dir: Path, epochs: int, callbacks: list[Callback] | None = None) -> Trainer:
+    def _trainer(self, out_dir: Path, stage: SFTStage | DPOStage,
+                 callbacks: list[Callback] | None = None) -> Trainer:
         s = self.cfg.trainer
         trainer = Trainer(
             accelerator=s.accelerator, devices=s.devices, strategy=self._strategy(), precision=s.precision,
-            max_epochs=epochs, gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
+            max_epochs=stage.epochs, accumulate_grad_batches=stage.accumulate_grad_batches,
+            gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
             logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, enable_checkpointing=False,
             limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
             enable_progress_bar=s.enable_progress_bar, callbacks=callbacks or [])
@@ -126,10 +128,10 @@ class Pipeline:
             raise PipelineError(f"trainer.strategy 'fsdp2' needs trainer.devices as a number, got {s.devices!r}")
         return ModelParallelStrategy(data_parallel_size=int(s.devices), tensor_parallel_size=1)
 
-    def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path, epochs: int,
-             callbacks: list[Callback] | None = None) -> None:
+    def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path,
+             stage: SFTStage | DPOStage, callbacks: list[Callback] | None = None) -> None:
         seed_everything(self.cfg.seed, workers=True)
-        self._trainer(out_dir, epochs, callbacks).fit(module, datamodule=data)
+        self._trainer(out_dir, stage, callbacks).fit(module, datamodule=data)
 
     def prompt(self, problem: Problem) -> str:
         """Model input for a problem under the configured prompt format (one place for every stage)."""
@@ -161,10 +163,11 @@ class Pipeline:
                                scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
             data = SFTDataModule(task=self.cfg.task, task_options=self.cfg.task_options, data_dir=self.cfg.data_dir,
                                  train_path=str(train_path) if train_path else None, max_length=stage.max_length,
+                                 include_prompt_in_loss=stage.include_prompt_in_loss,
                                  batch_size=stage.batch_size, train_limit=self.cfg.sft_questions, val_limit=0,
                                  seed=self.cfg.seed,
                                  prompt_format=self.cfg.prompt_format)
-            self._fit(module, data, out, stage.epochs)
+            self._fit(module, data, out, stage)
             module.export(str(out / "policy"))
             return {"policy": str(out / "policy"), "data": data.stats}
         return self.unit(name, work, collective=True)["policy"]
@@ -287,7 +290,7 @@ class Pipeline:
         def work() -> dict[str, Any]:
             module = self._dpo_module(rft, rft, self.cfg.dpo)
             self._fit(module, self._preference_data(self.root / "round_1" / "pairs.jsonl", self.cfg.dpo),
-                      self.root / name, self.cfg.dpo.epochs)
+                      self.root / name, self.cfg.dpo)
             module.export(str(self.root / name / "policy"))
             return {"policy": str(self.root / name / "policy")}
         policy = self.unit(name, work, collective=True)["policy"]
@@ -307,7 +310,7 @@ class Pipeline:
         data = self._preference_data(gpairs, cfg.dpo)
         callback = SelfExploreCallback(self, first, cfg.rounds, cfg.reference_update)
         for r in range(first, cfg.rounds + 1):
-            self._fit(module, data, self.root / f"round_{r}" / "self_explore", cfg.dpo.epochs, [callback])
+            self._fit(module, data, self.root / f"round_{r}" / "self_explore", cfg.dpo, [callback])
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False) -> Path | None:
