@@ -2,10 +2,10 @@
 
 `configs/recipes/` holds, for each dataset x model cell, SFT and step-DPO LightningCLI configs
 for QLoRA on one GPU and FSDP2 on 8 GPUs, and a pipeline config for each of the two, which
-includes the shared `sampling/<dataset>.yaml` and `explore/<dataset>.yaml` blocks (vLLM). The files are
-complete on their own, so the consistency tests below are what keeps them one family: recipes
-of a kind differ only along their dataset / model axes, QLoRA and FSDP agree on everything but
-the learning rate (QLoRA: 20x), and each pipeline config trains exactly as its cell's recipes.
+includes the dataset's shared vLLM `sampling/` and `explore/` blocks. The files are complete on
+their own, so the consistency tests below are what keeps them one family: recipes of a kind
+differ only along their dataset / model axes, QLoRA and FSDP agree on everything but the
+learning rate (QLoRA: 20x), and each pipeline config trains exactly as its cell's recipes.
 """
 
 from __future__ import annotations
