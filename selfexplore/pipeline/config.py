@@ -8,6 +8,7 @@ from typing import Any, Literal
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import ModelSpec, TinyLlamaConfig
 from selfexplore.models.chat import PromptFormat
+from selfexplore.models.gguf import is_gguf_spec
 from selfexplore.sampling.base import SamplingConfig
 
 BASELINES = ("sft", "rft", "outcome_dpo", "self_explore")
@@ -137,6 +138,9 @@ class PipelineConfig:
             raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.from_scratch is not None and is_gguf_spec(self.model.path):
+            raise ValueError(f"from_scratch builds a tiny model at model.path; {self.model.path!r} is a GGUF spec "
+                             "(a pretrained model): drop from_scratch or use a folder path")
         if self.from_scratch is not None and self.prompt_format.chat_template:
             raise ValueError("prompt_format.chat_template needs a tokenizer with a chat template; a tiny model "
                              "built from_scratch has none")
