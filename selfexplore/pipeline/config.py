@@ -97,7 +97,8 @@ class PipelineConfig:
         (instruct models); used by every stage (SFT, RFT, sampling, exploration, evaluation).
     sft_questions: how many gold rationales (the first N of the train split) SFT trains on and
         RFT adds when `rft_include_gold` (None: all, the paper).
-    train_questions: how many training questions are sampled and explored (None: all).
+    train_questions: how many training questions are sampled and explored (None: all), taken
+        from the `sft_questions` SFT trained on.
     rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
     rft_init: RFT starts from the 'base' model (the paper) or continues from the 'sft' policy
         (cheaper: a few epochs on the RFT set instead of SFT's whole budget again).
