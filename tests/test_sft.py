@@ -166,8 +166,12 @@ def test_print_config_parses_quickstart() -> None:
 
 @pytest.mark.slow
 def test_fsdp2_two_process_fit_on_cpu(tiny_arith_model: Path, tmp_path: Path) -> None:
-    """FSDP2 (fully_shard through ModelParallelStrategy) with 2 gloo processes on CPU."""
-    config = _write_config(tmp_path, str(tiny_arith_model), devices=2, limit_val_batches=0,
+    """FSDP2 (fully_shard through ModelParallelStrategy) with 2 gloo processes on CPU.
+
+    Validation decodes greedily on both ranks too (sharded weights are gathered per layer, so
+    `generate` must run in step on every rank: the model is marked FSDP-managed for that).
+    """
+    config = _write_config(tmp_path, str(tiny_arith_model), devices=2, val_check_interval=3,
                            strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                                      "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -176,5 +180,6 @@ def test_fsdp2_two_process_fit_on_cpu(tiny_arith_model: Path, tmp_path: Path) ->
     assert out.returncode == 0, out.stderr[-4000:]
     losses = _logged(tmp_path, "train/loss")
     assert losses and all(v == v for v in losses)
+    assert len(_logged(tmp_path, "val/accuracy")) == 2
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "policy")

@@ -41,6 +41,8 @@ def shard_with_fsdp2(model: torch.nn.Module, mesh: Any) -> None:
         if type(module).__name__ in block_names:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for managed in (model, _base_model(model)):  # HF generate then keeps ranks in step (synced_gpus)
+        managed._is_fsdp_managed_module = True
 
 
 def wrap_decoder_layers(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
