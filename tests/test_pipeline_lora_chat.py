@@ -44,10 +44,11 @@ def gsm8k_records(n: int, seed: int) -> list[dict[str, str]]:
 
 
 class ChatScripted:
-    """Continues a chat prompt with the gold steps; a sampled step slips (+1) with probability 0.3."""
+    """Continues a chat prompt with the gold steps; a sampled step slips (+1) with probability `slip`."""
 
-    def __init__(self, gold: dict[str, list[str]]) -> None:
+    def __init__(self, gold: dict[str, list[str]], slip: float = 0.3) -> None:
         self.gold = gold
+        self.slip = slip
         self.generated_tokens = 0
 
     def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
@@ -65,7 +66,7 @@ class ChatScripted:
                 for line in steps[len(done_steps):]:
                     if line.startswith("The answer is"):
                         lines.append(f"The answer is {int(line.split()[-1]) + slipped}")
-                    elif temperature > 0 and rng.random() < 0.3:
+                    elif temperature > 0 and rng.random() < self.slip:
                         slipped = True
                         lines.append(line + "1")
                     else:
@@ -97,20 +98,19 @@ def chat_base(tmp_path: Path) -> Path:
     return folder
 
 
-def test_lora_chat_pipeline_end_to_end(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _setup(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slip: float,
+           **overrides) -> PipelineConfig:
+    """GSM8K-style files (train/test only), the scripted sampler, and the SmolLM2-like config."""
     data = tmp_path / "gsm8k"
     data.mkdir()
-    train, test = gsm8k_records(16, seed=2), gsm8k_records(4, seed=3)
-    for name, records in (("train", train), ("test", test)):
+    for name, records in (("train", gsm8k_records(16, seed=2)), ("test", gsm8k_records(4, seed=3))):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     task = get_task("gsm8k")
     gold = {p.question.strip(): p.solution.split("\n") for s in ("train", "test")
             for p in task.load(s, data / f"{s}.jsonl")}
-    monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ChatScripted(gold))
-
-    run = tmp_path / "run"
-    config = PipelineConfig(
-        run_dir=str(run), task="gsm8k", data_dir=str(data),
+    monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ChatScripted(gold, slip))
+    return PipelineConfig(
+        run_dir=str(tmp_path / "run"), task="gsm8k", data_dir=str(data),
         model=ModelSpec(path=str(chat_base), lora=LoraSpec(r=4, alpha=8)),
         prompt_format=PromptFormat(chat_template=True),
         trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
@@ -120,19 +120,40 @@ def test_lora_chat_pipeline_end_to_end(chat_base: Path, tmp_path: Path, monkeypa
                      reference="adapter"),
         sampling=SamplingConfig(n=4, max_new_tokens=32), explore=ExploreConfig(k=2, max_new_tokens=32),
         sft_questions=6, train_questions=8, rounds=1, baselines=["sft", "rft", "self_explore"],
-        eval_max_new_tokens=32)
-    report = run_pipeline(config).read_text()
+        eval_max_new_tokens=32, **overrides)
 
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lora_chat_pipeline_end_to_end(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = run_pipeline(_setup(chat_base, tmp_path, monkeypatch, slip=0.3)).read_text()
+    run = tmp_path / "run"
     for row in ("| SFT | 0 |", "| RFT | 1 |", "| Self-Explore | 1 |"):
         assert row in report
     state = json.loads((run / "state.json").read_text())["units"]
     assert state["round_0/sft"]["data"]["records"] == 6  # sft_questions bounds SFT's gold data
-    rft = [json.loads(line) for line in (run / "round_1/rft.jsonl").read_text().splitlines()]
+    rft = _jsonl(run / "round_1/rft.jsonl")
     assert sum(r["meta"]["sample_id"] == "gold" for r in rft) == 6
     assert all(r["prompt"].startswith(USER) and r["prompt"].endswith(ASSISTANT) for r in rft)
-    gpairs = [json.loads(line) for line in (run / "round_1/explore/gpairs.jsonl").read_text().splitlines()]
+    samples = _jsonl(run / "round_1/samples.jsonl")
+    assert {r["question_id"] for r in samples} <= {r["meta"]["question_id"] for r in rft}  # sampled from SFT's
+    gpairs = _jsonl(run / "round_1/explore/gpairs.jsonl")
     assert gpairs and all(p["prompt"].startswith(USER) for p in gpairs)
     for stage in ("round_0/sft", "round_1/rft", "round_1/self_explore"):
         policy = run / stage / "policy"
         assert not (policy / "adapter_config.json").exists()  # LoRA merged into a plain HF folder
         assert load_tokenizer(policy).chat_template == CHATML
+
+
+def test_gold_chosen_when_the_policy_never_answers_right(chat_base: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    run_pipeline(_setup(chat_base, tmp_path, monkeypatch, slip=1.0, pairs_include_gold=True))
+    run = tmp_path / "run"
+    assert not any(r["correct"] for r in _jsonl(run / "round_1/explorer_samples.jsonl"))
+    pairs = _jsonl(run / "round_1/pairs.jsonl")
+    assert pairs and all(p["meta"]["chosen_id"].endswith(":gold") for p in pairs)
+    gpairs = _jsonl(run / "round_1/explore/gpairs.jsonl")
+    assert gpairs and all(p["meta"]["pit_step"] == 1 for p in gpairs)  # every first step is already a pit
+    assert (run / "round_1/self_explore/policy/config.json").is_file()

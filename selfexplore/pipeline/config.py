@@ -100,6 +100,10 @@ class PipelineConfig:
     train_questions: how many training questions are sampled and explored (None: all), taken
         from the `sft_questions` SFT trained on.
     rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
+    pairs_include_gold: outcome pairs may take a question's gold rationale as the chosen side
+        (after the policy's own correct samples). Off in the paper, which pairs self-generated
+        rationales only; for a policy that rarely answers correctly (SmolLM2-135M on GSM8K) it
+        is what gives pairs, pits and step-DPO anything to work on.
     rft_init: RFT starts from the 'base' model (the paper) or continues from the 'sft' policy
         (cheaper: a few epochs on the RFT set instead of SFT's whole budget again).
     reference_update: 'keep' the RFT reference in every round (the paper) or 'update' it to
@@ -125,6 +129,7 @@ class PipelineConfig:
     train_questions: int | None = None
     rft_max_per_question: int = 8
     rft_include_gold: bool = True
+    pairs_include_gold: bool = False
     rft_init: Literal["base", "sft"] = "base"
     rounds: int = 2
     reference_update: Literal["keep", "update"] = "keep"

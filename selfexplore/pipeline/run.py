@@ -222,6 +222,11 @@ class Pipeline:
         self.unit(f"round_{round_}/rft_data", work)
         return out
 
+    def _gold_sample(self, problem: Problem) -> dict[str, Any]:
+        """A problem's gold rationale as a correct sample (after the policy's own, so they are chosen first)."""
+        return {"id": f"{problem.id}:gold", "question_id": problem.id, "prompt": self.prompt(problem),
+                "completion": problem.solution, "correct": True}
+
     def prepare_round(self, round_: int, explorer: str) -> Path:
         """Samples of `explorer` -> outcome pairs -> first-pit exploration -> granular pairs."""
         rd = f"round_{round_}"
@@ -229,7 +234,9 @@ class Pipeline:
 
         def pairs_work() -> dict[str, Any]:
             records = read_jsonl(samples["path"])
-            pairs = build_outcome_pairs(records, round=round_, max_per_question=self.cfg.rft_max_per_question)
+            candidates = records + [self._gold_sample(p) for p in self.train_problems] \
+                if self.cfg.pairs_include_gold else records
+            pairs = build_outcome_pairs(candidates, round=round_, max_per_question=self.cfg.rft_max_per_question)
             return {"path": str(self.root / rd / "pairs.jsonl"), "pairs": write_jsonl(self.root / rd / "pairs.jsonl", pairs),
                     **sample_stats(records)}
         pairs = self.unit(f"{rd}/pairs", pairs_work)
