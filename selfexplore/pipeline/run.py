@@ -45,7 +45,7 @@ from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.state import RunState, is_rank_zero
-from selfexplore.sampling.base import get_sampler
+from selfexplore.sampling.base import get_sampler, resolve_backend
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
@@ -197,7 +197,7 @@ class Pipeline:
             try:
                 stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=n, temperature=temperature,
                                          top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
-                                         backend_name=s.backend, model=policy,
+                                         backend_name=resolve_backend(s.backend), model=policy,
                                          settings={"batch_size": s.batch_size},
                                          progress=self.cfg.trainer.enable_progress_bar, prompt=self.prompt)
             finally:

@@ -5,6 +5,7 @@ from selfexplore.sampling.base import (
     SamplingConfig,
     derive_seed,
     get_sampler,
+    resolve_backend,
     truncate_at_stop,
 )
 from selfexplore.sampling.hf import HFSampler
@@ -17,6 +18,7 @@ __all__ = [
     "SamplingConfig",
     "derive_seed",
     "get_sampler",
+    "resolve_backend",
     "run_sample_stage",
     "truncate_at_stop",
 ]

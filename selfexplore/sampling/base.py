@@ -9,12 +9,15 @@ context) live here so both apply them identically.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 OverlongMode = Literal["truncate", "skip", "error"]
 OVERLONG_MODES: tuple[OverlongMode, ...] = ("truncate", "skip", "error")
+Backend = Literal["auto", "hf", "vllm"]
+BACKENDS: tuple[Backend, ...] = ("auto", "hf", "vllm")
 
 
 @runtime_checkable
@@ -45,9 +48,14 @@ class SamplingConfig:
     (graph capture / compilation costs more than it saves in short CPU runs) and graphs on GPU.
     `dtype="auto"` means float32 on CPU (bf16 is far slower on CPUs); on GPU, bf16 (fp16 where
     unsupported) for HF and vLLM's own "auto" for vLLM.
+
+    `backend="auto"` means vLLM when it is installed, else HF (`resolve_backend`). The default
+    is "hf": the same config then draws the same samples whatever is installed, and for the
+    CPU quickstart's tiny model vLLM's engine start-up (each sampling unit starts an engine)
+    costs more than HF's sampling itself.
     """
 
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Backend = "hf"
     n: int = 100
     temperature: float = 0.7
     top_p: float = 1.0
@@ -63,10 +71,21 @@ class SamplingConfig:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_backend_args(self.batch_size, self.overlong_prompts)
         check_sampling_args(self.n, self.temperature, self.top_p, self.max_new_tokens)
+
+
+def resolve_backend(backend: Backend) -> Literal["hf", "vllm"]:
+    """The backend that actually samples: "auto" is vLLM when it is installed, else HF.
+
+    Records and resume fingerprints name the resolved backend, so samples of two backends
+    are never mixed when an "auto" run resumes in another environment.
+    """
+    if backend != "auto":
+        return backend
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def check_backend_args(batch_size: int, overlong_prompts: str) -> None:
@@ -133,7 +152,7 @@ def plan_prompt(num_tokens: int, max_new_tokens: int, context: int | None, mode:
     return keep
 
 
-def get_sampler(config: SamplingConfig | Literal["hf", "vllm"], model_path: str,
+def get_sampler(config: SamplingConfig | Backend, model_path: str,
                 adapter_path: str | None = None, *, cache_dir: str | None = None,
                 **overrides: Any) -> Sampler:
     """Build the configured backend for a model folder (plus an optional LoRA adapter folder).
@@ -146,7 +165,7 @@ def get_sampler(config: SamplingConfig | Literal["hf", "vllm"], model_path: str,
         config = SamplingConfig(backend=config, **overrides)  # type: ignore[arg-type]
     elif overrides:
         config = replace(config, **overrides)
-    if config.backend == "hf":
+    if resolve_backend(config.backend) == "hf":
         from selfexplore.sampling.hf import HFSampler
 
         return HFSampler.from_pretrained(model_path, adapter_path, batch_size=config.batch_size,
