@@ -66,7 +66,6 @@ def run_seed(config: Path, seed: int, run_dir: Path, threads: int | None) -> flo
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, str(ROOT / "cli.py"), "pipeline", "--config", str(config),
            "--pipeline.seed", str(seed), "--pipeline.run_dir", str(run_dir),
-           "--pipeline.model.path", str(run_dir / "base"),  # each seed builds its own from-scratch base
            "--pipeline.trainer.enable_progress_bar", "false"]
     log = run_dir.with_suffix(".log")
     start = time.perf_counter()

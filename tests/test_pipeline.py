@@ -74,7 +74,6 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
 def _config(run_dir: Path, **overrides) -> PipelineConfig:
     fields = dict(
         run_dir=str(run_dir), task="arith", task_options=TASK_OPTIONS,
-        model=ModelSpec(path=str(run_dir / "base")),
         from_scratch=TinyLlamaConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                                      intermediate_size=128, vocab_size=300, max_position_embeddings=256),
         trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
@@ -148,6 +147,13 @@ def test_rft_starts_from_the_configured_checkpoint(scripted, tmp_path, monkeypat
     run_pipeline(_config(run, rft_init=rft_init, baselines=["sft", "rft"], rounds=1))
     expected = str(run / "base") if rft_init == "base" else str(run / "round_0/sft/policy")
     assert inits == {"round_0/sft": str(run / "base"), "round_1/rft": expected}
+
+
+def test_from_scratch_base_lives_in_the_run_dir_unless_given() -> None:
+    assert _config(Path("runs/a")).model.path == str(Path("runs/a") / "base")
+    assert _config(Path("runs/a"), model=ModelSpec(path="elsewhere")).model.path == "elsewhere"
+    with pytest.raises(ValueError, match="model is required"):
+        _config(Path("runs/a"), from_scratch=None)
 
 
 class Killed(RuntimeError):

