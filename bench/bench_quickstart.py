@@ -75,17 +75,19 @@ def run_seed(config: Path, seed: int, run_dir: Path, threads: int | None) -> flo
 
 
 def summary_table(rows_by_seed: dict[int, list[dict[str, Any]]]) -> str:
-    by_policy: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for rows in rows_by_seed.values():
+    """Markdown: accuracy (%) per trained policy and seed, then mean and sample std ('-': not run)."""
+    by_policy: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+    for seed, rows in rows_by_seed.items():
         for row in rows:
-            by_policy[(row["stage"], row["round"])].append(100 * row["accuracy"])
+            by_policy[(row["stage"], row["round"])][seed] = 100 * row["accuracy"]
     seeds = sorted(rows_by_seed)
     lines = ["| stage | round | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |",
              "|---|---|" + "---|" * (len(seeds) + 2)]
     for (stage, rnd), accs in by_policy.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {stage} | {rnd} | " + " | ".join(f"{a:.1f}" for a in accs)
-                     + f" | {statistics.mean(accs):.1f} | {std:.1f} |")
+        values = list(accs.values())
+        std = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "-"
+        cells = " | ".join(f"{accs[s]:.1f}" if s in accs else "-" for s in seeds)
+        lines.append(f"| {stage} | {rnd} | {cells} | {statistics.mean(values):.1f} | {std} |")
     return "\n".join(lines)
 
 
@@ -116,9 +118,11 @@ def main() -> None:
         rows_by_seed[seed] = report_rows(units, rounds)
         for row in rows_by_seed[seed]:
             emit(kind="accuracy", seed=seed, stage=row["stage"], round=row["round"], accuracy=row["accuracy"])
+    total = statistics.median(per_stage["total (units)"])
     for stage, values in per_stage.items():
-        emit(kind="summary", stage=stage, median_seconds=round(statistics.median(values), 1),
-             seeds=len(values), share=round(statistics.median(values) / statistics.median(per_stage["total (units)"]), 3))
+        median = statistics.median(values)
+        emit(kind="summary", stage=stage, median_seconds=round(median, 1), seeds=len(values),
+             share=round(median / total, 3))
     print(summary_table(rows_by_seed))
 
 
