@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from selfexplore.pipeline.report import report_rows
+from selfexplore.pipeline.report import own_seconds, report_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,12 +51,10 @@ def stage_of(unit: str) -> str:
 
 
 def stage_seconds(units: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Wall seconds per stage; an eval unit wraps its eval.jsonl unit, so only one is counted."""
+    """Wall seconds per stage."""
     out: dict[str, float] = defaultdict(float)
-    for unit, result in units.items():
-        if unit.endswith("/eval") and f"{unit}.jsonl" in units:
-            continue
-        out[stage_of(unit)] += float(result.get("seconds", 0.0))
+    for unit, seconds in own_seconds(units).items():
+        out[stage_of(unit)] += seconds
     return dict(out)
 
 

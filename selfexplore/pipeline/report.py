@@ -34,6 +34,12 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
     return [row for row in rows if row["accuracy"] is not None]
 
 
+def own_seconds(units: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Wall seconds per unit, leaving out an eval unit that wraps its eval.jsonl unit (no double count)."""
+    return {unit: float(result.get("seconds", 0.0)) for unit, result in units.items()
+            if not (unit.endswith("/eval") and f"{unit}.jsonl" in units)}
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -51,11 +57,12 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     header = ["stage", "round", "accuracy", "pass_at_n", "pairs", "pits", "tokens", "seconds"]
     lines = [f"# Self-Explore run: {run_dir.name}", "",
              f"task `{config.task}`, eval split `{config.eval_split}`, seed {config.seed}; accuracy is greedy "
-             f"accuracy on the {config.eval_split} split; pass_at_n is over the policy's own samples of the training questions; pits is the "
-             "first-pit step histogram of the exploration that made that round's pairs.", "",
+             f"accuracy on the {config.eval_split} split; pass_at_n is over the policy's own samples of the "
+             "training questions; pits is the first-pit step histogram of the exploration that made that "
+             "round's pairs.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
-    total = sum(u.get("seconds", 0.0) for u in units.values())
+    total = sum(own_seconds(units).values())
     lines += ["", f"Total wall time of completed units: {total:.0f} s", "", "![report](report.png)", ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
