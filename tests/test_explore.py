@@ -161,6 +161,7 @@ def test_pit_on_the_answer_line_rejects_that_line_never_empty():
         assert pair["rejected"] == "The answer is 12"
         assert pair["chosen"] == SHORT_OK  # shortest correct completion of the step-3 prefix
         assert pair["prompt"] == prefix(3)
+        assert pair["rejected_ends"] is True  # the answer line ends the response
 
 
 def test_shared_prefixes_are_explored_once_in_adaptive_mode():
@@ -353,8 +354,9 @@ def test_granular_pit_after_first_step_uses_shortest_correct_and_modes():
     assert step["prompt"] == Q + "1 + 1 = 2\n2 + 3 = 6\n"
     assert step["chosen"] == SHORT_OK and step["rejected"] == "6 * 2 = 12"
     assert step["meta"]["pit_step"] == 3 and step["meta"]["round"] == 2
+    assert step["rejected_ends"] is False  # more steps follow the pit step: no end token in DPO
     (to_end,) = build_granular_pairs([rec], rejected_mode="pit_to_end")
-    assert to_end["rejected"] == "6 * 2 = 12\nThe answer is 12"
+    assert to_end["rejected"] == "6 * 2 = 12\nThe answer is 12" and to_end["rejected_ends"] is True
     assert to_end["prompt"] + to_end["rejected"] == Q + WRONG  # the whole rejected rationale
 
 

@@ -103,6 +103,19 @@ def test_eos_can_be_disabled(tmp_path, tokenizer_path, tok):
     assert item["rejected_ids"] == tok("8\nThe answer is 18", add_special_tokens=False).input_ids
 
 
+def test_a_side_that_does_not_end_the_response_gets_no_end_token(tmp_path, tokenizer_path, tok):
+    """A granular pair's pit step is followed by more steps: no EOS on it, EOS on the whole chosen."""
+    records = [{"prompt": "Tom has 12 apples and gets 7 more.\n", "chosen": "12 + 7 = 19\nThe answer is 19",
+                "rejected": "12 + 7 = 18", "rejected_ends": False},
+               {**BOUNDARY_RECORDS[0], "chosen_ends": False, "rejected_ends": True}]
+    dm = _dm(tokenizer_path, _write(tmp_path / "pairs.jsonl", records), length_grouped=False)
+    step, flipped = dm.train_dataset[0], dm.train_dataset[1]
+    assert step["rejected_ids"] == tok("12 + 7 = 18", add_special_tokens=False).input_ids
+    assert step["chosen_ids"] == tok("12 + 7 = 19\nThe answer is 19", add_special_tokens=False).input_ids + [
+        tok.eos_token_id]
+    assert flipped["chosen_ids"][-1] != tok.eos_token_id and flipped["rejected_ids"][-1] == tok.eos_token_id
+
+
 def test_truncate_pair_rules():
     bos, prompt = 1, [1, 10, 11, 12, 13, 14, 15]  # BOS + 6 tokens
     chosen, rejected = [20, 21, 22], [30, 31, 32, 33, 34]
@@ -155,6 +168,7 @@ def test_pairs_identical_after_truncation_are_skipped_and_counted(tmp_path, toke
     ({"prompt": "Q\n", "chosen": "a"}, "rejected", "missing field"),
     ({"prompt": "Q\n", "chosen": 3, "rejected": "b"}, "chosen", "expected a string"),
     ({"prompt": "Q\n", "chosen": "same", "rejected": "same"}, "rejected", "identical"),
+    ({"prompt": "Q\n", "chosen": "a", "rejected": "b", "rejected_ends": "no"}, "rejected_ends", "true or false"),
     ('{"prompt": "Q", "chosen": ', None, "not valid JSON"),
     ('["prompt", "chosen"]', None, "expected a JSON object"),
 ])

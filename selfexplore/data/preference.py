@@ -5,10 +5,16 @@ Rules, stated once:
   trained), each completion separately with none, and the ids are concatenated. A step prompt
   ends mid-rationale ("... 12 + 7 = 1"), so encoding the joined text would let BPE merge across
   the boundary and score tokens the sampler never produced.
-- EOS: with `eos=True` (default) the end token is appended to BOTH chosen and rejected, so
-  neither side is rewarded or punished for ending. (The reference implementation added it to
-  chosen only.) The end token is EOS, or the chat template's end-of-turn token when the
-  tokenizer has a template (`selfexplore.models.chat.completion_end_id`: what samplers stop on).
+- EOS: with `eos=True` (default) the end token is appended to every side that ENDS the response:
+  both sides of an outcome pair, so neither is rewarded or punished for ending. A side whose
+  record says `"chosen_ends": false` / `"rejected_ends": false` stops mid-rationale and gets no
+  end token: a granular pair's rejected pit step (unless the pit is the answer line) is
+  followed by more steps, never by the end. Giving it one would score "stopping after the
+  pit step", a token the policy never emits there: it dominates the rejected log-prob and
+  DPO lowers it instead of the wrong step. (The reference implementation added the end token
+  to chosen only, unconditionally.) The end token is EOS, or the chat template's end-of-turn
+  token when the tokenizer has a template (`selfexplore.models.chat.completion_end_id`: what
+  samplers stop on).
 - Loss mask: the completion tokens (and their EOS) only, never the prompt or padding.
 - Truncation (per pair, same prompt for both sides): when prompt + longer completion exceeds
   `max_length`, the prompt is first cut to `max_prompt_length` keeping its END (the leading
@@ -40,6 +46,7 @@ from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import completion_end_id
 
 FIELDS = ("prompt", "chosen", "rejected")
+ENDS_FIELDS = ("chosen_ends", "rejected_ends")  # optional booleans, default true (see EOS above)
 
 
 def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
@@ -85,13 +92,19 @@ def special_prefix_length(tokenizer) -> int:
     return n
 
 
-def _parse_line(raw: bytes, path: Path, line: int) -> tuple[str, str, str]:
-    """One JSONL line -> (prompt, chosen, rejected); DataError names file, line and field."""
+def _parse_line(raw: bytes, path: Path, line: int) -> tuple[str, str, str, bool, bool]:
+    """One JSONL line -> (prompt, chosen, rejected, chosen_ends, rejected_ends); errors name file, line, field."""
     record = parse_record(raw, path, line)
     prompt, chosen, rejected = (require_str(record, f, path, line) for f in FIELDS)
     if chosen == rejected:
         raise DataError("identical to 'chosen': a pair must prefer one text over another", path, line, "rejected")
-    return prompt, chosen, rejected
+    ends = []
+    for field in ENDS_FIELDS:
+        value = record.get(field, True)
+        if not isinstance(value, bool):
+            raise DataError(f"expected true or false, got {value!r}", path, line, field)
+        ends.append(value)
+    return prompt, chosen, rejected, ends[0], ends[1]
 
 
 class PreferenceDataset(Dataset):
@@ -128,7 +141,8 @@ class PreferenceDataset(Dataset):
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer, max_length: int = 384, max_prompt_length: int = 256,
                    eos: bool = True, on_invalid: Literal["error", "skip"] = "error") -> PreferenceDataset:
-        """Read and tokenize a pairs file (ours or TRL-style; other fields such as `meta` ignored).
+        """Read and tokenize a pairs file (ours or TRL-style; fields other than `FIELDS` and
+        `ENDS_FIELDS`, such as `meta`, are ignored).
 
         Invalid records raise DataError (`on_invalid="error"`) or are counted and skipped. Pairs
         whose two sides become identical after truncation are always skipped and counted.
@@ -153,15 +167,15 @@ class PreferenceDataset(Dataset):
                     continue
                 stats["records"] += 1
                 try:
-                    prompt, chosen, rejected = _parse_line(raw, path, line)
+                    prompt, chosen, rejected, chosen_ends, rejected_ends = _parse_line(raw, path, line)
                 except DataError as e:
                     if on_invalid == "error":
                         raise
                     stats["skipped_invalid"] += 1
                     first_error = first_error or e
                     continue
-                p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, chosen, end_id)
-                _, r_ids = encode_prompt_completion(tokenizer, prompt, rejected, end_id)
+                p_ids, c_ids = encode_prompt_completion(tokenizer, prompt, chosen, end_id if chosen_ends else None)
+                _, r_ids = encode_prompt_completion(tokenizer, prompt, rejected, end_id if rejected_ends else None)
                 p_ids, c_ids, r_ids, p_cut, c_cut = truncate_pair(p_ids, c_ids, r_ids, max_length,
                                                                   max_prompt_length, keep_prefix)
                 if c_ids == r_ids:
@@ -216,7 +230,8 @@ class PreferenceDataModule(LightningDataModule):
         tokenizer_path: tokenizer folder; by default the LightningModule's `tokenizer`.
         max_length / max_prompt_length: token budgets (paper: 384 GSM8K; 1024 / 512 MATH).
         batch_size: pairs per batch (the forward sees 2x rows).
-        eos: append the end token (EOS or the chat end-of-turn) to both chosen and rejected.
+        eos: append the end token (EOS or the chat end-of-turn) to each side that ends the
+            response (all, unless a record says `chosen_ends` / `rejected_ends` false).
         on_invalid: 'error' stops at the first bad record; 'skip' counts it in `stats`.
         length_grouped: batch pairs of similar length (seeded; DDP-aware, see
             `LengthGroupedDistributedSampler`); else a plain seeded shuffle.

@@ -15,6 +15,11 @@ chosen and rejected are stripped of surrounding whitespace and start with the ne
   answer line itself ("The answer is 18"), never an empty string, and the chosen is a correct
   completion of the same prefix, normally the right answer line.
 
+End of response: the chosen is a whole completion (it ends the response); the rejected pit step
+does not, unless the pit is the answer line or the mode is "pit_to_end". The pair says so with
+`"rejected_ends"`, so DPO gives the rejected no end token when more steps would follow
+(`selfexplore.data.preference`).
+
 Per-question dedup (the paper): pairs are taken in record order and a pair is kept only if
 both its chosen and its rejected sequence (prompt + text) are new for that question. A pair
 with an empty side or with chosen == rejected is never emitted.
@@ -67,6 +72,7 @@ def granular_pair(rec: dict[str, Any], rejected_mode: Literal["pit_step", "pit_t
     if not chosen or not rejected or chosen == rejected:
         return None
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "rejected_ends": rejected_mode == "pit_to_end" or t == len(steps),
             "meta": {"question_id": rec["question_id"], "source": "explore", "pit_step": t,
                      "num_steps": len(steps), "source_sample_id": rec["sample_id"], "round": round}}
 
