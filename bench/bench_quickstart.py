@@ -7,7 +7,8 @@ through the real CLI in a subprocess (`--pipeline.seed`, `--pipeline.run_dir` ov
 what is timed is exactly what a user runs. Afterwards the script reads each run's
 `state.json` (every unit records its wall time) and prints one JSON line per seed and stage,
 then a summary line per stage (median seconds over seeds) and per trained policy (mean and
-sample standard deviation of accuracy), and a markdown table of the summary.
+sample standard deviation of accuracy), and markdown tables of the summary (greedy accuracy,
+and sampled accuracy when the config sets `eval_samples`).
 
     OMP_NUM_THREADS=2 python bench/bench_quickstart.py --seeds 0 1 2 --work-dir runs/bench_quickstart
     (about 10-15 minutes per seed on 2 quiet cores; a rerun reuses finished runs, resumes others)
@@ -72,12 +73,13 @@ def run_seed(config: Path, seed: int, run_dir: Path, threads: int | None) -> flo
     return time.perf_counter() - start
 
 
-def summary_table(rows_by_seed: dict[int, list[dict[str, Any]]]) -> str:
-    """Markdown: accuracy (%) per trained policy and seed, then mean and sample std ('-': not run)."""
+def summary_table(rows_by_seed: dict[int, list[dict[str, Any]]], metric: str = "accuracy") -> str:
+    """Markdown: `metric` (%) per trained policy and seed, then mean and sample std ('-': not run)."""
     by_policy: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
     for seed, rows in rows_by_seed.items():
         for row in rows:
-            by_policy[(row["stage"], row["round"])][seed] = 100 * row["accuracy"]
+            if row.get(metric) is not None:
+                by_policy[(row["stage"], row["round"])][seed] = 100 * row[metric]
     seeds = sorted(rows_by_seed)
     lines = ["| stage | round | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |",
              "|---|---|" + "---|" * (len(seeds) + 2)]
@@ -115,13 +117,16 @@ def main() -> None:
         rounds = sum(1 for u in units if u.endswith("/self_explore"))
         rows_by_seed[seed] = report_rows(units, rounds)
         for row in rows_by_seed[seed]:
-            emit(kind="accuracy", seed=seed, stage=row["stage"], round=row["round"], accuracy=row["accuracy"])
+            emit(kind="accuracy", seed=seed, stage=row["stage"], round=row["round"], accuracy=row["accuracy"],
+                 sampled_accuracy=row["sampled_accuracy"])
     total = statistics.median(per_stage["total (units)"])
     for stage, values in per_stage.items():
         median = statistics.median(values)
         emit(kind="summary", stage=stage, median_seconds=round(median, 1), seeds=len(values),
              share=round(median / total, 3))
-    print(summary_table(rows_by_seed))
+    print("greedy accuracy (%)\n" + summary_table(rows_by_seed))
+    if any(row["sampled_accuracy"] is not None for rows in rows_by_seed.values() for row in rows):
+        print("\nsampled accuracy (%)\n" + summary_table(rows_by_seed, "sampled_accuracy"))
 
 
 if __name__ == "__main__":

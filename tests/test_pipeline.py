@@ -197,3 +197,21 @@ def test_run_dir_of_another_config_is_refused(scripted, tmp_path: Path) -> None:
 def test_unknown_baseline_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown baselines"):
         _config(tmp_path, baselines=["ppo"])
+
+
+def test_eval_samples_reports_sampled_accuracy_next_to_greedy(scripted, tmp_path: Path) -> None:
+    report = run_pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, eval_samples=3))
+    run = tmp_path / "run"
+    metrics = json.loads((run / "state.json").read_text())["units"]["round_0/sft/eval"]
+    records = [json.loads(line) for line in (run / "round_0/sft/eval_sampled.jsonl").read_text().splitlines()]
+    by_question: dict[str, list[bool]] = {}
+    for r in records:
+        by_question.setdefault(r["question_id"], []).append(r["correct"])
+    assert len(by_question) == TASK_OPTIONS["test_size"] and all(len(v) == 3 for v in by_question.values())
+    expected = sum(sum(v) / 3 for v in by_question.values()) / len(by_question)
+    assert metrics["sampled_accuracy"] == pytest.approx(expected)
+    assert 0 < expected < 1  # the scripted slips make some samples wrong: the metric is not trivially 0 or 1
+    header = next(line for line in report.read_text().splitlines() if line.startswith("| stage"))
+    assert "sampled_accuracy" in header
+    with pytest.raises(ValueError, match="eval_samples"):
+        _config(tmp_path / "other", eval_samples=-1)

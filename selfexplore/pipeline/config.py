@@ -111,6 +111,10 @@ class PipelineConfig:
     reference_update: 'keep' the RFT reference in every round (the paper) or 'update' it to
         the policy that starts each round.
     baselines: which rows of the paper's comparison to produce.
+    eval_samples: besides the greedy answer (the paper's metric), sample this many answers per
+        evaluation question at the sampling temperature and report their mean accuracy
+        (`sampled_accuracy`, an estimate of pass@1 when sampling); 0 = greedy only. DPO can
+        move the sampling distribution without moving the greedy answer, and back.
     """
 
     run_dir: str = "runs/quickstart"
@@ -139,6 +143,7 @@ class PipelineConfig:
     eval_split: str = "test"
     eval_limit: int | None = None
     eval_max_new_tokens: int = 512
+    eval_samples: int = 0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.baselines) - set(BASELINES))
@@ -146,6 +151,8 @@ class PipelineConfig:
             raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.eval_samples < 0:
+            raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
         if self.model is None:
             if self.from_scratch is None:
                 raise ValueError("model is required (a folder, Hub id or gguf: spec) unless from_scratch is set")

@@ -9,28 +9,28 @@ from selfexplore.io import atomic_write_text
 
 
 def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
-    """One row per trained policy: accuracy, pass@N of its samples, pairs, pits, tokens, time."""
+    """One row per trained policy: greedy (and sampled) accuracy, pass@N of its samples, pairs, pits, tokens, time."""
     def get(unit: str, key: str) -> Any:
         return units.get(unit, {}).get(key)
 
-    rows = [{"stage": "SFT", "round": 0, "accuracy": get("round_0/sft/eval", "accuracy"),
-             "pass_at_n": get("round_1/samples.jsonl", "pass_at_n"), "pairs": None, "pits": None,
-             "tokens": get("round_1/samples.jsonl", "generated_tokens"),
-             "seconds": get("round_0/sft", "seconds")},
-            {"stage": "RFT", "round": 1, "accuracy": get("round_1/rft/eval", "accuracy"),
-             "pass_at_n": get("round_1/explorer_samples.jsonl", "pass_at_n"), "pairs": get("round_1/pairs", "pairs"),
-             "pits": None, "tokens": get("round_1/explorer_samples.jsonl", "generated_tokens"),
-             "seconds": get("round_1/rft", "seconds")},
-            {"stage": "Outcome DPO", "round": 1, "accuracy": get("round_1/outcome_dpo/eval", "accuracy"),
-             "pass_at_n": None, "pairs": get("round_1/pairs", "pairs"), "pits": None, "tokens": None,
-             "seconds": get("round_1/outcome_dpo", "seconds")}]
+    def row(stage: str, round_: int, policy_unit: str, **rest: Any) -> dict[str, Any]:
+        return {"stage": stage, "round": round_, "accuracy": get(f"{policy_unit}/eval", "accuracy"),
+                "sampled_accuracy": get(f"{policy_unit}/eval", "sampled_accuracy"),
+                "seconds": get(policy_unit, "seconds"), **rest}
+
+    rows = [row("SFT", 0, "round_0/sft", pass_at_n=get("round_1/samples.jsonl", "pass_at_n"), pairs=None,
+                pits=None, tokens=get("round_1/samples.jsonl", "generated_tokens")),
+            row("RFT", 1, "round_1/rft", pass_at_n=get("round_1/explorer_samples.jsonl", "pass_at_n"),
+                pairs=get("round_1/pairs", "pairs"), pits=None,
+                tokens=get("round_1/explorer_samples.jsonl", "generated_tokens")),
+            row("Outcome DPO", 1, "round_1/outcome_dpo", pass_at_n=None, pairs=get("round_1/pairs", "pairs"),
+                pits=None, tokens=None)]
     for r in range(1, rounds + 1):
         explore = units.get(f"round_{r}/explore", {})
-        rows.append({"stage": "Self-Explore", "round": r, "accuracy": get(f"round_{r}/self_explore/eval", "accuracy"),
-                     "pass_at_n": get(f"round_{r + 1}/explorer_samples.jsonl", "pass_at_n"),
-                     "pairs": explore.get("num_pairs"), "pits": explore.get("pit_histogram"),
-                     "tokens": explore.get("tokens_generated"),
-                     "seconds": get(f"round_{r}/self_explore", "seconds")})
+        rows.append(row("Self-Explore", r, f"round_{r}/self_explore",
+                        pass_at_n=get(f"round_{r + 1}/explorer_samples.jsonl", "pass_at_n"),
+                        pairs=explore.get("num_pairs"), pits=explore.get("pit_histogram"),
+                        tokens=explore.get("tokens_generated")))
     return [row for row in rows if row["accuracy"] is not None]
 
 
@@ -54,11 +54,15 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     """Write report.md and report.png under `run_dir`; returns the markdown path."""
     run_dir = Path(run_dir)
     rows = report_rows(units, config.rounds)
-    header = ["stage", "round", "accuracy", "pass_at_n", "pairs", "pits", "tokens", "seconds"]
+    sampled = any(row["sampled_accuracy"] is not None for row in rows)
+    header = ["stage", "round", "accuracy", *(["sampled_accuracy"] if sampled else []), "pass_at_n", "pairs",
+              "pits", "tokens", "seconds"]
+    sampled_note = (f" sampled_accuracy is the mean accuracy of {config.eval_samples} answers per question sampled "
+                    f"at temperature {config.sampling.temperature};" if sampled else "")
     lines = [f"# Self-Explore run: {run_dir.name}", "",
              f"task `{config.task}`, eval split `{config.eval_split}`, seed {config.seed}; accuracy is greedy "
-             f"accuracy on the {config.eval_split} split; pass_at_n is over the policy's own samples of the "
-             "training questions; pits is the first-pit step histogram of the exploration that made that "
+             f"accuracy on the {config.eval_split} split;{sampled_note} pass_at_n is over the policy's own samples "
+             "of the training questions; pits is the first-pit step histogram of the exploration that made that "
              "round's pairs.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
@@ -83,7 +87,11 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax_acc.bar(labels, accs, color=[colors[r["stage"]] for r in rows])
     for i, a in enumerate(accs):
         ax_acc.text(i, a + 0.5, f"{a:.1f}", ha="center")
-    ax_acc.set_ylabel("greedy accuracy (%)")
+    sampled = [(i, 100 * r["sampled_accuracy"]) for i, r in enumerate(rows) if r.get("sampled_accuracy") is not None]
+    if sampled:
+        ax_acc.plot(*zip(*sampled), "kD", label="sampled")
+        ax_acc.legend(loc="lower right")
+    ax_acc.set_ylabel("greedy accuracy (%), diamonds: sampled" if sampled else "greedy accuracy (%)")
     ax_acc.set_title("Accuracy per stage and round")
     ax_acc.tick_params(axis="x", rotation=20)
     for row in rows:

@@ -187,16 +187,17 @@ class Pipeline:
                                     max_prompt_length=stage.max_prompt_length, batch_size=stage.batch_size,
                                     seed=self.cfg.seed)
 
-    def sample(self, name: str, policy: str, problems: list, greedy: bool = False) -> dict[str, Any]:
-        """Graded samples of `policy` (n per question; one greedy answer when `greedy`)."""
+    def sample(self, name: str, policy: str, problems: list, greedy: bool = False,
+               n: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """Graded samples of `policy` (`n`, default sampling.n, per question; one greedy answer when `greedy`)."""
         def work() -> dict[str, Any]:
             s = self.cfg.sampling
-            n, temperature = (1, 0.0) if greedy else (s.n, s.temperature)
-            max_new = self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens
+            count, temperature = (1, 0.0) if greedy else (n or s.n, s.temperature)
+            max_new = max_new_tokens or (self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens)
             sampler = get_sampler(s, policy, cache_dir=str(self.root / "cache"))
             try:
-                stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=n, temperature=temperature,
-                                         top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
+                stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=count,
+                                         temperature=temperature, top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
                                          backend_name=resolve_backend(s.backend), model=policy,
                                          settings={"batch_size": s.batch_size},
                                          progress=self.cfg.trainer.enable_progress_bar, prompt=self.prompt)
@@ -207,7 +208,12 @@ class Pipeline:
 
     def evaluate(self, stage_dir: str, policy: str) -> dict[str, Any]:
         result = self.sample(f"{stage_dir}/eval.jsonl", policy, self.eval_problems, greedy=True)
-        return {"accuracy": result["pass_rate_mean"], "num_eval": result["questions"]}
+        metrics = {"accuracy": result["pass_rate_mean"], "num_eval": result["questions"]}
+        if self.cfg.eval_samples:
+            sampled = self.sample(f"{stage_dir}/eval_sampled.jsonl", policy, self.eval_problems,
+                                  n=self.cfg.eval_samples, max_new_tokens=self.cfg.eval_max_new_tokens)
+            metrics["sampled_accuracy"] = sampled["pass_rate_mean"]
+        return metrics
 
     def build_rft_data(self, round_: int, samples_path: str) -> Path:
         out = self.root / f"round_{round_}" / "rft.jsonl"
