@@ -115,7 +115,8 @@ def explore(rats, script=None, sampler=None, **cfg):
 def test_pit_at_first_step(mode):
     (rec,), sampler = explore([rationale()], {prefix(1): [BAD] * 4}, mode=mode)
     assert rec["status"] == "pit" and rec["pit"] == 1
-    assert rec["outcomes"] == [{"step": 1, "completions": [BAD] * 4, "correct": [False] * 4}]
+    assert rec["outcomes"] == [{"step": 1, "completions": [BAD] * 4, "correct": [False] * 4,
+                               "finished": [True] * 4}]
     assert rec["steps"] == STEPS and rec["gold"] == GOLD and rec["sample_id"] == "q1:0"
     (pair,) = build_granular_pairs([rec])
     assert pair["prompt"] == Q and pair["rejected"] == STEPS[0]
@@ -128,7 +129,8 @@ def test_pit_in_the_middle_adaptive_stops_each_step_at_first_success():
     script = {prefix(1): [BAD, OK, OK, OK], prefix(2): [BAD] * 4}
     (rec,), sampler = explore([rationale()], script)
     assert rec["status"] == "pit" and rec["pit"] == 2
-    assert rec["outcomes"][0] == {"step": 1, "completions": [BAD, OK], "correct": [False, True]}
+    assert rec["outcomes"][0] == {"step": 1, "completions": [BAD, OK], "correct": [False, True],
+                                  "finished": [True, True]}
     assert sampler.requested(prefix(1)) == 2 and sampler.requested(prefix(2)) == 4
     assert [len(ps) for ps, _, _ in sampler.calls] == [1, 1, 1, 1, 2]  # waves 1, 1 | 1, 1, 2
     (pair,) = build_granular_pairs([rec])
@@ -191,9 +193,10 @@ def test_one_call_per_wave_mixes_wave_sizes_with_repeated_prompts():
     assert all(n == 1 for _, n, _ in sampler.calls)
     third = sampler.calls[2][0]  # wave 3 of q1's step 1 (2 draws) beside wave 2 of q2's step 2 (1 draw)
     assert third == (prefix(1), prefix(1), prefix(2, q=q2))
-    assert recs[0]["outcomes"] == [{"step": 1, "completions": [BAD] * 4, "correct": [False] * 4}]
+    assert recs[0]["outcomes"] == [{"step": 1, "completions": [BAD] * 4, "correct": [False] * 4,
+                                    "finished": [True] * 4}]
     assert recs[1]["outcomes"][1] == {"step": 2, "completions": [BAD, BAD, OK, BAD],
-                                      "correct": [False, False, True, False]}
+                                      "correct": [False, False, True, False], "finished": [True] * 4}
 
 
 def test_prefix_cache_is_per_question():
@@ -479,7 +482,7 @@ def test_outcome_pairs_pick_most_different_without_reuse():
         ("q:3", "q:1"),   # q:2 is used: the other wrong one before any reuse
         ("q:4", "q:2"),   # all used once: start again, most different first
     ]
-    assert pairs[0] == {"prompt": "Q?\n", "chosen": c1, "rejected": far,
+    assert pairs[0] == {"prompt": "Q?\n", "chosen": c1, "rejected": far, "rejected_ends": True,
                         "meta": {"question_id": "q", "source": "outcome", "chosen_id": "q:0",
                                  "rejected_id": "q:2", "round": 3}}
     by_id = {s["id"]: s for s in samples}
@@ -488,6 +491,35 @@ def test_outcome_pairs_pick_most_different_without_reuse():
         assert p["chosen"] != p["rejected"]
     two = build_outcome_pairs(samples, max_pairs_per_chosen=2)
     assert len(two) == 6 and len({p["rejected"] for p in two[:2]}) == 2
+
+
+def test_samples_cut_at_max_new_tokens_are_never_chosen_and_end_nothing():
+    right, cut_right = "a b\nThe answer is 10", "c d\nThe answer is 10\nThe answer is 10\nThe"
+    samples = [{**sample("q", 0, cut_right, True), "finished": False}, sample("q", 1, right, True),
+               {**sample("q", 2, "x y z z z z", False), "finished": False}, sample("q", 3, "w\nThe answer is 9", False),
+               {**sample("cut_only", 0, cut_right, True), "finished": False}, sample("cut_only", 1, "v", False)]
+    assert [r["meta"]["sample_id"] for r in build_rft_set(samples)] == ["q:1"]
+    pairs = build_outcome_pairs(samples, max_pairs_per_chosen=2)
+    assert [(p["meta"]["chosen_id"], p["meta"]["rejected_id"], p["rejected_ends"]) for p in pairs] == [
+        ("q:1", "q:2", False), ("q:1", "q:3", True)]  # the cut one: no end token in DPO
+    with pytest.raises(DataError, match="finished"):
+        build_outcome_pairs([{**sample("q", 0, right, True), "finished": "yes"}])
+
+
+def test_granular_pairs_respect_cut_samples_and_cut_completions():
+    outs = [outcome(1, [(OK, True)]), outcome(2, [(OK, True)]), outcome(3, [(SHORT_OK, True)])]
+    answer_pit = record(4, outcomes=outs)
+    assert build_granular_pairs([answer_pit])[0]["rejected_ends"] is True
+    # The same rationale cut at max_new_tokens: its last line is not an answer that ends it.
+    (cut,) = build_granular_pairs([{**answer_pit, "rejected_ends": False}])
+    assert cut["rejected_ends"] is False
+    assert build_granular_pairs([{**answer_pit, "rejected_ends": False}], rejected_mode="pit_to_end")[0][
+        "rejected_ends"] is False
+    # A correct completion that was cut is not a whole response: the finished one is chosen.
+    step2 = {**outcome(2, [(SHORT_OK, True), (OK, True)]), "finished": [False, True]}
+    (pair,) = build_granular_pairs([record(3, outcomes=[outcome(1, [(OK, True)]), step2,
+                                                        outcome(3, [(BAD, False)] * 4)])])
+    assert pair["chosen"] == OK.strip()
 
 
 def test_sample_stats():
@@ -598,3 +630,18 @@ def test_stage_reports_bad_pairs_file_precisely(tmp_path):
     (tmp_path / "p2.jsonl").write_text(json.dumps({"prompt": "Q", "rejected": "r", "chosen": "c"}) + "\n")
     with pytest.raises(DataError, match="line 1.*meta"):
         run_explore_stage(RandomSampler(), TASK, tmp_path / "p2.jsonl", problems, tmp_path / "o")
+    bad_ends = {**read_jsonl(tmp_path / "pairs.jsonl")[0], "rejected_ends": "no"}
+    write_jsonl(tmp_path / "p3.jsonl", [bad_ends])
+    with pytest.raises(DataError, match="line 1.*rejected_ends"):
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "p3.jsonl", problems, tmp_path / "o")
+
+
+def test_stage_carries_a_cut_rejected_sample_into_its_record(tmp_path):
+    problems = write_pairs(tmp_path / "pairs.jsonl", num_questions=1, per_question=2)
+    pairs = read_jsonl(tmp_path / "pairs.jsonl")[:2]
+    write_jsonl(tmp_path / "pairs.jsonl", [pairs[0], {**pairs[1], "rejected_ends": False}])
+    run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, tmp_path / "out",
+                      ExploreConfig(mode="exhaustive"))
+    recs = read_jsonl(tmp_path / "out" / "explore.jsonl")
+    assert [r["rejected_ends"] for r in recs] == [True, False]
+    assert all(o["finished"] == [True] * len(o["completions"]) for r in recs for o in r["outcomes"])

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selfexplore.io import read_json, read_jsonl
 from selfexplore.sampling import (
+    Completion,
     HFSampler,
     SamplingConfig,
     get_sampler,
@@ -151,6 +152,24 @@ def test_hf_stop_strings_truncate_and_halt_early(hf: HFSampler) -> None:
     assert stopped == [[truncate_at_stop(c, stop) for c in cs] for cs in free]
     assert all(s not in c for cs in stopped for c in cs for s in stop)
     assert t2 - t1 < t1 - t0, "rows that hit a stop string must stop generating"
+
+
+def test_hf_marks_completions_cut_at_max_new_tokens(hf: HFSampler, loaded) -> None:
+    model, tokenizer = loaded
+    counts = [_direct_greedy(model, tokenizer, p, 60)[1] for p in tokenizer(PROMPTS)["input_ids"]]
+    ended = [n < 60 for n in counts]  # these rows emit EOS within 60 tokens
+    limit = sorted(n for n, e in zip(counts, ended) if e)[0]
+    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    out = hf.generate(PROMPTS, max_new_tokens=limit, stop=None, **greedy)
+    expected = [e and n <= limit for n, e in zip(counts, ended)]
+    assert len(set(expected)) == 2, "want one row that ends within the limit and one the limit cuts"
+    assert [c[0].finished for c in out] == expected
+    assert all(isinstance(c[0], str) for c in out)
+    # A stop string ends a row too: with "\n" as stop, a row that writes a newline is finished.
+    free = hf.generate(PROMPTS, max_new_tokens=limit, stop=None, **greedy)
+    stopped = hf.generate(PROMPTS, max_new_tokens=limit, stop=["\n"], **greedy)
+    assert any("\n" in c[0] and not c[0].finished for c in free), "want a cut row that a stop string would end"
+    assert [c[0].finished for c in stopped] == [c[0].finished or "\n" in c[0] for c in free]
 
 
 def test_truncate_at_stop_uses_earliest_stop() -> None:
@@ -314,7 +333,8 @@ def test_stage_writes_graded_records_and_stats(hf: HFSampler, tmp_path: Path) ->
     assert len(records) == 21 and stats.samples == 21 and stats.questions == 7 and stats.shards == 4
     assert [r["id"] for r in records[:4]] == ["q00:0", "q00:1", "q00:2", "q01:0"]
     for r in records:
-        assert set(r) == {"id", "question_id", "prompt", "completion", "answer", "gold", "correct", "backend", "seed"}
+        assert set(r) == {"id", "question_id", "prompt", "completion", "answer", "gold", "correct", "finished",
+                          "backend", "seed"}
         problem = next(p for p in PROBLEMS if p.id == r["question_id"])
         assert r["prompt"] == task.prompt(problem) and r["gold"] == problem.answer
         assert r["answer"] == task.extract_answer(r["completion"])
@@ -328,6 +348,27 @@ def test_stage_writes_graded_records_and_stats(hf: HFSampler, tmp_path: Path) ->
     manifest = read_json(tmp_path / "samples.shards" / "manifest.json")
     assert sorted(manifest["shards"]) == ["0", "1", "2", "3"]
     assert [manifest["shards"][k]["records"] for k in "0123"] == [6, 6, 6, 3]
+
+
+class _FixedSampler:
+    """Returns the same completions for every prompt (plain strs count as finished)."""
+
+    def __init__(self, completions: list[str]) -> None:
+        self.completions = completions
+        self.generated_tokens = 0
+
+    def generate(self, prompts: Sequence[str], **kwargs) -> list[list[str]]:
+        return [list(self.completions) for _ in prompts]
+
+
+def test_stage_records_whether_the_model_ended_each_completion(tmp_path: Path) -> None:
+    sampler = _FixedSampler([Completion("3 + 7 = 10\nThe answer is 10", True), Completion("3 + 7 = 1", False),
+                             "3 + 7 = 11\nThe answer is 11"])
+    run_sample_stage(sampler, _Arith(), PROBLEMS[:1], tmp_path / "samples.jsonl", **STAGE)
+    records = read_jsonl(tmp_path / "samples.jsonl")
+    assert [(r["completion"], r["correct"], r["finished"]) for r in records] == [
+        ("3 + 7 = 10\nThe answer is 10", True, True), ("3 + 7 = 1", False, False),
+        ("3 + 7 = 11\nThe answer is 11", False, True)]
 
 
 def test_stage_resumes_after_kill_with_identical_records(hf: HFSampler, tmp_path: Path) -> None:
@@ -401,6 +442,10 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
 
         greedy_args = {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 30, "stop": None, "seed": 0}
         assert sampler.generate(PROMPTS, **greedy_args) == hf_sampler.generate(PROMPTS, **greedy_args)
+        for limit in (3, 30):  # both backends agree on which completions max_new_tokens cut
+            ends = [[[c.finished for c in cs] for cs in s.generate(PROMPTS, **{**greedy_args, "max_new_tokens": limit})]
+                    for s in (sampler, hf_sampler)]
+            assert ends[0] == ends[1]
 
         long_prompt = "Tom has 3 apples and buys 7 more.\n" * 8
         assert sampler.generate([long_prompt, PROMPTS[0]], **{**greedy_args, "max_new_tokens": 40})[0] == []

@@ -9,7 +9,8 @@ Rules, stated once:
   both sides of an outcome pair, so neither is rewarded or punished for ending. A side whose
   record says `"chosen_ends": false` / `"rejected_ends": false` stops mid-rationale and gets no
   end token: a granular pair's rejected pit step (unless the pit is the answer line) is
-  followed by more steps, never by the end. Giving it one would score "stopping after the
+  followed by more steps, never by the end; an outcome pair's rejected sample that was cut at
+  max_new_tokens never ended either. Giving it one would score "stopping after the
   pit step", a token the policy never emits there: it dominates the rejected log-prob and
   DPO lowers it instead of the wrong step. (The reference implementation added the end token
   to chosen only, unconditionally.) The end token is EOS, or the chat template's end-of-turn

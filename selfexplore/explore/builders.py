@@ -27,8 +27,9 @@ def _check_samples(samples: Sequence[dict[str, Any]]) -> None:
         for field in ("id", "question_id", "prompt", "completion"):
             if not isinstance(s.get(field), str):
                 raise DataError(f"sample #{i}: expected a string", field=field)
-        if not isinstance(s.get("correct"), bool):
-            raise DataError(f"sample #{i}: expected a boolean", field="correct")
+        for field, required in (("correct", True), ("finished", False)):
+            if (required or field in s) and not isinstance(s.get(field), bool):
+                raise DataError(f"sample #{i}: expected a boolean", field=field)
 
 
 def _group_by_question(samples: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -89,13 +90,17 @@ def dedupe_key(text: str, dedupe: Literal["equations", "text"] = "equations") ->
 
 def _kept_correct(group: Sequence[dict[str, Any]], max_per_question: int,
                   dedupe: Literal["equations", "text"]) -> list[dict[str, Any]]:
-    """The first `max_per_question` correct, non-empty, mutually distinct samples of a question."""
+    """The first `max_per_question` correct, non-empty, mutually distinct samples of a question.
+
+    A sample cut at max_new_tokens (`"finished": false`) is never kept: it is not a whole
+    response, and training on it (RFT, a chosen side) would teach stopping where it was cut.
+    """
     kept: list[dict[str, Any]] = []
     seen: set[Hashable] = set()
     for s in group:
         if len(kept) >= max_per_question:
             break
-        if not s["correct"] or not s["completion"].strip():
+        if not s["correct"] or not s.get("finished", True) or not s["completion"].strip():
             continue
         key = dedupe_key(s["completion"], dedupe)
         if key not in seen:
@@ -163,7 +168,8 @@ def build_outcome_pairs(samples: Sequence[dict[str, Any]], max_pairs_per_chosen:
     the most different one; ties go to the earlier sample), and no wrong rationale is reused
     until every wrong one of the question has been used once, so the rejected side stays as
     diverse as the samples allow. `max_pairs_per_chosen` distinct rejected per chosen.
-    Questions without a correct or without a wrong sample give no pair.
+    Questions without a correct or without a wrong sample give no pair. `rejected_ends` is
+    false for a rejected sample cut at max_new_tokens: DPO gives it no end token.
     """
     if max_pairs_per_chosen < 1:
         raise ValueError(f"max_pairs_per_chosen must be >= 1, got {max_pairs_per_chosen}")
@@ -198,6 +204,7 @@ def build_outcome_pairs(samples: Sequence[dict[str, Any]], max_pairs_per_chosen:
                 pairs.append({
                     "prompt": c["prompt"], "chosen": c["completion"].strip(),
                     "rejected": wrong[j]["completion"].strip(),
+                    "rejected_ends": wrong[j].get("finished", True),
                     "meta": {"question_id": qid, "source": "outcome", "chosen_id": c["id"],
                              "rejected_id": wrong[j]["id"], "round": round},
                 })

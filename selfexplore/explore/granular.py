@@ -18,7 +18,8 @@ chosen and rejected are stripped of surrounding whitespace and start with the ne
 End of response: the chosen is a whole completion (it ends the response); the rejected pit step
 does not, unless the pit is the answer line or the mode is "pit_to_end". The pair says so with
 `"rejected_ends"`, so DPO gives the rejected no end token when more steps would follow
-(`selfexplore.data.preference`).
+(`selfexplore.data.preference`). A rejected sample that was cut at max_new_tokens (its outcome
+pair's `rejected_ends` false) ends nothing, and a cut completion is never the chosen.
 
 Per-question dedup (the paper): pairs are taken in record order and a pair is kept only if
 both its chosen and its rejected sequence (prompt + text) are new for that question. A pair
@@ -47,8 +48,9 @@ def _check_record(rec: dict[str, Any], i: int) -> None:
 
 
 def _shortest_correct(outcome: dict[str, Any]) -> str:
-    """The shortest non-empty correct completion of one step's outcomes ('' when there is none)."""
-    texts = [c.strip() for c, ok in zip(outcome["completions"], outcome["correct"]) if ok]
+    """The shortest non-empty, correct, finished completion of one step's outcomes ('' when none)."""
+    finished = outcome.get("finished") or [True] * len(outcome["completions"])
+    texts = [c.strip() for c, ok, done in zip(outcome["completions"], outcome["correct"], finished) if ok and done]
     texts = [t for t in texts if t]
     return min(texts, key=len) if texts else ""
 
@@ -72,7 +74,7 @@ def granular_pair(rec: dict[str, Any], rejected_mode: Literal["pit_step", "pit_t
     if not chosen or not rejected or chosen == rejected:
         return None
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "rejected_ends": rejected_mode == "pit_to_end" or t == len(steps),
+            "rejected_ends": (rejected_mode == "pit_to_end" or t == len(steps)) and rec.get("rejected_ends", True),
             "meta": {"question_id": rec["question_id"], "source": "explore", "pit_step": t,
                      "num_steps": len(steps), "source_sample_id": rec["sample_id"], "round": round}}
 

@@ -76,6 +76,7 @@ class Rationale:
     gold: str
     text: str
     pair_chosen: str
+    ends: bool = True  # False: the sample was cut at max_new_tokens, so its last step ends nothing
 
 
 def derive_seed(*parts: object) -> int:
@@ -261,11 +262,13 @@ class _Search:
         return {
             "sample_id": r.sample_id, "question_id": r.question_id, "prompt": r.prompt,
             "gold": r.gold, "steps": job.steps,
-            "outcomes": [{"step": t, "completions": list(p.completions), "correct": list(p.correct)}
+            "outcomes": [{"step": t, "completions": list(p.completions), "correct": list(p.correct),
+                          # `sampling.Completion.finished` (not imported: it would pull torch in)
+                          "finished": [getattr(x, "finished", True) for x in p.completions]}
                          for t, p in enumerate(job.visited, start=1)],
             "pit": job.pit, "status": job.status,
             "tokens_generated": sum(p.tokens for p in job.visited if p.owner == job.index),
-            "pair_chosen": r.pair_chosen,
+            "pair_chosen": r.pair_chosen, "rejected_ends": r.ends,
         }
 
 

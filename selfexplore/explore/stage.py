@@ -48,12 +48,15 @@ def load_rejected(pairs_path: str | os.PathLike, problems_by_id: Mapping[str, Pr
         prompt = require_str(rec, "prompt", pairs_path, line)
         rejected = require_str(rec, "rejected", pairs_path, line, allow_empty=True)
         chosen = require_str(rec, "chosen", pairs_path, line, allow_empty=True)
+        ends = rec.get("rejected_ends", True)
+        if not isinstance(ends, bool):
+            raise DataError(f"expected true or false, got {ends!r}", pairs_path, line, "rejected_ends")
         if qid not in problems_by_id:
             raise DataError(f"unknown question id {qid!r}", pairs_path, line, "meta.question_id")
         if sample_id in seen:
             continue
         seen.add(sample_id)
-        rationales.append(Rationale(sample_id, qid, prompt, problems_by_id[qid].answer, rejected, chosen))
+        rationales.append(Rationale(sample_id, qid, prompt, problems_by_id[qid].answer, rejected, chosen, ends))
     return rationales
 
 

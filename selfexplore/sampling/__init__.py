@@ -1,10 +1,12 @@
 """Sampling: the Sampler protocol, HF `generate` and vLLM backends, and the resumable sample stage."""
 
 from selfexplore.sampling.base import (
+    Completion,
     Sampler,
     SamplingConfig,
     derive_seed,
     get_sampler,
+    is_finished,
     resolve_backend,
     truncate_at_stop,
 )
@@ -12,12 +14,14 @@ from selfexplore.sampling.hf import HFSampler
 from selfexplore.sampling.stage import SampleStats, run_sample_stage
 
 __all__ = [
+    "Completion",
     "HFSampler",
     "SampleStats",
     "Sampler",
     "SamplingConfig",
     "derive_seed",
     "get_sampler",
+    "is_finished",
     "resolve_backend",
     "run_sample_stage",
     "truncate_at_stop",

@@ -36,6 +36,7 @@ from transformers.generation.stopping_criteria import (
 )
 
 from selfexplore.sampling.base import (
+    Completion,
     OverlongMode,
     check_backend_args,
     check_sampling_args,
@@ -147,7 +148,7 @@ class HFSampler:
                    overlong_prompts=overlong_prompts, max_model_len=max_model_len)
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[Completion]]:
         check_sampling_args(n, temperature, top_p, max_new_tokens)
         stop = [s for s in (stop or []) if s]
         encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -162,7 +163,7 @@ class HFSampler:
         # One row (prompt index, sample index) per sequence; longest prompts first so padding
         # stays small and an out-of-memory error shows at once.
         rows = sorted(((i, k) for i in kept for k in range(1 if greedy else n)), key=lambda r: -len(kept[r[0]]))
-        results: list[list[str]] = [[] for _ in prompts]
+        results: list[list[Completion]] = [[] for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
             texts = self._generate_batch([kept[i] for i, _ in batch], [derive_seed(seed, "row", i, k) for i, k in batch],
@@ -172,7 +173,7 @@ class HFSampler:
         return [r * n for r in results] if greedy else results
 
     def _generate_batch(self, prompt_ids: list[list[int]], row_seeds: list[int], temperature: float, top_p: float,
-                        max_new_tokens: int, stop: list[str]) -> list[str]:
+                        max_new_tokens: int, stop: list[str]) -> list[Completion]:
         """Generate one row per prompt (left-padded) and return the decoded, stop-truncated texts."""
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
@@ -185,22 +186,23 @@ class HFSampler:
         device = self.model.device
         try:
             with torch.inference_mode():
-                new_ids, by_eos = self._decode_segments(input_ids.to(device), attention.to(device), row_seeds,
+                new_ids, by_eos, finished = self._decode_segments(input_ids.to(device), attention.to(device), row_seeds,
                                                         temperature, top_p, max_new_tokens, stop)
         finally:
             self.model.train(was_training)
         self.generated_tokens += sum(len(ids) for ids in new_ids)
-        return [truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), stop)
-                for prompt, ids, eos in zip(prompt_ids, new_ids, by_eos)]
+        return [Completion(truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), stop), done)
+                for prompt, ids, eos, done in zip(prompt_ids, new_ids, by_eos, finished)]
 
     def _decode_segments(self, input_ids: torch.Tensor, attention: torch.Tensor, row_seeds: list[int],
                          temperature: float, top_p: float, max_new_tokens: int,
-                         stop: list[str]) -> tuple[list[list[int]], list[bool]]:
+                         stop: list[str]) -> tuple[list[list[int]], list[bool], list[bool]]:
         """Generate in segments of `segment_tokens`, dropping finished rows (and their KV cache) in between.
 
         `generate` keeps computing rows that hit EOS until the whole batch is done; sampled
         lengths vary a lot, so pruning every segment saves much of the batch's compute.
-        Returns per row the generated ids (with the EOS/stop-completing token) and whether EOS ended it.
+        Returns per row the generated ids (with the EOS/stop-completing token), whether EOS ended
+        it, and whether it ended at all (False: `max_new_tokens` cut it).
         """
         batch, prompt_width = input_ids.shape
         new_ids: list[list[int]] = [[] for _ in range(batch)]
@@ -237,7 +239,8 @@ class HFSampler:
             rows = [rows[i] for i in keep.tolist()]
             attention = torch.cat([attention, attention.new_ones(segment.shape)], dim=1)[keep]
             input_ids = sequences[keep]
-        return new_ids, by_eos
+        cut = set(rows)
+        return new_ids, by_eos, [row not in cut for row in range(batch)]
 
     def _continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
         """Decode new tokens in the context of the prompt.

@@ -6,7 +6,8 @@ is sampled with a seed derived from (seed, i) and written atomically, then recor
 `manifest.json`. A rerun skips recorded shards, so the assembled `samples.jsonl` is
 byte-identical to that of an uninterrupted run, with no duplicates or gaps. The manifest
 carries the config fingerprint; resuming with another model, n, seed, problem set, ... is
-refused rather than silently mixing samples.
+refused rather than silently mixing samples. Each record says whether its completion was
+`finished` by the model or cut at max_new_tokens (pair builders treat the two differently).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from selfexplore.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
-from selfexplore.sampling.base import Sampler, derive_seed
+from selfexplore.sampling.base import Sampler, derive_seed, is_finished
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
     from selfexplore.tasks.base import Problem, Task
@@ -145,7 +146,8 @@ def _grade(task: Task, shard: Sequence[Problem], prompts: Sequence[str], complet
             records.append({
                 "id": f"{problem.id}:{k}", "question_id": problem.id, "prompt": prompt, "completion": text,
                 "answer": task.extract_answer(text), "gold": problem.answer,
-                "correct": bool(task.is_correct(text, problem.answer)), "backend": backend, "seed": seed,
+                "correct": bool(task.is_correct(text, problem.answer)), "finished": is_finished(text),
+                "backend": backend, "seed": seed,
             })
     return records
 

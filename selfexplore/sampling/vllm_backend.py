@@ -39,6 +39,7 @@ import torch
 
 from selfexplore.models.files import local_model_path
 from selfexplore.sampling.base import (
+    Completion,
     SamplingConfig,
     check_sampling_args,
     derive_seed,
@@ -147,7 +148,7 @@ class VLLMSampler:
         self.overlong_count = 0
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[Completion]]:
         if self.llm is None:
             raise RuntimeError("this VLLMSampler was closed; build a new one to sample again")
         check_sampling_args(n, temperature, top_p, max_new_tokens)
@@ -165,14 +166,14 @@ class VLLMSampler:
                 stop=[s for s in stop if s] if stop else None, stop_token_ids=self.stop_token_ids,
                 seed=derive_seed(seed, "prompt", i)))
             owners.append(i)
-        results: list[list[str]] = [[] for _ in prompts]
+        results: list[list[Completion]] = [[] for _ in prompts]
         if not requests:
             return results
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
         for i, output in zip(owners, outputs):
             completions = sorted(output.outputs, key=lambda c: c.index)
             self.generated_tokens += sum(len(c.token_ids) for c in completions)
-            texts = [c.text for c in completions]
+            texts = [Completion(c.text, c.finish_reason != "length") for c in completions]
             results[i] = texts * n if greedy else texts
         return results
 
