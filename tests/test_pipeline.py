@@ -194,6 +194,23 @@ def test_run_dir_of_another_config_is_refused(scripted, tmp_path: Path) -> None:
     Pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, seed=7), force=True)
 
 
+def test_held_out_questions_are_sampled_instead_of_the_sft_ones(scripted, tmp_path: Path) -> None:
+    run_pipeline(_config(tmp_path / "run", sft_questions=30, sample_questions="held_out", train_questions=None,
+                         baselines=["sft", "rft"], rounds=1))
+    run = tmp_path / "run"
+    train = [p.id for p in get_task("arith", **TASK_OPTIONS).load("train")]
+    sampled = {json.loads(line)["question_id"] for line in (run / "round_1/samples.jsonl").read_text().splitlines()}
+    assert sampled == set(train[30:])
+    rft = [json.loads(line)["meta"] for line in (run / "round_1/rft.jsonl").read_text().splitlines()]
+    gold = {m["question_id"] for m in rft if m["sample_id"] == "gold"}
+    assert gold == set(train[:30])  # SFT's gold rationales; the held-out questions contribute samples only
+    assert {m["question_id"] for m in rft if m["sample_id"] != "gold"} <= set(train[30:])
+    with pytest.raises(ValueError, match="needs sft_questions"):
+        _config(tmp_path / "a", sample_questions="held_out")
+    with pytest.raises(ValueError, match="none are left"):
+        Pipeline(_config(tmp_path / "b", sample_questions="held_out", sft_questions=48))
+
+
 def test_unknown_baseline_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown baselines"):
         _config(tmp_path, baselines=["ppo"])

@@ -100,7 +100,13 @@ class PipelineConfig:
     sft_questions: how many gold rationales (the first N of the train split) SFT trains on and
         RFT adds when `rft_include_gold` (None: all, the paper).
     train_questions: how many training questions are sampled and explored (None: all), taken
-        from the `sft_questions` SFT trained on.
+        from the questions `sample_questions` names.
+    sample_questions: 'sft' samples and explores the questions SFT trained on (the paper);
+        'held_out' the train-split questions after the first `sft_questions`, which SFT never
+        saw (only their final answers are used: questions without rationales). A small model
+        that has memorized its SFT questions makes only sampling slips on them, not the
+        mistakes it makes on new questions; on held-out questions its samples show those, and
+        RFT learns from rationales for questions it had none for.
     rft_include_gold: RFT trains on the gold rationales plus the accepted samples.
     pairs_include_gold: outcome pairs may take a question's gold rationale as the chosen side
         (after the policy's own correct samples). Off in the paper, which pairs self-generated
@@ -133,6 +139,7 @@ class PipelineConfig:
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     sft_questions: int | None = None
     train_questions: int | None = None
+    sample_questions: Literal["sft", "held_out"] = "sft"
     rft_max_per_question: int = 8
     rft_include_gold: bool = True
     pairs_include_gold: bool = False
@@ -153,6 +160,11 @@ class PipelineConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.eval_samples < 0:
             raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        if self.sample_questions not in ("sft", "held_out"):
+            raise ValueError(f"sample_questions must be 'sft' or 'held_out', got {self.sample_questions!r}")
+        if self.sample_questions == "held_out" and self.sft_questions is None:
+            raise ValueError("sample_questions='held_out' needs sft_questions: the questions after the first "
+                             "sft_questions of the train split are the held-out ones")
         if self.model is None:
             if self.from_scratch is None:
                 raise ValueError("model is required (a folder, Hub id or gguf: spec) unless from_scratch is set")

@@ -69,8 +69,12 @@ class Pipeline:
         data = Path(config.data_dir) if config.data_dir else None
         train = self.task.load("train", path=data / "train.jsonl" if data else None)
         self.gold_problems = train[: config.sft_questions]
-        # Sampled questions come from the SFT questions, as in the paper (SFT and sampling both use the train set).
-        self.train_problems = sorted(self.gold_problems, key=lambda p: p.id)[: config.train_questions]
+        # The paper samples the questions SFT trained on; 'held_out' those after them.
+        pool = self.gold_problems if config.sample_questions == "sft" else train[config.sft_questions:]
+        if not pool and config.sample_questions == "held_out":
+            raise ValueError(f"sample_questions='held_out': the train split has {len(train)} questions, all used "
+                             f"by SFT (sft_questions={config.sft_questions}); none are left to sample")
+        self.train_problems = sorted(pool, key=lambda p: p.id)[: config.train_questions]
         evaluation = self.task.load(config.eval_split, path=data / f"{config.eval_split}.jsonl" if data else None)
         self.eval_problems = evaluation[: config.eval_limit]
         self.problems_by_id = {p.id: p for p in self.train_problems}
