@@ -19,6 +19,7 @@ from selfexplore.explore import (
 )
 from selfexplore.explore.builders import extract_equations, levenshtein
 from selfexplore.explore.config import doubling_waves
+from selfexplore.explore.granular import pit_agreement
 from selfexplore.explore.pit import derive_seed, share_tokens
 from selfexplore.io import DataError, read_jsonl, write_jsonl
 
@@ -42,6 +43,9 @@ class FakeTask:
 
     def is_correct(self, text: str, gold: str) -> bool:
         return self.extract_answer(text) == gold
+
+    def first_wrong_step(self, problem, steps: list[str]) -> int | None:
+        return None  # free-form rationales (the Task default)
 
 
 TASK = FakeTask()
@@ -520,6 +524,16 @@ def test_granular_pairs_respect_cut_samples_and_cut_completions():
     (pair,) = build_granular_pairs([record(3, outcomes=[outcome(1, [(OK, True)]), step2,
                                                         outcome(3, [(BAD, False)] * 4)])])
     assert pair["chosen"] == OK.strip()
+
+
+def test_pit_agreement_places_pits_relative_to_the_first_wrong_step():
+    recs = [record(2, sid="a"), record(3, sid="b"), record(4, sid="c"), record(3, sid="d"),
+            record(None, status="no_pit", sid="e"), record(2, sid="f")]
+    first_wrong = {"a": 2, "b": 2, "c": 4, "d": 4, "e": 1, "f": None}
+    stats = pit_agreement(recs, lambda r: first_wrong[r["sample_id"]])
+    assert stats == {"pits_checked": 4, "pit_at_first_error": 0.5, "pit_before_first_error": 0.25,
+                     "pit_after_first_error": 0.25}
+    assert pit_agreement(recs, lambda r: None) == {}
 
 
 def test_sample_stats():

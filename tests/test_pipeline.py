@@ -108,7 +108,17 @@ def test_miniature_pipeline_runs_end_to_end(scripted, tmp_path: Path) -> None:
         assert gpairs and all(p["chosen"] and p["rejected"] and p["chosen"] != p["rejected"] for p in gpairs)
         assert all(p["meta"]["round"] == r for p in gpairs)
         assert (run / f"round_{r}/self_explore/policy/config.json").is_file()
+    gold = {p.id: p.solution.split("\n") for p in get_task("arith", **TASK_OPTIONS).load("train")}
+    for r in (1, 2):  # arith rationales are canonical: the report says how many pits are the first error
+        explore = state[f"round_{r}/explore"]
+        pits = [json.loads(line) for line in (run / f"round_{r}/explore/explore.jsonl").read_text().splitlines()]
+        pits = [p for p in pits if p["status"] == "pit"]
+        at = [p["pit"] == next(t for t, (a, b) in enumerate(zip(p["steps"] + [""], gold[p["question_id"]]), 1) if a != b)
+              for p in pits]
+        assert explore["pits_checked"] == explore["num_pits"] == len(pits) > 0
+        assert explore["pit_at_first_error"] == pytest.approx(sum(at) / len(at))
     text = report.read_text()
+    assert "pit_at_first_error" in text.splitlines()[4]
     for row in ("| SFT | 0 |", "| RFT | 1 |", "| Outcome DPO | 1 |", "| Self-Explore | 1 |", "| Self-Explore | 2 |"):
         assert row in text
     assert (run / "report.png").stat().st_size > 1000

@@ -360,6 +360,23 @@ def test_arith_reads_gsm8k_layout_files(tmp_path):
         "arith:1", "3 + 2 = 5\nThe answer is 5", "5")
 
 
+def test_arith_first_wrong_step_compares_with_the_canonical_rationale(tmp_path):
+    task = ArithTask(**SMALL)
+    problem = next(p for p in task.load("train") if len(p.solution.split("\n")) >= 4)
+    gold = task.split_steps(problem.solution)
+    assert task.first_wrong_step(problem, gold) is None
+    assert task.first_wrong_step(problem, [" " + gold[0] + "  ", *gold[1:]]) is None  # whitespace aside
+    wrong = [*gold[:2], gold[2] + "1", *gold[3:]]
+    assert task.first_wrong_step(problem, wrong) == 3
+    assert task.first_wrong_step(problem, gold[:2]) == 3  # stopped early
+    assert task.first_wrong_step(problem, [*gold, "more"]) == len(gold) + 1
+    # Rationales read from a file are free text, and other tasks have no canonical form.
+    path = write_records(tmp_path / "a.jsonl", [{"query": problem.question, "response": problem.solution}])
+    (from_file,) = ArithTask(**SMALL).load("test", path)
+    assert ArithTask(**SMALL).first_wrong_step(from_file, wrong) is None
+    assert GSM8KTask().first_wrong_step(problem, wrong) is None
+
+
 # --------------------------------------------------------------------------- real GSM8K
 
 

@@ -29,7 +29,7 @@ with an empty side or with chosen == rejected is never emitted.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from selfexplore.explore.pit import STEP_SEP, steps_prefix
@@ -100,6 +100,29 @@ def build_granular_pairs(explore_records: Sequence[dict[str, Any]],
         rejected_seen.add(rejected_seq)
         pairs.append(pair)
     return pairs
+
+
+def pit_agreement(records: Sequence[dict[str, Any]],
+                  first_wrong_step: Callable[[dict[str, Any]], int | None]) -> dict[str, Any]:
+    """Where the first pits fall relative to the first wrong step, for records where it is known.
+
+    `first_wrong_step(record)` gives that step (e.g. from a canonical gold rationale) or None.
+    A pit before it marks a right step (no completion from just after it succeeded: the policy
+    could not get past a later mistake); a pit after it, a mistake the policy recovered from.
+    Returns {} when no pit can be checked.
+    """
+    where: Counter[str] = Counter()
+    for r in records:
+        if r["status"] != "pit":
+            continue
+        wrong = first_wrong_step(r)
+        if wrong is not None:
+            where["at" if r["pit"] == wrong else "before" if r["pit"] < wrong else "after"] += 1
+    checked = sum(where.values())
+    if not checked:
+        return {}
+    return {"pits_checked": checked, "pit_at_first_error": where["at"] / checked,
+            "pit_before_first_error": where["before"] / checked, "pit_after_first_error": where["after"] / checked}
 
 
 def explore_stats(records: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:

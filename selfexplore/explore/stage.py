@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selfexplore.explore.config import ExploreConfig
-from selfexplore.explore.granular import build_granular_pairs, explore_stats
+from selfexplore.explore.granular import build_granular_pairs, explore_stats, pit_agreement
 from selfexplore.explore.pit import Rationale, find_first_pits
 from selfexplore.io import DataError, iter_jsonl, read_json, read_jsonl, require_str, write_json, write_jsonl
 
@@ -126,6 +126,7 @@ def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLik
     pairs = build_granular_pairs(records, config.rejected_mode, round=config.round)
     stats = explore_stats(records, pairs)
     stats["mode"] = config.mode
+    stats.update(pit_agreement(records, lambda r: task.first_wrong_step(problems_by_id[r["question_id"]], r["steps"])))
     write_jsonl(out_dir / "explore.jsonl", records)
     write_jsonl(out_dir / "gpairs.jsonl", pairs)
     write_json(out_dir / "explore_stats.json", stats)

@@ -16,7 +16,7 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
     def row(stage: str, round_: int, policy_unit: str, **rest: Any) -> dict[str, Any]:
         return {"stage": stage, "round": round_, "accuracy": get(f"{policy_unit}/eval", "accuracy"),
                 "sampled_accuracy": get(f"{policy_unit}/eval", "sampled_accuracy"),
-                "seconds": get(policy_unit, "seconds"), **rest}
+                "seconds": get(policy_unit, "seconds"), "pit_at_first_error": None, **rest}
 
     rows = [row("SFT", 0, "round_0/sft", pass_at_n=get("round_1/samples.jsonl", "pass_at_n"), pairs=None,
                 pits=None, tokens=get("round_1/samples.jsonl", "generated_tokens")),
@@ -30,6 +30,7 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
         rows.append(row("Self-Explore", r, f"round_{r}/self_explore",
                         pass_at_n=get(f"round_{r + 1}/explorer_samples.jsonl", "pass_at_n"),
                         pairs=explore.get("num_pairs"), pits=explore.get("pit_histogram"),
+                        pit_at_first_error=explore.get("pit_at_first_error"),
                         tokens=explore.get("tokens_generated")))
     return [row for row in rows if row["accuracy"] is not None]
 
@@ -55,15 +56,18 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     run_dir = Path(run_dir)
     rows = report_rows(units, config.rounds)
     sampled = any(row["sampled_accuracy"] is not None for row in rows)
+    checked = any(row["pit_at_first_error"] is not None for row in rows)
     header = ["stage", "round", "accuracy", *(["sampled_accuracy"] if sampled else []), "pass_at_n", "pairs",
-              "pits", "tokens", "seconds"]
+              "pits", *(["pit_at_first_error"] if checked else []), "tokens", "seconds"]
     sampled_note = (f" sampled_accuracy is the mean accuracy of {config.eval_samples} answers per question sampled "
                     f"at temperature {config.sampling.temperature};" if sampled else "")
+    checked_note = (" pit_at_first_error is the fraction of those pits that are the first step departing from the "
+                    "gold rationale (the task's rationales are canonical)." if checked else "")
     lines = [f"# Self-Explore run: {run_dir.name}", "",
              f"task `{config.task}`, eval split `{config.eval_split}`, seed {config.seed}; accuracy is greedy "
              f"accuracy on the {config.eval_split} split;{sampled_note} pass_at_n is over the policy's own samples "
              "of the training questions; pits is the first-pit step histogram of the exploration that made that "
-             "round's pairs.", "",
+             f"round's pairs.{checked_note}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
     total = sum(own_seconds(units).values())

@@ -116,6 +116,7 @@ class ArithTask(GSM8KTask):
         self.sizes = {"train": train_size, "validation": validation_size, "test": test_size}
         self.seed = seed
         self._splits: dict[str, list[Problem]] | None = None
+        self._generated_set: set[Problem] | None = None
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -136,6 +137,23 @@ class ArithTask(GSM8KTask):
         problems = list(self._splits[split])
         self.last_load_stats = LoadStats(f"generated (seed={self.seed})", len(problems))
         return problems
+
+    def first_wrong_step(self, problem: Problem, steps: list[str]) -> int | None:
+        """Generated problems have one canonical rationale, so the first step that differs from
+        it (whitespace aside) is the first wrong one; None for problems read from a file (their
+        rationales are free text) and for a rationale that does not depart at all."""
+        if self._splits is None or problem not in self._generated():
+            return None
+        gold = [" ".join(s.split()) for s in self.split_steps(problem.solution)]
+        for t, (step, ref) in enumerate(zip(steps, gold), start=1):
+            if " ".join(step.split()) != ref:
+                return t
+        return None if len(steps) == len(gold) else min(len(steps), len(gold)) + 1
+
+    def _generated(self) -> set[Problem]:
+        if self._generated_set is None:
+            self._generated_set = {p for split in (self._splits or {}).values() for p in split}
+        return self._generated_set
 
     def _generate(self) -> dict[str, list[Problem]]:
         rng = random.Random(self.seed)

@@ -75,6 +75,15 @@ class Task(abc.ABC):
     def is_correct(self, text: str, gold: str) -> bool:
         """Whether a rationale's final answer is equivalent to the gold answer."""
 
+    def first_wrong_step(self, problem: Problem, steps: list[str]) -> int | None:
+        """The 1-based step where a rationale first departs from the problem's gold rationale.
+
+        Only a task whose rationales are canonical (each step can be written one way, as in the
+        generated `arith` problems) can tell; the default, for free-form rationales (GSM8K,
+        MATH), is None. It lets a run measure how often the first pit is the first wrong step.
+        """
+        return None
+
 
 def split_lines(text: str) -> list[str]:
     """GSM8K-style steps: one step per non-empty line (lines are kept as written)."""
