@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from selfexplore.completion import is_finished
 from selfexplore.explore.config import ExploreConfig
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
@@ -263,8 +264,7 @@ class _Search:
             "sample_id": r.sample_id, "question_id": r.question_id, "prompt": r.prompt,
             "gold": r.gold, "steps": job.steps,
             "outcomes": [{"step": t, "completions": list(p.completions), "correct": list(p.correct),
-                          # `sampling.Completion.finished` (not imported: it would pull torch in)
-                          "finished": [getattr(x, "finished", True) for x in p.completions]}
+                          "finished": [is_finished(x) for x in p.completions]}
                          for t, p in enumerate(job.visited, start=1)],
             "pit": job.pit, "status": job.status,
             "tokens_generated": sum(p.tokens for p in job.visited if p.owner == job.index),

@@ -1,12 +1,11 @@
 """Sampling: the Sampler protocol, HF `generate` and vLLM backends, and the resumable sample stage."""
 
+from selfexplore.completion import Completion, is_finished
 from selfexplore.sampling.base import (
-    Completion,
     Sampler,
     SamplingConfig,
     derive_seed,
     get_sampler,
-    is_finished,
     resolve_backend,
     truncate_at_stop,
 )

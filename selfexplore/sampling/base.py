@@ -20,29 +20,6 @@ Backend = Literal["auto", "hf", "vllm"]
 BACKENDS: tuple[Backend, ...] = ("auto", "hf", "vllm")
 
 
-class Completion(str):
-    """A sampled text that also says whether the model ended it.
-
-    `finished` is False when `max_new_tokens` cut the text before an end token or stop string.
-    A cut text is not a whole response: it must not be trained on as one (RFT, a chosen side),
-    and as a rejected side it gets no end token (the policy never stopped there). It is a `str`,
-    so code that only needs the text is unaffected; a plain `str` from another sampler counts
-    as finished.
-    """
-
-    finished: bool
-
-    def __new__(cls, text: str, finished: bool = True) -> Completion:
-        obj = super().__new__(cls, text)
-        obj.finished = finished
-        return obj
-
-
-def is_finished(text: str) -> bool:
-    """Whether a sampler's completion was ended by the model (True for plain strings)."""
-    return getattr(text, "finished", True)
-
-
 @runtime_checkable
 class Sampler(Protocol):
     """Draws `n` completions per prompt; completions exclude the prompt and any stop string.

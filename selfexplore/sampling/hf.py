@@ -35,8 +35,8 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
+from selfexplore.completion import Completion
 from selfexplore.sampling.base import (
-    Completion,
     OverlongMode,
     check_backend_args,
     check_sampling_args,

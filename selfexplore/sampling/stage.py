@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from selfexplore.completion import is_finished
 from selfexplore.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
-from selfexplore.sampling.base import Sampler, derive_seed, is_finished
+from selfexplore.sampling.base import Sampler, derive_seed
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
     from selfexplore.tasks.base import Problem, Task

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from selfexplore.completion import Completion
 from selfexplore.models.files import local_model_path
 from selfexplore.sampling.base import (
-    Completion,
     SamplingConfig,
     check_sampling_args,
     derive_seed,
