@@ -5,7 +5,9 @@ machine, where does the time go, and does the paper's ordering (Self-Explore > o
 RFT > SFT, round 2 >= round 1) hold across seeds? Each seed is a fresh run directory driven
 through the real CLI in a subprocess (`--pipeline.seed`, `--pipeline.run_dir` overrides), so
 what is timed is exactly what a user runs. Afterwards the script reads each run's
-`state.json` (every unit records its wall time) and prints one JSON line per seed and stage,
+`state.json` (every unit records its wall time) and prints one JSON line per seed and stage
+(accuracy lines also give the test questions fixed and broken against the policy the stage
+builds on, with the exact McNemar p-value: is the difference more than split noise?),
 then a summary line per stage (median seconds over seeds) and per trained policy (mean and
 sample standard deviation of accuracy), and markdown tables of the summary (greedy accuracy,
 and sampled accuracy when the config sets `eval_samples`).
@@ -27,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from selfexplore.pipeline.report import own_seconds, report_rows
+from selfexplore.pipeline.report import changes, own_seconds, report_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,9 +118,13 @@ def main() -> None:
         emit(kind="run", seed=seed, units_seconds=round(total, 1), this_invocation_seconds=round(wall, 1))
         rounds = sum(1 for u in units if u.endswith("/self_explore"))
         rows_by_seed[seed] = report_rows(units, rounds)
+        changed = changes(run_dir, rows_by_seed[seed])
         for row in rows_by_seed[seed]:
+            change = changed.get(row["unit"])
             emit(kind="accuracy", seed=seed, stage=row["stage"], round=row["round"], accuracy=row["accuracy"],
-                 sampled_accuracy=row["sampled_accuracy"])
+                 sampled_accuracy=row["sampled_accuracy"], builds_on=row["builds_on"],
+                 fixed=change and change.fixed, broken=change and change.broken,
+                 mcnemar_p=change and round(change.p_value, 4))
     total = statistics.median(per_stage["total (units)"])
     for stage, values in per_stage.items():
         median = statistics.median(values)

@@ -122,6 +122,20 @@ def test_miniature_pipeline_runs_end_to_end(scripted, tmp_path: Path) -> None:
     for row in ("| SFT | 0 |", "| RFT | 1 |", "| Outcome DPO | 1 |", "| Self-Explore | 1 |", "| Self-Explore | 2 |"):
         assert row in text
     assert (run / "report.png").stat().st_size > 1000
+    # change: questions fixed / broken against the policy the row builds on, from the eval files
+    header = [h.strip() for h in text.splitlines()[4].strip("|").split("|")]
+    cells = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")
+             for line in text.splitlines() if line.startswith("| ") and "stage" not in line}
+    graded = {u: {r["question_id"]: r["correct"] for r in map(json.loads, (run / u / "eval.jsonl").read_text().splitlines())}
+              for u in ("round_0/sft", "round_1/rft", "round_1/outcome_dpo", "round_1/self_explore", "round_2/self_explore")}
+    for key, before, after in ((("Outcome DPO", "1"), "round_1/rft", "round_1/outcome_dpo"),
+                               (("Self-Explore", "1"), "round_1/rft", "round_1/self_explore"),
+                               (("Self-Explore", "2"), "round_1/self_explore", "round_2/self_explore"),
+                               (("RFT", "1"), "round_0/sft", "round_1/rft")):
+        fixed = sum(graded[after][q] and not graded[before][q] for q in graded[before])
+        broken = sum(graded[before][q] and not graded[after][q] for q in graded[before])
+        assert cells[key][header.index("change")].strip().startswith(f"+{fixed} -{broken} (p=")
+    assert cells[("SFT", "0")][header.index("change")].strip() == "-"
 
 
 def test_callback_points_data_at_next_round_and_keeps_or_updates_reference(scripted, tmp_path, monkeypatch) -> None:

@@ -6,33 +6,55 @@ from pathlib import Path
 from typing import Any
 
 from selfexplore.io import atomic_write_text
+from selfexplore.pipeline.compare import PairedChange, correct_by_question, paired_change
 
 
 def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
-    """One row per trained policy: greedy (and sampled) accuracy, pass@N of its samples, pairs, pits, tokens, time."""
+    """One row per trained policy: greedy (and sampled) accuracy, pass@N of its samples, pairs, pits, tokens, time.
+
+    `unit` names the policy's unit and `builds_on` the unit of the policy the row is compared
+    with (RFT: SFT, whose samples it trains on; outcome DPO and round 1: RFT; round r: round r-1).
+    """
     def get(unit: str, key: str) -> Any:
         return units.get(unit, {}).get(key)
 
-    def row(stage: str, round_: int, policy_unit: str, **rest: Any) -> dict[str, Any]:
-        return {"stage": stage, "round": round_, "accuracy": get(f"{policy_unit}/eval", "accuracy"),
+    def row(stage: str, round_: int, policy_unit: str, builds_on: str | None, **rest: Any) -> dict[str, Any]:
+        return {"stage": stage, "round": round_, "unit": policy_unit, "builds_on": builds_on,
+                "accuracy": get(f"{policy_unit}/eval", "accuracy"),
                 "sampled_accuracy": get(f"{policy_unit}/eval", "sampled_accuracy"),
                 "seconds": get(policy_unit, "seconds"), "pit_at_first_error": None, **rest}
 
-    rows = [row("SFT", 0, "round_0/sft", pass_at_n=get("round_1/samples.jsonl", "pass_at_n"), pairs=None,
+    rows = [row("SFT", 0, "round_0/sft", None, pass_at_n=get("round_1/samples.jsonl", "pass_at_n"), pairs=None,
                 pits=None, tokens=get("round_1/samples.jsonl", "generated_tokens")),
-            row("RFT", 1, "round_1/rft", pass_at_n=get("round_1/explorer_samples.jsonl", "pass_at_n"),
+            row("RFT", 1, "round_1/rft", "round_0/sft", pass_at_n=get("round_1/explorer_samples.jsonl", "pass_at_n"),
                 pairs=get("round_1/pairs", "pairs"), pits=None,
                 tokens=get("round_1/explorer_samples.jsonl", "generated_tokens")),
-            row("Outcome DPO", 1, "round_1/outcome_dpo", pass_at_n=None, pairs=get("round_1/pairs", "pairs"),
+            row("Outcome DPO", 1, "round_1/outcome_dpo", "round_1/rft", pass_at_n=None, pairs=get("round_1/pairs", "pairs"),
                 pits=None, tokens=None)]
     for r in range(1, rounds + 1):
         explore = units.get(f"round_{r}/explore", {})
         rows.append(row("Self-Explore", r, f"round_{r}/self_explore",
+                        "round_1/rft" if r == 1 else f"round_{r - 1}/self_explore",
                         pass_at_n=get(f"round_{r + 1}/explorer_samples.jsonl", "pass_at_n"),
                         pairs=explore.get("num_pairs"), pits=explore.get("pit_histogram"),
                         pit_at_first_error=explore.get("pit_at_first_error"),
                         tokens=explore.get("tokens_generated")))
     return [row for row in rows if row["accuracy"] is not None]
+
+
+def changes(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[str, PairedChange]:
+    """Per row unit: test questions fixed and broken against the policy it builds on (both evaluated)."""
+    def graded(unit: str) -> dict[str, bool] | None:
+        path = Path(run_dir) / unit / "eval.jsonl"
+        return correct_by_question(path) if path.is_file() else None
+
+    out = {}
+    for row in rows:
+        before = graded(row["builds_on"]) if row["builds_on"] else None
+        after = graded(row["unit"]) if before is not None else None
+        if after is not None:
+            out[row["unit"]] = paired_change(before, after)
+    return out
 
 
 def own_seconds(units: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -57,17 +79,24 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     rows = report_rows(units, config.rounds)
     sampled = any(row["sampled_accuracy"] is not None for row in rows)
     checked = any(row["pit_at_first_error"] is not None for row in rows)
-    header = ["stage", "round", "accuracy", *(["sampled_accuracy"] if sampled else []), "pass_at_n", "pairs",
+    changed = changes(run_dir, rows)
+    for row in rows:
+        row["change"] = changed.get(row["unit"])
+    header = ["stage", "round", "accuracy", *(["change"] if changed else []),
+              *(["sampled_accuracy"] if sampled else []), "pass_at_n", "pairs",
               "pits", *(["pit_at_first_error"] if checked else []), "tokens", "seconds"]
     sampled_note = (f" sampled_accuracy is the mean accuracy of {config.eval_samples} answers per question sampled "
                     f"at temperature {config.sampling.temperature};" if sampled else "")
     checked_note = (" pit_at_first_error is the fraction of those pits that are the first step departing from the "
                     "gold rationale (the task's rationales are canonical)." if checked else "")
+    change_note = (" change compares greedy answers with the policy the row builds on (RFT: SFT; outcome DPO "
+                   "and Self-Explore round 1: RFT; round r: round r-1): +questions it fixed, -questions it broke, "
+                   "and the exact McNemar p-value (a small p: more than split noise)." if changed else "")
     lines = [f"# Self-Explore run: {run_dir.name}", "",
              f"task `{config.task}`, eval split `{config.eval_split}`, seed {config.seed}; accuracy is greedy "
              f"accuracy on the {config.eval_split} split;{sampled_note} pass_at_n is over the policy's own samples "
              "of the training questions; pits is the first-pit step histogram of the exploration that made that "
-             f"round's pairs.{checked_note}", "",
+             f"round's pairs.{checked_note}{change_note}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
     total = sum(own_seconds(units).values())
