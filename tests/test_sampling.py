@@ -1,7 +1,9 @@
 """Sampling backends (HF, vLLM) and the resumable, sharded `sample` stage.
 
-The model is a 2-layer Llama (head_dim 32, so vLLM's CPU backend accepts it) trained for a
-few seconds on arithmetic texts, so it writes lines, answers and EOS at varying lengths.
+The model is a hand-set bigram Llama (tests/scripted_model.py, head_dim 32 so vLLM's CPU
+backend accepts it): greedy decoding follows SUCCESSORS exactly on every CPU, so one prompt's
+row never ends (a loop through "\n"), the others end at EOS after different lengths, and
+sampling at temperature 1 wanders among a few alternatives.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripted_model import bigram_llama, greedy_script, token_id
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selfexplore.io import read_json, read_jsonl
 from selfexplore.sampling import (
@@ -32,8 +35,12 @@ from selfexplore.tasks.base import Problem, Task
 
 TEXTS = [f"Tom has {a} apples and buys {b} more.\n{a} + {b} = {a + b}\nThe answer is {a + b}\n"
          for a in range(3, 40, 3) for b in range(2, 30, 5)]
-PROMPTS = ["Tom has 6 apples and buys 7 more.\n", "Tom has 12 apples and buys 2 more.\n12 + 2 = ",
-           "Tom has 3"]
+# Greedy continuations: "\n" starts "The answer is 13\n" forever; "7" ends after " more.";
+# "6" ends after "27 more.". Every token not listed here is followed by EOS.
+SUCCESSORS = {"\n": "The", "The": " answer", " answer": " is", " is": " ", " ": "1", "1": "3", "3": "\n",
+              "6": "2", "2": "7", "7": " more", " more": ".", ".": "</s>"}
+ALTERNATIVES = ["\n", " more", " +", "9"]  # what sampling may write instead of the greedy successor
+PROMPTS = ["Tom has 6 apples and buys 7 more.\n", "Tom has 3 apples and buys 7", "Tom has 6"]
 CONTEXT = 96
 
 
@@ -48,38 +55,11 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def _trained_tiny_llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """Seeded 2-layer Llama fitted briefly to TEXTS (each text ends with EOS)."""
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-           for t in TEXTS]
-    width = max(map(len, ids))
-    inputs = torch.full((len(ids), width), tokenizer.pad_token_id)
-    labels = torch.full((len(ids), width), -100)
-    for i, row in enumerate(ids):
-        inputs[i, :len(row)] = labels[i, :len(row)] = torch.tensor(row)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        model(input_ids=inputs, attention_mask=(labels != -100).long(), labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     tokenizer = _tokenizer()
-    _trained_tiny_llama(tokenizer).save_pretrained(out)
+    bigram_llama(tokenizer, SUCCESSORS, ALTERNATIVES, max_position_embeddings=CONTEXT).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -131,12 +111,12 @@ def test_hf_samples_do_not_depend_on_batching(loaded) -> None:
 
 def test_hf_counts_generated_tokens_without_padding(hf: HFSampler, loaded) -> None:
     model, tokenizer = loaded
-    ids = tokenizer(PROMPTS)["input_ids"]
-    direct = [_direct_greedy(model, tokenizer, p, 40) for p in ids]
-    assert len({count for _, count in direct}) > 1, "want rows that stop (EOS) at different lengths"
+    direct = [_direct_greedy(model, tokenizer, p, 40) for p in tokenizer(PROMPTS)["input_ids"]]
+    assert [text for text, _ in direct] == [greedy_script(tokenizer, SUCCESSORS, p, 40)[0] for p in PROMPTS]
+    assert [count for _, count in direct] == [40, 3, 5], "one row cut, two ended by EOS (a generated token)"
     before = hf.generated_tokens
     texts = hf.generate(PROMPTS, n=3, temperature=0.0, top_p=1.0, max_new_tokens=40, stop=None, seed=0)
-    assert hf.generated_tokens - before == sum(count for _, count in direct)  # greedy runs once per prompt
+    assert hf.generated_tokens - before == 48  # greedy runs once per prompt; padding is not counted
     assert texts == [[text] * 3 for text, _ in direct], "batched greedy must equal unbatched greedy"
 
 
@@ -155,21 +135,20 @@ def test_hf_stop_strings_truncate_and_halt_early(hf: HFSampler) -> None:
 
 
 def test_hf_marks_completions_cut_at_max_new_tokens(hf: HFSampler, loaded) -> None:
-    model, tokenizer = loaded
-    counts = [_direct_greedy(model, tokenizer, p, 60)[1] for p in tokenizer(PROMPTS)["input_ids"]]
-    ended = [n < 60 for n in counts]  # these rows emit EOS within 60 tokens
-    limit = sorted(n for n, e in zip(counts, ended) if e)[0]
+    _, tokenizer = loaded
     greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0}
-    out = hf.generate(PROMPTS, max_new_tokens=limit, stop=None, **greedy)
-    expected = [e and n <= limit for n, e in zip(counts, ended)]
-    assert len(set(expected)) == 2, "want one row that ends within the limit and one the limit cuts"
-    assert [c[0].finished for c in out] == expected
-    assert all(isinstance(c[0], str) for c in out)
-    # A stop string ends a row too: with "\n" as stop, a row that writes a newline is finished.
-    free = hf.generate(PROMPTS, max_new_tokens=limit, stop=None, **greedy)
-    stopped = hf.generate(PROMPTS, max_new_tokens=limit, stop=["\n"], **greedy)
-    assert any("\n" in c[0] and not c[0].finished for c in free), "want a cut row that a stop string would end"
-    assert [c[0].finished for c in stopped] == [c[0].finished or "\n" in c[0] for c in free]
+    for limit in (2, 3, 5, 8):  # 3: the second row's EOS is the last allowed token; 5: the third's
+        out = hf.generate(PROMPTS, max_new_tokens=limit, stop=None, **greedy)
+        assert all(isinstance(c[0], str) for c in out)
+        assert [(c[0], c[0].finished) for c in out] == [greedy_script(tokenizer, SUCCESSORS, p, limit)
+                                                        for p in PROMPTS], f"max_new_tokens={limit}"
+    assert [c[0].finished for c in hf.generate(PROMPTS, max_new_tokens=3, stop=None, **greedy)] == [False, True, False]
+    # A stop string ends a row too: the first row is cut after a newline unless "\n" is a stop.
+    free = hf.generate(PROMPTS, max_new_tokens=8, stop=None, **greedy)
+    stopped = hf.generate(PROMPTS, max_new_tokens=8, stop=["\n"], **greedy)
+    assert (free[0][0], free[0][0].finished) == ("The answer is 13\nThe", False)
+    assert [(c[0], c[0].finished) for c in stopped] == [("The answer is 13", True), (" more.", True),
+                                                         ("27 more.", True)]
 
 
 def test_truncate_at_stop_uses_earliest_stop() -> None:
@@ -217,20 +196,21 @@ def test_get_sampler_hf_merges_lora_adapter(model_dir: Path, loaded, tmp_path: P
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = loaded
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False))
+    lm_head = peft_model.base_model.model.lm_head
+    with torch.no_grad():  # a hand-set adapter: +30 on the logit of "9" after every token
+        lm_head.lora_A["default"].weight.zero_()[0] = model.config.hidden_size ** -0.5
+        lm_head.lora_B["default"].weight.zero_()[token_id(tokenizer, "9"), 0] = 15.0
     peft_model.save_pretrained(tmp_path / "adapter")
     peft_model.eval()
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    with_adapter, _ = _direct_greedy(peft_model, tokenizer, ids, 24)
-    assert with_adapter != _direct_greedy(model, tokenizer, ids, 24)[0], "adapter should change the output"
+    assert _direct_greedy(peft_model, tokenizer, ids, 24)[0] == "9" * 24
 
     sampler = get_sampler("hf", str(model_dir), str(tmp_path / "adapter"), batch_size=4)
     assert isinstance(sampler, HFSampler)
     greedy = sampler.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, stop=None, seed=0)
-    assert greedy == [[with_adapter]]
+    assert greedy == [["9" * 24]]
 
 
 def test_auto_backend_is_vllm_when_installed_else_hf(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
