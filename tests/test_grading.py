@@ -84,7 +84,7 @@ def test_math_normalisation_equivalent(pred: str, gold: str) -> None:
 
 @pytest.mark.parametrize("pred, gold", [
     ("\\frac{1}{2}", "\\frac{1}{3}"), ("\\text{Monday}", "Tuesday"), ("5\\text{ cm}", "6"),
-    ("x \\in [1,2]", "[1,2]"), ("30^\\circ", "40"), ("(C)", "B"), ("1.0000001", "1"),
+    ("x \\in [1,2]", "[1,2)"), ("30^\\circ", "40"), ("(C)", "B"), ("1.0000001", "1"),
 ])
 def test_math_normalisation_not_equivalent(pred: str, gold: str) -> None:
     assert not is_equiv(pred, gold, "math", timeout=LONG)

@@ -14,7 +14,11 @@ from selfexplore.grading.extract import extract_answer
 if TYPE_CHECKING:
     from selfexplore.grading.metric import AnswerAccuracy
 
-__all__ = ["AnswerAccuracy", "extract_answer", "is_equiv"]
+#: Which grader graded a report: bump when a verdict on some answer pair changes.
+#: math-2: relations, labels, sets in any notation, stated rounding (docs/grading.md).
+GRADER_VERSION = "math-2"
+
+__all__ = ["GRADER_VERSION", "AnswerAccuracy", "extract_answer", "is_equiv"]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,7 @@ _BRACE_RE = re.compile(r"\\.|[{}]", re.S)
 _NUMBER_RE = re.compile(
     r"(?<![\w.])(?P<sign>[-\u2212])?(?:\\?\$[ \t]*)?"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?P<exp>[eE][-+]?\d+)?"  # whole exponent: '1e999' must not grade as '1'
     r"(?P<frac>[ \t]*/[ \t]*\d+(?:\.\d+)?)?"
     r"(?P<pct>[ \t]*\\?%)?"
 )
@@ -75,6 +76,17 @@ def last_boxed(text: str) -> tuple[int, str] | None:
     return None
 
 
+def boxed_contents(text: str, limit: int = 64) -> list[str]:
+    """Contents of the complete \\boxed{...} groups in `text`, in order (at most `limit`):
+    an answer written as several boxes ('\\boxed{1}, \\boxed{2}') is all of them."""
+    found: list[str] = []
+    end = len(text)
+    while len(found) < limit and (box := last_boxed(text[:end])) is not None:
+        found.append(box[1])
+        end = box[0]
+    return found[::-1]
+
+
 def _first_number(segment: str) -> str | None:
     m = _NUMBER_RE.search(segment)
     if m is None:
@@ -82,7 +94,7 @@ def _first_number(segment: str) -> str | None:
     sign = "-" if m["sign"] else ""
     frac = (m["frac"] or "").replace(" ", "").replace("\t", "")
     pct = "%" if m["pct"] else ""
-    return f"{sign}{m['num'].replace(',', '')}{frac}{pct}"
+    return f"{sign}{m['num'].replace(',', '')}{m['exp'] or ''}{frac}{pct}"
 
 
 def _last_number(text: str) -> str | None:

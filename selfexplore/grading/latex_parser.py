@@ -56,17 +56,17 @@ _FUNCTIONS = {
     "exp": sympy.exp, "ln": sympy.log, "log": sympy.log,
 }
 _INVERSE = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan}
-_GREEK = frozenset(
+GREEK = frozenset(
     "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu "
     "nu xi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma "
     "Upsilon Phi Psi Omega".split())
 _CONSTANTS = {"pi": sympy.pi, "infty": sympy.oo}
 _MUL = frozenset({"cdot", "times", "ast"})
 _DIV = frozenset({"div"})
-_FRAC = frozenset({"frac", "dfrac", "tfrac"})
+_FRAC = frozenset({"frac", "dfrac", "tfrac", "cfrac"})
 _BINOM = frozenset({"binom", "dbinom", "tbinom"})
 _IGNORED = frozenset({"left", "right", "displaystyle"})
-_COMMANDS = (frozenset(_FUNCTIONS) | _GREEK | frozenset(_CONSTANTS) | _MUL | _DIV | _FRAC
+_COMMANDS = (frozenset(_FUNCTIONS) | GREEK | frozenset(_CONSTANTS) | _MUL | _DIV | _FRAC
              | _BINOM | _IGNORED | {"sqrt"})
 # Names recognised inside plain letter runs, longest first so 'arcsin' beats 'sin'.
 _PLAIN_NAMES = tuple(sorted(set(_FUNCTIONS) | {"sqrt", "pi"}, key=len, reverse=True))
@@ -352,7 +352,7 @@ class _Parser:
         name = t.text
         if name in _CONSTANTS:
             return _CONSTANTS[name]
-        if name in _GREEK:
+        if name in GREEK:
             return self.subscripted(name)
         if name in _FRAC:
             num = self.argument()
@@ -411,7 +411,7 @@ class _Parser:
             if len(t.text) > 1:
                 self.toks.insert(self.pos, Token("num", t.text[1:]))
             return _number(t.text[0])
-        if t.kind == "var" or (t.kind == "name" and (t.text in _CONSTANTS or t.text in _GREEK)):
+        if t.kind == "var" or (t.kind == "name" and (t.text in _CONSTANTS or t.text in GREEK)):
             return self.primary()
         raise ParseError("unsupported argument")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 
-from selfexplore.grading.extract import last_boxed
+from selfexplore.grading.extract import boxed_contents
 
 _TEXT_CMDS = ("text", "textbf", "textit", "textrm", "textnormal", "mbox", "mathrm", "mathbf",
               "mathit", "rm", "bf")
@@ -19,7 +19,7 @@ _UNITS = (
     "units?|cm|centimeters?|centimetres?|mm|millimeters?|meters?|metres?|km|kilometers?|"
     "inches|inch|feet|foot|ft|yards?|miles?|mph|hours?|hrs?|minutes?|mins?|seconds?|secs?|"
     "days?|weeks?|months?|years?|dollars?|cents?|degrees?|pounds?|lbs?|ounces?|oz|grams?|kg|"
-    "kilograms?|liters?|litres?|ml|gallons?"
+    "kilograms?|liters?|litres?|ml|gallons?|percentage|percent|pct"
 )
 _UNIT_WORDS_RE = re.compile(
     r"(?<=[\d})])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:%s)(?![a-zA-Z])\.?"
@@ -30,10 +30,23 @@ _SIZING_RE = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
 _SIZING_DOT_RE = re.compile(r"\\(?:left|right)\s*\.")
 _DEGREE_RE = re.compile(
     r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![a-zA-Z])|\\circ(?![a-zA-Z])|\u00b0|\\degree(?![a-zA-Z])")
-_LHS_RE = re.compile(r"(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)=([^=]+)")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _CHOICE_RE = re.compile(r"\(([A-Ea-e])\)")
-_DFRAC_RE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
+_DFRAC_RE = re.compile(r"\\[dtc]frac(?![a-zA-Z])")
+# Relations become one character each (see relations.py), so removing spaces cannot glue a
+# command to the next letter ('x \le y' -> 'x\ley').
+_RELATION_RE = re.compile(
+    r"\\(leqslant|geqslant|leq|geq|le|ge|lt|gt|neq|ne|approx|in)(?![a-zA-Z])|<=|>=|!=")
+_RELATION_CHAR = {"leqslant": "≤", "leq": "≤", "le": "≤", "<=": "≤", "geqslant": "≥",
+                  "geq": "≥", "ge": "≥", ">=": "≥", "lt": "<", "gt": ">", "neq": "≠", "ne": "≠",
+                  "!=": "≠", "approx": "≈", "in": "∈"}
+# A doubled backslash before a command name (\\le) is an escaping slip for \le; not so in
+# matrices, where \\ ends a row.
+_DOUBLE_ESCAPE_RE = re.compile(r"\\\\(?=[a-zA-Z])")
+_ELLIPSIS_RE = re.compile(r"\.\.\.|\\[lc]?dots(?![a-zA-Z])")
+# 'and' / 'or' between answers are separators, like commas ('(11,7) or (7,11)').
+_CONJUNCTION_RE = re.compile(r"(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])")
+_COMMAS_RE = re.compile(r",(?:,)+")
 _DISPLAY_RE = re.compile(r"\\displaystyle(?![a-zA-Z])")
 _SPACE_RE = re.compile(r"\s+")
 _SQRT_RE = re.compile(r"\\sqrt(\d)")
@@ -81,29 +94,25 @@ def _fix_fracs(s: str) -> str:
     return _FRAC_BRACE_DIGIT_RE.sub(r"\\frac\1{\2}", s)
 
 
-def strip_lhs(s: str) -> str:
-    """'x=5' -> '5', 'k_1=3' -> '3', '\\theta=2' -> '2': a lone variable on the left is a label."""
-    m = _LHS_RE.fullmatch(s)
-    return m.group(1) if m else s
-
-
 @functools.lru_cache(maxsize=8192)
 def normalize_math(answer: str) -> str:
     """A canonical string for a MATH answer.
 
-    Removes $ and display delimiters, spacing commands, \\left/\\right, \\displaystyle,
-    degree marks, percent signs and trailing units (\\text{...} after a value, or common unit
-    words); unwraps the remaining \\text{X}; maps \\dfrac/\\tfrac to \\frac; removes all
-    whitespace; fixes \\sqrt2 and \\frac12 shorthands; '.5' -> '0.5'; drops a trailing period,
-    thousands commas in a lone number, a single-variable left-hand side ('x=5' -> '5'),
-    and parentheses around a choice letter ('(B)' -> 'B'). A \\boxed{X} is replaced by X.
+    Takes the contents of the \\boxed{...} groups when there are any (several boxes are one
+    comma-separated answer). Removes $ and display delimiters, spacing commands, \\left/\\right,
+    \\displaystyle, degree marks, percent signs and words, and trailing units (\\text{...}
+    after a value, or common unit words); unwraps the remaining \\text{X}; maps \\dfrac,
+    \\tfrac and \\cfrac to \\frac; writes each relation as one character (= < > ≤ ≥ ≠ ≈ ∈);
+    reads 'and', 'or' and ';' between answers as commas; removes all whitespace; fixes
+    \\sqrt2 and \\frac12 shorthands; '.5' -> '0.5'; drops trailing periods and commas,
+    thousands commas in a lone number, and parentheses around a choice letter ('(B)' -> 'B').
     """
-    s = answer
-    boxed = last_boxed(s)
-    if boxed is not None:
-        s = boxed[1]
+    boxes = boxed_contents(answer)
+    s = ",".join(boxes) if boxes else answer
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
+    if "\\begin" not in s:
+        s = _DOUBLE_ESCAPE_RE.sub(r"\\", s)
     s = s.replace("\\!", "")
     s = _SPACING_RE.sub(" ", s)
     s = _SIZING_DOT_RE.sub("", s)
@@ -111,20 +120,23 @@ def normalize_math(answer: str) -> str:
     s = _DFRAC_RE.sub(r"\\frac", s)
     s = _DISPLAY_RE.sub("", s)
     s = _DEGREE_RE.sub("", s)
+    s = _ELLIPSIS_RE.sub(r"\\dots ", s)  # so that stripping trailing periods keeps '1, 2, ...'
+    s = _RELATION_RE.sub(lambda m: _RELATION_CHAR[m.group(1) or m.group(0)], s)
     s = s.replace("\\%", "").replace("%", "")
-    s = s.strip().rstrip(".").strip()
+    s = s.strip().rstrip(".,").strip()
     s = _strip_trailing_text(s)
     for _ in range(3):
         s = _TEXT_RE.sub(r"\1", s)
     s = _UNIT_WORDS_RE.sub("", s)
+    s = _CONJUNCTION_RE.sub(",", s)
     s = s.replace("\\emptyset", "\\varnothing")
-    s = _SPACE_RE.sub("", s).rstrip(".")
+    s = _SPACE_RE.sub("", s).replace(";", ",")
+    s = _COMMAS_RE.sub(",", s).strip(",").rstrip(".")
     s = _SQRT_RE.sub(r"\\sqrt{\1}", s)
     s = _fix_fracs(s)
     s = _LEADING_DOT_RE.sub(r"0.\1", s)
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
-    s = strip_lhs(s)
     m = _RATIO_RE.fullmatch(s)
     if m:
         s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"

@@ -6,6 +6,7 @@ the common case (both answers plain numbers) never needs sympy or a time limit.
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -39,13 +40,23 @@ _PLAIN_RE = re.compile(
 )
 
 
-def numbers_close(x: Fraction, y: Fraction) -> bool:
+def rounded(x: Fraction, decimals: int) -> Fraction:
+    """x rounded half up to `decimals` places, exactly."""
+    scale = Fraction(10) ** decimals
+    return Fraction(math.floor(x * scale + Fraction(1, 2))) / scale
+
+
+def numbers_close(x: Fraction, y: Fraction, decimals: int | None = None) -> bool:
     """Equal when identical; integers must match exactly, other values within REL_TOL.
 
     Integers are exact because a near-miss on a count (999999 vs 1000000) is a wrong answer;
-    the tolerance only exists for decimal renderings of fractions and irrationals.
+    the tolerance only exists for decimal renderings of fractions and irrationals. When the
+    question states a rounding (`decimals` places), values that round alike are equal too:
+    0.33 is 1/3 and 2.6667 is 8/3 to 2 places.
     """
     if x == y:
+        return True
+    if decimals is not None and rounded(x, decimals) == rounded(y, decimals):
         return True
     if x.denominator == 1 or y.denominator == 1:
         return False
