@@ -157,7 +157,8 @@ def test_adapter_reload_export_and_disable(tiny_dir, ids, tmp_path):
     assert not (merged_dir / "adapter_config.json").exists()
     merged = load_model(ModelSpec(path=str(merged_dir)), for_training=False)
     assert not isinstance(merged, PeftModel)
-    assert torch.allclose(logits(merged, ids), expected, atol=1e-5)
+    # (W + sBA)x and Wx + sB(Ax) round differently: tolerance relative to the logits' scale
+    assert torch.allclose(logits(merged, ids), expected, atol=1e-5 * float(expected.abs().max()))
     assert load_tokenizer(merged_dir)(PROMPT).input_ids == tok(PROMPT).input_ids
     # the live policy keeps its adapter (export merged a copy)
     assert torch.equal(logits(policy, ids), expected)
@@ -229,4 +230,5 @@ def test_qlora_nf4_trains_adapter_and_exports_full_precision(tiny_dir, ids, tmp_
     reference = load_model(ModelSpec(path=str(tiny_dir), adapter_path=str(adapter_dir)), for_training=False)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert getattr(merged.config, "quantization_config", None) is None
-    assert torch.allclose(logits(merged, ids), logits(reference, ids), atol=1e-5)
+    want = logits(reference, ids)
+    assert torch.allclose(logits(merged, ids), want, atol=1e-5 * float(want.abs().max()))

