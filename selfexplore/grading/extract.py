@@ -51,40 +51,50 @@ def match_braces(text: str, open_pos: int, limit: int | None = None) -> int | No
     return None
 
 
-def last_boxed(text: str) -> tuple[int, str] | None:
-    """(position, content) of the last complete \\boxed{...} / \\fbox{...} (braces matched),
-    or \\boxed 5. Linear time: once a brace at p is known to be unclosed, every earlier brace
-    still open at p is unclosed too, so no scan goes past p again."""
-    limit = len(text)
-    for m in reversed(list(_BOXED_RE.finditer(text))):
+def _closing_braces(text: str) -> dict[int, int]:
+    """Position of each closed '{' -> position of its '}', in one linear pass."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif m.group() == "}" and stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
+def boxed_contents(text: str, limit: int = 64) -> list[tuple[int, str]]:
+    """(position, content) of the complete, non-empty \\boxed{...} / \\fbox{...} groups
+    (or \\boxed 5) that are not inside another one, in order, at most the last `limit`.
+    Linear time: all braces are matched in one pass."""
+    pairs = _closing_braces(text) if "{" in text else {}
+    found: list[tuple[int, str]] = []
+    inside_until = -1
+    for m in _BOXED_RE.finditer(text):
+        if m.start() < inside_until:  # a box inside the previous box belongs to it
+            continue
         j = m.end()
         while j < len(text) and text[j] in " \t":
             j += 1
         if j < len(text) and text[j] == "{":
-            if j >= limit:
-                continue
-            close = match_braces(text, j, limit)
+            close = pairs.get(j)
             if close is None:
-                limit = j
                 continue
             content = text[j + 1:close].strip()
+            inside_until = close
         else:
             token = _BOXED_TOKEN_RE.match(text, m.end())  # "\boxed 5"
             content = token.group(1) if token else ""
         if content:
-            return m.start(), content
-    return None
+            found.append((m.start(), content))
+    return found[-limit:]
 
 
-def boxed_contents(text: str, limit: int = 64) -> list[str]:
-    """Contents of the complete \\boxed{...} groups in `text`, in order (at most `limit`):
-    an answer written as several boxes ('\\boxed{1}, \\boxed{2}') is all of them."""
-    found: list[str] = []
-    end = len(text)
-    while len(found) < limit and (box := last_boxed(text[:end])) is not None:
-        found.append(box[1])
-        end = box[0]
-    return found[::-1]
+def last_boxed(text: str) -> tuple[int, str] | None:
+    """(position, content) of the last complete \\boxed{...} / \\fbox{...} not inside another
+    one (braces matched), or \\boxed 5; None when there is none."""
+    boxes = boxed_contents(text, limit=1)
+    return boxes[0] if boxes else None
 
 
 def _first_number(segment: str) -> str | None:

@@ -108,7 +108,7 @@ def normalize_math(answer: str) -> str:
     thousands commas in a lone number, and parentheses around a choice letter ('(B)' -> 'B').
     """
     boxes = boxed_contents(answer)
-    s = ",".join(boxes) if boxes else answer
+    s = ",".join(content for _, content in boxes) if boxes else answer
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
     if "\\begin" not in s:
