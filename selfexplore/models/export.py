@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfexplore.models.files import atomic_dir, explain_missing, resolve_source
 from selfexplore.models.tokenizer import save_tokenizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
@@ -24,12 +28,19 @@ def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedToken
     The live model is never modified, so training can continue after an export.
     """
     with atomic_dir(out_dir) as tmp:
-        if isinstance(model, PeftModel) and merge:
+        if _is_peft(model) and merge:
             _merged_copy(model).save_pretrained(tmp)
         else:
             model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
     return Path(out_dir)
+
+
+def _is_peft(model: object) -> bool:
+    """Whether `model` is a PeftModel, without importing peft (and bitsandbytes) for a plain model:
+    a PeftModel exists only once peft was imported."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _merged_copy(model: PeftModel) -> PreTrainedModel:
@@ -44,6 +55,8 @@ def _merged_copy(model: PeftModel) -> PreTrainedModel:
     if not base_path:
         raise ValueError("the adapter config records no base model path; export with merge=False")
     source, local = resolve_source(base_path)
+    from peft import PeftModel
+
     with tempfile.TemporaryDirectory() as adapter_dir:
         model.save_pretrained(adapter_dir, selected_adapters=[name])
         with explain_missing(source, local):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from typing import TYPE_CHECKING
+
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from selfexplore.models.files import explain_missing, resolve_source
 from selfexplore.models.spec import LoraSpec, ModelSpec, parse_dtype
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
 _CHECKPOINTING = {"use_reentrant": False}
@@ -14,6 +18,8 @@ _CHECKPOINTING = {"use_reentrant": False}
 
 def _lora_config(spec: LoraSpec) -> LoraConfig:
     """The peft config for a new causal-LM adapter."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
         bias=spec.bias, modules_to_save=spec.modules_to_save, task_type="CAUSAL_LM")
@@ -46,16 +52,23 @@ def load_model(spec: ModelSpec, for_training: bool = True) -> PreTrainedModel | 
     with explain_missing(source, local):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
+    # peft (and the bitsandbytes it imports) only when the spec asks for an adapter or QLoRA.
     if for_training and spec.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if for_training and spec.gradient_checkpointing:
         _enable_checkpointing(model)
 
     if spec.adapter_path is not None:
+        from peft import PeftModel
+
         adapter_source, adapter_local = resolve_source(spec.adapter_path)
         with explain_missing(adapter_source, adapter_local):
             model = PeftModel.from_pretrained(model, adapter_source, is_trainable=for_training)
     elif spec.lora is not None:
+        from peft import get_peft_model
+
         model = get_peft_model(model, _lora_config(spec.lora))
 
     if for_training:
