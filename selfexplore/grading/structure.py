@@ -29,8 +29,8 @@ _SPECIAL = (",", "\\cup", "\\begin", "{", "\\pm", *RELATION_CHARS)
 
 @dataclass(frozen=True)
 class Composite:
-    """A composite answer. kind: an interval/tuple bracket pair such as '(]', or 'set', 'list'
-    (bare comma list), 'union', 'matrix', 'row'. Sets and bare lists are unordered."""
+    """A composite answer. kind: an interval/tuple bracket pair such as '(]', or 'set' (also a
+    bare comma list), 'pm' (the two answers of 'a ± b', a set), 'union', 'matrix', 'row'."""
 
     kind: str
     items: tuple[Node, ...]
@@ -127,9 +127,10 @@ def parse_structure(s: str) -> Node:
         return _collection("set", _split_top(inner, ",") if inner else [])
     if len(s) >= 2 and s[0] + s[-1] in ("{}", "()", "[]", "(]", "[)") and _encloses(s):
         items = _split_top(s[1:-1], ",")
-        if len(items) > 1:  # '{1,2}' is a set; brackets make a tuple or interval
-            return (_collection("set", items) if s[0] == "{" else
-                    Composite(s[0] + s[-1], tuple(parse_structure(p) for p in items[:MAX_ITEMS + 1])))
+        if len(items) > 1 and s[0] == "{":  # '{1,2}' is a set; brackets make a tuple or interval
+            return _collection("set", items)
+        if len(items) > 1:
+            return Composite(s[0] + s[-1], tuple(parse_structure(p) for p in items[:MAX_ITEMS + 1]))
         return s
     if s.count("\\pm") == 1:
         return Composite("pm", (s.replace("\\pm", "+"), s.replace("\\pm", "-")))
