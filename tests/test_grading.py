@@ -227,6 +227,8 @@ HOSTILE = [
     "(" * 30 + "x" + ")" * 30,
     "\\frac{" * 200 + "1" + "}{2}" * 200,
     SLOW,
+    "x<" * 300 + "1",           # a 300-part inequality chain
+    "\\boxed{" * 3000 + "1",    # thousands of unclosed boxes
 ]
 
 
