@@ -22,6 +22,7 @@ from selfexplore.explore.config import doubling_waves
 from selfexplore.explore.granular import pit_agreement
 from selfexplore.explore.pit import derive_seed, share_tokens
 from selfexplore.io import DataError, read_jsonl, write_jsonl
+from selfexplore.sampling.base import truncate_at_stop
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
 
@@ -33,6 +34,9 @@ class FakeTask:
     """
 
     name = "fake"
+
+    def prompt(self, problem) -> str:
+        return problem.question.strip() + "\n"
 
     def split_steps(self, text: str) -> list[str]:
         return text.strip().split("\n") if text.strip() else []
@@ -558,6 +562,7 @@ def test_builders_reject_malformed_samples():
 
 @dataclass(frozen=True)
 class FakeProblem:
+    question: str
     answer: str
 
 
@@ -587,7 +592,7 @@ def write_pairs(path, num_questions=5, per_question=3):
                                      "rejected_id": f"q{qi}:{j}", "round": 1}})
     records.append(dict(records[0]))  # the same rejected sample in a second pair: explored once
     write_jsonl(path, records)
-    return {f"q{qi}": FakeProblem("10") for qi in range(num_questions)}
+    return {f"q{qi}": FakeProblem(f"Q{qi}?", "10") for qi in range(num_questions)}
 
 
 def test_stage_resume_after_kill_equals_uninterrupted(tmp_path):
@@ -619,8 +624,12 @@ def test_stage_resume_after_kill_equals_uninterrupted(tmp_path):
     run_explore_stage(again, TASK, tmp_path / "pairs.jsonl", problems, run, config)
     assert again.calls == 0 and (run / "explore.jsonl").read_text() == explore_full
 
-    changed = RandomSampler()  # other settings: stale shards are not reused
-    run_explore_stage(changed, TASK, tmp_path / "pairs.jsonl", problems, run, ExploreConfig(chunk_size=4, seed=12))
+    changed = RandomSampler()  # other settings: refused, then (forced) stale shards are not reused
+    with pytest.raises(ValueError, match="different config.*seed: 11 -> 12"):
+        run_explore_stage(changed, TASK, tmp_path / "pairs.jsonl", problems, run, ExploreConfig(chunk_size=4, seed=12))
+    assert changed.calls == 0 and (run / "explore.jsonl").read_text() == explore_full
+    run_explore_stage(changed, TASK, tmp_path / "pairs.jsonl", problems, run, ExploreConfig(chunk_size=4, seed=12),
+                      force=True)
     assert changed.calls > 0
 
 
@@ -659,3 +668,113 @@ def test_stage_carries_a_cut_rejected_sample_into_its_record(tmp_path):
     recs = read_jsonl(tmp_path / "out" / "explore.jsonl")
     assert [r["rejected_ends"] for r in recs] == [True, False]
     assert all(o["finished"] == [True] * len(o["completions"]) for r in recs for o in r["outcomes"])
+
+
+def test_stage_refuses_changed_input_or_explorer_unless_forced_and_keeps_results(tmp_path):
+    problems = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, out, model="m1")
+    finished = {name: (out / name).read_text() for name in ("explore.jsonl", "gpairs.jsonl", "explore_stats.json")}
+    write_jsonl(tmp_path / "fewer.jsonl", read_jsonl(tmp_path / "pairs.jsonl")[:3])
+    with pytest.raises(ValueError, match=r"different config.*num_rationales: 15 -> 3.*--force"):
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "fewer.jsonl", problems, out, model="m1")
+    with pytest.raises(ValueError, match=r"different config.*model: 'm1' -> 'm2'"):
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, out, model="m2")
+    for blank in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(blank)
+        with pytest.raises(DataError, match=r"empty.jsonl: no pairs"):
+            run_explore_stage(RandomSampler(), TASK, tmp_path / "empty.jsonl", problems, out, model="m1", force=True)
+    assert {name: (out / name).read_text() for name in finished} == finished
+    run_explore_stage(RandomSampler(), TASK, tmp_path / "fewer.jsonl", problems, out, model="m1", force=True)
+    assert len(read_jsonl(out / "explore.jsonl")) == 3
+
+
+def test_stage_refuses_pairs_made_from_other_problems(tmp_path):
+    problems = write_pairs(tmp_path / "pairs.jsonl", num_questions=2, per_question=1)
+    other = {"q0": FakeProblem("Q0?", "10"), "q1": FakeProblem("How many?", "7")}  # other task options
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 2, field 'prompt': not the prompt of problem 'q1'"
+                                        r".*task options"):
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", other, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    # A chat-template prompt holds the task prompt; the prompter that made the pairs must match exactly.
+    chat = [{**r, "prompt": f"<|user|>{r['prompt'].strip()}<|end|>\n<|assistant|>\n"}
+            for r in read_jsonl(tmp_path / "pairs.jsonl")]
+    write_jsonl(tmp_path / "chat.jsonl", chat)
+    run_explore_stage(RandomSampler(), TASK, tmp_path / "chat.jsonl", problems, tmp_path / "chat")
+    with pytest.raises(DataError, match=r"chat.jsonl, line 1, field 'prompt'"):
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "chat.jsonl", problems, tmp_path / "raw",
+                          prompt=TASK.prompt)
+
+
+class CharTokenizer:
+    """One token per character (plus BOS), like a real tokenizer's call signature."""
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[0] * (len(t) + add_special_tokens) for t in texts]}
+
+
+class ContextSampler(RandomSampler):
+    """A backend-like sampler: a context, a tokenizer, and no completions for a prompt that does not
+    fit (overlong_prompts="skip"); records every max_new_tokens it is asked for."""
+
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        self.context, self.tokenizer, self.budgets = context, CharTokenizer(), []
+
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+        self.budgets.append(max_new_tokens)
+        out = super().generate(prompts, n, temperature, top_p, max_new_tokens, stop, seed)
+        return [[] if len(p) + 1 + max_new_tokens > self.context else row for p, row in zip(prompts, out)]
+
+
+def test_stage_caps_an_unset_max_new_tokens_to_the_explorer_context(tmp_path):
+    problems = write_pairs(tmp_path / "pairs.jsonl")
+    longest = max(len(r["prompt"] + r["rejected"] + "\n") + 1 for r in read_jsonl(tmp_path / "pairs.jsonl"))
+    sampler = ContextSampler(context=longest + 40)
+    stats = run_explore_stage(sampler, TASK, tmp_path / "pairs.jsonl", problems, tmp_path / "out")
+    assert set(sampler.budgets) == {40} and stats["num_rationales"] == 15
+    assert not any(r["status"] == "skipped:no_completions" for r in read_jsonl(tmp_path / "out" / "explore.jsonl"))
+    with pytest.raises(ValueError, match=r"longest prefix to explore has \d+ tokens.*context \(20 tokens\)"):
+        run_explore_stage(ContextSampler(context=20), TASK, tmp_path / "pairs.jsonl", problems, tmp_path / "o2")
+
+
+def test_stage_fails_loudly_when_most_rationales_get_no_completions(tmp_path, caplog):
+    problems = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"15 of 15 rationales got no completions.*context, 200 tokens.*"
+                                           r"explore.max_new_tokens=512"):
+        run_explore_stage(ContextSampler(context=200), TASK, tmp_path / "pairs.jsonl", problems, out,
+                          ExploreConfig(max_new_tokens=512))
+    assert not (out / "explore.jsonl").exists() and not (out / "gpairs.jsonl").exists()
+    # A minority of overlong prompts is a warning, and the run completes.
+    records = read_jsonl(tmp_path / "pairs.jsonl")
+    long_q0 = [{**r, "prompt": r["prompt"] + "Q0? " * 60} if r["meta"]["question_id"] == "q0" else r for r in records]
+    write_jsonl(tmp_path / "long.jsonl", long_q0)
+    with caplog.at_level("WARNING", logger="selfexplore.explore.stage"):
+        run_explore_stage(ContextSampler(context=200), TASK, tmp_path / "long.jsonl", problems, tmp_path / "o2",
+                          ExploreConfig(max_new_tokens=64))
+    assert "3 of 15 rationales got no completions" in caplog.text
+
+
+class StopSampler(ScriptedSampler):
+    """Cuts completions at the stop strings it is given, as both backends do, and records them."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.stops = []
+
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+        self.stops.append(stop)
+        out = super().generate(prompts, n, temperature, top_p, max_new_tokens, stop, seed)
+        return [[truncate_at_stop(c, stop) for c in row] for row in out]
+
+
+def test_exploration_passes_stop_strings_so_a_run_on_is_not_a_false_pit():
+    run_on = OK + "\nProblem: what is 3 + 4?\nThe answer is 7"  # right, then graded on the next problem
+    script = {prefix(1): [run_on] * 4, prefix(2): [BAD] * 4}
+    (rec,), sampler = explore([rationale()], sampler=StopSampler(script), mode="exhaustive", stop=["Problem:"])
+    assert rec["pit"] == 2 and set(map(tuple, sampler.stops)) == {("Problem:",)}
+    (rec,), _ = explore([rationale()], sampler=StopSampler(script), mode="exhaustive")
+    assert rec["pit"] == 1  # without the stop string the run-on completion grades wrong
+    assert ExploreConfig().inherit_stop(["Problem:"]).stop == ["Problem:"]
+    assert ExploreConfig(stop=[]).inherit_stop(["Problem:"]).stop == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 MODES = ("adaptive", "exhaustive")
 REJECTED_MODES = ("pit_step", "pit_to_end")
+PAPER_MAX_NEW_TOKENS = 512
 
 
 def doubling_waves(k: int) -> tuple[int, ...]:
@@ -24,6 +26,13 @@ class ExploreConfig:
     """How rejected rationales are explored and turned into granular pairs.
 
     k, temperature: the paper's k=4 completions per step at temperature 0.7.
+    max_new_tokens: tokens per completion at most; None (default): the paper's 512, capped to
+      what the explorer's context leaves after the longest prefix of the run (a fixed value that
+      leaves no room makes the sampler return nothing, and the stage fails when that hits most
+      rationales; see `selfexplore.explore.stage`).
+    stop: strings that end a completion (e.g. "Problem:", where a model runs on into a new
+      problem whose answer would otherwise be graded); None: the sample stage's stop strings
+      (`inherit_stop`, applied by the CLI and the pipeline), [] none.
     mode: "exhaustive" is the paper (k completions at every step, every rationale on its own);
       "adaptive" draws the k tries in `waves` (default 1, 1, 2), stops a step at its first
       success and shares identical prefixes of one question (same pit distribution, fewer tokens;
@@ -40,7 +49,8 @@ class ExploreConfig:
     k: int = 4
     temperature: float = 0.7
     top_p: float = 1.0
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None
+    stop: list[str] | None = None
     mode: Literal["adaptive", "exhaustive"] = "adaptive"
     waves: tuple[int, ...] | None = None
     max_steps: int = 20
@@ -56,7 +66,7 @@ class ExploreConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.rejected_mode not in REJECTED_MODES:
             raise ValueError(f"rejected_mode must be one of {REJECTED_MODES}, got {self.rejected_mode!r}")
-        if self.max_steps < 1 or self.chunk_size < 1 or self.max_new_tokens < 1:
+        if self.max_steps < 1 or self.chunk_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise ValueError("max_steps, chunk_size and max_new_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
@@ -64,6 +74,16 @@ class ExploreConfig:
             self.waves = tuple(int(w) for w in self.waves)
             if any(w < 1 for w in self.waves) or sum(self.waves) != self.k:
                 raise ValueError(f"waves {self.waves} must be positive and sum to k={self.k}")
+
+    def new_tokens(self, room: int | None = None) -> int:
+        """Tokens per completion: `max_new_tokens`, else the paper's 512 capped to `room` (when known)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return PAPER_MAX_NEW_TOKENS if room is None else min(PAPER_MAX_NEW_TOKENS, room)
+
+    def inherit_stop(self, stop: Sequence[str] | None) -> ExploreConfig:
+        """This config with the sample stage's `stop` when it sets none of its own (`stop=None`)."""
+        return self if self.stop is not None else replace(self, stop=list(stop or []))
 
     def wave_sizes(self) -> tuple[int, ...]:
         """Draws per wave: all k at once when exhaustive, else `waves` or the doubling default."""

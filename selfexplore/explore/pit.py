@@ -223,7 +223,7 @@ class _Search:
         c = self.config
         try:
             out = self.sampler.generate(prompts, n=1, temperature=c.temperature, top_p=c.top_p,
-                                        max_new_tokens=c.max_new_tokens, stop=None, seed=seed)
+                                        max_new_tokens=c.new_tokens(), stop=c.stop, seed=seed)
         except Exception as err:  # the sampler's failure becomes a counted status (module doc)
             log.warning("sampler failed on %d prompt(s): %s: %s", len(prompts), type(err).__name__, err)
             return None, self.sampler.generated_tokens - before, "sampler_error"

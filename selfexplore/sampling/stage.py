@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from selfexplore.completion import is_finished
-from selfexplore.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
+from selfexplore.io import atomic_open, iter_jsonl, write_json, write_jsonl
 from selfexplore.sampling.base import Sampler, derive_seed
+from selfexplore.shards import load_manifest
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
     from selfexplore.tasks.base import Problem, Task
@@ -99,7 +100,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     }
     shard_dir = shard_dir_for(out_path)
     manifest_path = shard_dir / "manifest.json"
-    done = _load_manifest(manifest_path, config, force)
+    done = dict(load_manifest(manifest_path, config, MANIFEST_FORMAT, force, "sample").get("shards", {}))
     done = {k: v for k, v in done.items() if _shard_complete(shard_dir, int(k), done)}
     resumed = len(done)
     write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": config, "shards": done})
@@ -157,27 +158,6 @@ def _problems_hash(problems: Sequence[Problem], prompts: Sequence[str]) -> str:
     """Fingerprint of what is sampled and how it is graded (id, prompt, gold answer)."""
     payload = json.dumps([[p.id, q, p.answer] for p, q in zip(problems, prompts)], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def _load_manifest(path: Path, config: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
-    """Completed shards of a previous run with the same config; refuse (or, with force, wipe) others."""
-    if not path.is_file():
-        return {}
-    manifest = read_json(path)
-    if not isinstance(manifest, dict):
-        manifest = {}
-    old = manifest.get("config", {})
-    if manifest.get("format") == MANIFEST_FORMAT and old == config:
-        return dict(manifest.get("shards", {}))
-    if not force:
-        changed = sorted(set(old) | set(config))
-        diffs = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed if old.get(k) != config.get(k)]
-        raise ValueError(
-            f"{path} belongs to a sample run with a different config ({'; '.join(diffs) or 'format'}). "
-            "Resuming would mix samples from two configs. Use another output path, or force=True "
-            "(--force) to discard the existing shards.")
-    shutil.rmtree(path.parent)
-    return {}
 
 
 def _shard_name(index: int) -> str:
