@@ -1,6 +1,7 @@
-"""Command line: LightningCLI for `fit`/`validate`/`test`, plus the method's own stages.
+"""Command line: the method's stages and LightningCLI's `fit`/`validate`/`test`, one entry point.
 
     selfexplore pipeline --config configs/quickstart.yaml      # the whole method, resumable
+    selfexplore status runs/quickstart                          # done / running / failed / next
     selfexplore fit --config configs/quickstart/sft.yaml        # one training stage
     selfexplore test --config configs/quickstart/sft.yaml
     selfexplore sample --policy DIR --task arith --out samples.jsonl --sampling.n 8
@@ -8,37 +9,49 @@
     selfexplore explore --explorer DIR --task arith --pairs DIR/pairs.jsonl --out_dir DIR
     selfexplore <command> --help / --print_config
 
-Model and data classes are chosen in the YAML (`class_path`), so the same entry point runs
-SFT (`selfexplore.training.sft.SFTModule` + `selfexplore.data.sft.SFTDataModule`) and step-level DPO.
+`python cli.py ...` in a checkout is the same entry point. Model and data classes are chosen in
+the YAML (`class_path`), so `fit` runs SFT (`selfexplore.training.sft.SFTModule` +
+`selfexplore.data.sft.SFTDataModule`) and step-level DPO alike.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sample_stats
+from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, read_samples, sample_stats
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
-from selfexplore.io import read_jsonl, write_json, write_jsonl
+from selfexplore.io import write_json, write_jsonl
 from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
-from selfexplore.pipeline.run import run_pipeline
 from selfexplore.sampling.base import SamplingConfig, get_sampler, resolve_backend
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.tasks import Problem, Task, get_task
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# LightningCLI's commands this project supports (no `predict`: no module defines a predict_step),
+# with the line the root help shows for each.
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "Train one stage from a YAML config (SFT, RFT or step-level DPO; LightningCLI)",
+    "validate": "Evaluate a module on its validation split (LightningCLI)",
+    "test": "Evaluate a module on its test split (LightningCLI)",
+}
 
 
 class SelfExploreCLI(LightningCLI):
     """LightningCLI with our defaults: CSV logging, subclass mode for module and data."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_SUBCOMMANDS}
 
 
 def lightning_main(args: list[str] | None = None) -> SelfExploreCLI:
@@ -54,11 +67,28 @@ def lightning_main(args: list[str] | None = None) -> SelfExploreCLI:
     )
 
 
-def pipeline(pipeline: PipelineConfig, force: bool = False) -> None:
-    """Run (or resume) the whole method; prints the report table (rank 0; see `pipeline.run`)."""
-    report = run_pipeline(pipeline, force=force)
+def pipeline(pipeline: PipelineConfig, force: bool = False, verbose: bool = False) -> None:
+    """Run (or resume) the whole method, unit by unit; prints the report table (rank 0; see `pipeline.run`).
+
+    `verbose` shows what libraries print (Lightning banners, transformers' loading bars, known
+    harmless warnings); `run_dir/pipeline.log` has it either way.
+    """
+    from selfexplore.pipeline.console import quiet_libraries
+
+    with quiet_libraries(Path(pipeline.run_dir) / "pipeline.log", verbose=verbose):
+        # Imported inside: the training stack (peft, bitsandbytes) prints as it loads.
+        from selfexplore.pipeline.run import run_pipeline
+
+        report = run_pipeline(pipeline, force=force)
     if report is not None:
         print(report.read_text())
+
+
+def status(run_dir: str) -> None:
+    """Units of a run: done, running, failed (with its error), their times, and what comes next."""
+    from selfexplore.pipeline.status import render_status
+
+    print(render_status(run_dir))
 
 
 def _problems(task: str, task_options: dict[str, Any] | None, split: str, data_path: str | None,
@@ -91,8 +121,12 @@ def sample(policy: str, out: str, task: str = "arith", task_options: dict[str, A
 
 
 def pairs(samples: str, out_dir: str, max_per_question: int = 8, round: int = 1) -> None:
-    """RFT set (rft.jsonl), outcome pairs (pairs.jsonl) and stats from graded samples."""
-    records = read_jsonl(samples)
+    """RFT set (rft.jsonl), outcome pairs (pairs.jsonl) and stats from graded samples.
+
+    The samples file is checked before anything is written: a bad record or an empty file is an
+    error (file, line, field) and leaves earlier outputs in `out_dir` as they were.
+    """
+    records = read_samples(samples)
     rft = build_rft_set(records, max_per_question=max_per_question)
     outcome = build_outcome_pairs(records, round=round, max_per_question=max_per_question)
     write_jsonl(Path(out_dir) / "rft.jsonl", rft)
@@ -104,28 +138,63 @@ def pairs(samples: str, out_dir: str, max_per_question: int = 8, round: int = 1)
 
 def explore(explorer: str, pairs: str, out_dir: str, task: str = "arith",
             task_options: dict[str, Any] | None = None, data_path: str | None = None,
-            config: ExploreConfig | None = None, sampling: SamplingConfig | None = None) -> None:
-    """First-pit search over the rejected rationales of `pairs` -> explore.jsonl, gpairs.jsonl."""
+            explore: ExploreConfig | None = None, sampling: SamplingConfig | None = None,
+            force: bool = False) -> None:
+    """First-pit search over the rejected rationales of `pairs` -> explore.jsonl, gpairs.jsonl.
+
+    `task`, `task_options` and `data_path` must load the problems the pairs were made from
+    (each pair's prompt is checked against its problem). `explore.stop` unset: `sampling.stop`.
+    A rerun resumes; one with another explorer, settings or pairs is refused unless `force`.
+    """
+    s = sampling or SamplingConfig()
     t, problems = _problems(task, task_options, "train", data_path, None)
-    sampler = get_sampler(sampling or SamplingConfig(), explorer, cache_dir=str(Path(out_dir) / "cache"))
+    sampler = get_sampler(s, explorer, cache_dir=str(Path(out_dir) / "cache"))
     try:
-        stats = run_explore_stage(sampler, t, pairs, {p.id: p for p in problems}, out_dir, config or ExploreConfig())
+        stats = run_explore_stage(sampler, t, pairs, {p.id: p for p in problems}, out_dir,
+                                  (explore or ExploreConfig()).inherit_stop(s.stop), model=explorer, force=force)
     finally:
         getattr(sampler, "close", lambda: None)()
     print(json.dumps(stats))
 
 
-STAGE_COMMANDS = {"pipeline": pipeline, "sample": sample, "pairs": pairs, "explore": explore}
+STAGE_COMMANDS = {"pipeline": pipeline, "status": status, "sample": sample, "pairs": pairs, "explore": explore}
+
+
+def _version() -> str:
+    try:
+        return version("selfexplore")
+    except PackageNotFoundError:  # `python cli.py` from a checkout that was never pip-installed
+        return "unknown (not installed)"
+
+
+def _root_parser() -> argparse.ArgumentParser:
+    """Lists every command; each command parses its own options (jsonargparse or LightningCLI)."""
+    parser = argparse.ArgumentParser(prog="selfexplore", description=__doc__.split("\n\n")[0],
+                                     epilog="Run `selfexplore COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"selfexplore {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, function in STAGE_COMMANDS.items():
+        commands.add_parser(name, help=function.__doc__.split("\n")[0], add_help=False)
+    for name, line in LIGHTNING_SUBCOMMANDS.items():
+        commands.add_parser(name, help=line, add_help=False)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in STAGE_COMMANDS:
+    """`selfexplore COMMAND ...`: only the command that runs imports what it needs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _root_parser()
+    if not args:
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    command = parser.parse_args(args[:1]).command
+    if command in STAGE_COMMANDS:
         from jsonargparse import CLI
 
-        CLI(STAGE_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
+        CLI(STAGE_COMMANDS[command], args=args[1:], as_positional=command == "status")
         return
-    lightning_main(argv)
+    # From the command line LightningCLI reads sys.argv itself (given both, it warns).
+    lightning_main(None if argv is None else args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def parse_record(raw: str | bytes, path: str | os.PathLike, lineno: int) -> dict
         raise DataError("not UTF-8 text", path, lineno) from None
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
+    except RecursionError:  # the json module recurses once per nesting level
+        raise DataError("JSON nested too deeply to read", path, lineno) from None
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
     return record

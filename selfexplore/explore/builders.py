@@ -3,16 +3,17 @@
 Input records follow the `samples.jsonl` schema (see CONTRACTS). Continuations (RFT responses,
 chosen, rejected) are the sampled completions stripped of surrounding whitespace: the prompt
 already ends with the newline that separates it from the first step, and the EOS is added by
-the tokenizing data module.
+the tokenizing data module. `read_samples` reads such a file with every record checked.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, Literal
 
-from selfexplore.io import DataError
+from selfexplore.io import DataError, iter_jsonl, require_str
 
 _CALC_NOTE = re.compile(r"<<([^<>]*)>>")
 # "a op b (op c ...) = r": the left side must hold an operator between two operands.
@@ -21,15 +22,35 @@ _NOISE = re.compile(r"[\s,$%]")
 _HAS_OPERATION = re.compile(r"[\d)]\s*[-+*/×÷^x]\s*[-\d(.$]")
 
 
+def check_sample(s: dict[str, Any], where: str | os.PathLike | None = None, line: int | None = None) -> None:
+    """Raise DataError at `where` (a file, or a label for records in memory), `line` and the field
+    for a record that breaks the samples schema; ids and prompts must be non-empty, as training needs."""
+    for field in ("id", "question_id", "prompt"):
+        require_str(s, field, where, line)
+    require_str(s, "completion", where, line, allow_empty=True)
+    for field, required in (("correct", True), ("finished", False)):
+        if (required or field in s) and not isinstance(s.get(field), bool):
+            raise DataError(f"expected a boolean, got {s.get(field)!r}", where, line, field)
+
+
 def _check_samples(samples: Sequence[dict[str, Any]]) -> None:
     """Fail early and precisely (sample index and field) on records that break the schema."""
     for i, s in enumerate(samples):
-        for field in ("id", "question_id", "prompt", "completion"):
-            if not isinstance(s.get(field), str):
-                raise DataError(f"sample #{i}: expected a string", field=field)
-        for field, required in (("correct", True), ("finished", False)):
-            if (required or field in s) and not isinstance(s.get(field), bool):
-                raise DataError(f"sample #{i}: expected a boolean", field=field)
+        check_sample(s, f"sample #{i}")
+
+
+def read_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a samples file, each checked (errors name file, line and field).
+
+    An empty or blank file is an error: it would silently turn into empty RFT and pair sets.
+    """
+    records = []
+    for line, s in iter_jsonl(path):
+        check_sample(s, path, line)
+        records.append(s)
+    if not records:
+        raise DataError("no samples: the file is empty", path)
+    return records
 
 
 def _group_by_question(samples: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
