@@ -87,3 +87,21 @@ def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed atomic writes left at `path`: in a folder, its hidden `.*.tmp-*` /
+    `.*.old-*` folders (`atomic_dir`) and `.*.tmp` files (`atomic_open`); for a file, its own
+    `.<name>.*.tmp` siblings. Call only while no other process writes there (a 7B export's
+    leftovers are gigabytes). Returns what was removed."""
+    path = Path(path)
+    if path.is_dir():
+        stale = [p for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in path.glob(pattern)]
+    else:
+        stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale

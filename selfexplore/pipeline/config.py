@@ -13,6 +13,10 @@ from selfexplore.models.gguf import is_gguf_spec
 from selfexplore.sampling.base import SamplingConfig
 
 BASELINES = ("sft", "rft", "outcome_dpo", "self_explore")
+# Strategies whose processes start inside `fit` (so the pipeline around it would run once).
+IN_FIT_LAUNCHERS = ("ddp_spawn", "ddp_fork", "ddp_notebook", "xla")
+# Trainer settings that change how a run is shown or logged, never what it computes.
+UNFINGERPRINTED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "logger")
 
 
 @dataclass
@@ -31,11 +35,52 @@ class TrainerSettings:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
 
+    def problems(self) -> list[str]:
+        """Names Lightning would reject only when the first fit builds its Trainer."""
+        from typing import get_args
 
-def check_accumulation(accumulate_grad_batches: int) -> None:
-    """Fail when the config is read, not when a late stage builds its Trainer."""
-    if accumulate_grad_batches < 1:
-        raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        problems: list[str] = []
+        accelerators = {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
+        if self.accelerator not in accelerators:
+            problems.append(f"trainer.accelerator {self.accelerator!r} is not one of {sorted(accelerators)}")
+        strategies = {"auto", "fsdp2", *StrategyRegistry.available_strategies()}
+        if self.strategy not in strategies:
+            problems.append(f"trainer.strategy {self.strategy!r} is not one of {sorted(strategies)}")
+        elif self.strategy.startswith(IN_FIT_LAUNCHERS):
+            problems.append(f"trainer.strategy {self.strategy!r} starts its processes inside each fit, but every "
+                            "rank must run the whole pipeline: use 'ddp', 'fsdp' or 'fsdp2' (Lightning reruns the "
+                            "command per rank) or start the ranks yourself (torchrun, srun)")
+        if self.strategy == "fsdp2" and not str(self.devices).isdigit():
+            problems.append(f"trainer.strategy 'fsdp2' needs trainer.devices as a number, got {self.devices!r}")
+        if self.precision not in get_args(_PRECISION_INPUT_STR):
+            problems.append(f"trainer.precision {self.precision!r} is not one of {list(get_args(_PRECISION_INPUT_STR))}")
+        at_least(problems, "trainer.log_every_n_steps", self.log_every_n_steps, 1)
+        return problems
+
+
+def at_least(problems: list[str], name: str, value: int | float | None, low: int | float,
+             optional: bool = False) -> None:
+    """Record a problem when `value` is below `low` (None is fine when `optional`)."""
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        problems.append(f"{name} must be >= {low}{' (or null for all)' if optional else ''}, got {value!r}")
+
+
+def _budget_problems(stage: SFTStage | DPOStage, prefix: str) -> list[str]:
+    """What is wrong with the budget fields every training stage has."""
+    problems: list[str] = []
+    for name in ("epochs", "batch_size", "accumulate_grad_batches", "max_length"):
+        at_least(problems, f"{prefix}.{name}", getattr(stage, name), 1)
+    if not stage.lr > 0:
+        problems.append(f"{prefix}.lr must be > 0, got {stage.lr!r}")
+    if not 0 <= stage.warmup_ratio < 1:
+        problems.append(f"{prefix}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio!r}")
+    return problems
 
 
 @dataclass
@@ -56,8 +101,10 @@ class SFTStage:
     weight_decay: float = 0.0
     include_prompt_in_loss: bool = False
 
-    def __post_init__(self) -> None:
-        check_accumulation(self.accumulate_grad_batches)
+    def problems(self, prefix: str) -> list[str]:
+        """Every invalid value, named `prefix.field` (checked with the whole config, up front)."""
+        return _budget_problems(self, prefix) + ([] if self.weight_decay >= 0 else
+                                                 [f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}"])
 
 
 @dataclass
@@ -83,8 +130,19 @@ class DPOStage:
     max_prompt_length: int = 256
     reference: Literal["precomputed", "copy", "adapter"] = "precomputed"
 
-    def __post_init__(self) -> None:
-        check_accumulation(self.accumulate_grad_batches)
+    def problems(self, prefix: str) -> list[str]:
+        """Every invalid value, named `prefix.field` (checked with the whole config, up front)."""
+        problems = _budget_problems(self, prefix)
+        if not self.beta > 0:
+            problems.append(f"{prefix}.beta must be > 0, got {self.beta!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"{prefix}.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.nll_alpha < 0:
+            problems.append(f"{prefix}.nll_alpha must be >= 0, got {self.nll_alpha!r}")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            problems.append(f"{prefix}.max_prompt_length must be >= 1 and below max_length={self.max_length}, "
+                            f"got {self.max_prompt_length!r}")
+        return problems
 
 
 @dataclass
@@ -153,31 +211,53 @@ class PipelineConfig:
     eval_samples: int = 0
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid pipeline config:\n  - " + "\n  - ".join(problems))
+        if self.model is None:
+            self.model = ModelSpec(path=str(Path(self.run_dir) / "base"))
+
+    def problems(self) -> list[str]:
+        """Every invalid value of the config, so one run of the command lists them all before any work."""
+        problems: list[str] = []
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
-            raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.eval_samples < 0:
-            raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
+            problems.append(f"baselines: unknown {unknown}; choose from {list(BASELINES)}")
+        at_least(problems, "rounds", self.rounds, 1)
+        at_least(problems, "eval_samples", self.eval_samples, 0)
+        at_least(problems, "eval_max_new_tokens", self.eval_max_new_tokens, 1)
+        at_least(problems, "rft_max_per_question", self.rft_max_per_question, 1)
+        for name in ("eval_limit", "sft_questions", "train_questions"):
+            at_least(problems, name, getattr(self, name), 1, optional=True)
+        problems += self.trainer.problems()
+        problems += self.sft.problems("sft") + self.rft.problems("rft") + self.dpo.problems("dpo")
         if self.sample_questions not in ("sft", "held_out"):
-            raise ValueError(f"sample_questions must be 'sft' or 'held_out', got {self.sample_questions!r}")
+            problems.append(f"sample_questions must be 'sft' or 'held_out', got {self.sample_questions!r}")
         if self.sample_questions == "held_out" and self.sft_questions is None:
-            raise ValueError("sample_questions='held_out' needs sft_questions: the questions after the first "
-                             "sft_questions of the train split are the held-out ones")
-        if self.model is None:
-            if self.from_scratch is None:
-                raise ValueError("model is required (a folder, Hub id or gguf: spec) unless from_scratch is set")
-            self.model = ModelSpec(path=str(Path(self.run_dir) / "base"))
-        if self.from_scratch is not None and is_gguf_spec(self.model.path):
-            raise ValueError(f"from_scratch builds a tiny model at model.path; {self.model.path!r} is a GGUF spec "
-                             "(a pretrained model): drop from_scratch or use a folder path")
+            problems.append("sample_questions='held_out' needs sft_questions: the questions after the first "
+                            "sft_questions of the train split are the held-out ones")
+        if self.model is None and self.from_scratch is None:
+            problems.append("model is required (a folder, Hub id or gguf: spec) unless from_scratch is set")
+        if self.from_scratch is not None and self.model is not None and is_gguf_spec(self.model.path):
+            problems.append(f"from_scratch builds a tiny model at model.path; {self.model.path!r} is a GGUF spec "
+                            "(a pretrained model): drop from_scratch or use a folder path")
         if self.from_scratch is not None and self.prompt_format.chat_template:
-            raise ValueError("prompt_format.chat_template needs a tokenizer with a chat template; a tiny model "
-                             "built from_scratch has none")
-
+            problems.append("prompt_format.chat_template needs a tokenizer with a chat template; a tiny model "
+                            "built from_scratch has none")
+        return problems
     def fingerprint_dict(self) -> dict[str, Any]:
-        """What must not change under an existing run directory (progress bars may)."""
+        """What must not change under an existing run directory.
+
+        Not the run directory's own path (a run may be moved, copied or named another way), and
+        not what only changes how progress is shown; a model inside the run directory (the
+        from-scratch base) is recorded by its path relative to it.
+        """
         d = asdict(self)
-        d["trainer"].pop("enable_progress_bar", None)
+        d.pop("run_dir")
+        for key in UNFINGERPRINTED_TRAINER_KEYS:
+            d["trainer"].pop(key, None)
+        model = Path(d["model"]["path"])
+        run_dir = Path(self.run_dir)
+        if model == run_dir or run_dir in model.parents:
+            d["model"]["path"] = model.relative_to(run_dir).as_posix()
         return d

@@ -24,6 +24,8 @@ writes files, and every rank continues from rank 0's recorded results.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,7 +35,6 @@ from typing import Any
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.data.sft import SFTDataModule
@@ -41,8 +42,11 @@ from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sam
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
+from selfexplore.models.files import remove_stale_temporaries
 from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
+from selfexplore.pipeline.console import Console, TrainingBar, console_session
+from selfexplore.pipeline.lock import RunLock
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.state import RunState, is_rank_zero
 from selfexplore.sampling.base import get_sampler, resolve_backend
@@ -53,8 +57,24 @@ from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 from selfexplore.training.sft import SFTModule
 
 
+log = logging.getLogger(__name__)
+
+# Result fields that hold a path written by the unit (recorded relative to the run directory).
+PATH_KEYS = ("policy", "path")
+
+
 class PipelineError(RuntimeError):
     """A stage produced nothing the next stage can train on."""
+
+
+def collapsed(policy: float, reference: float, uniform: float, kept: float = 0.1, informed: float = 0.5) -> bool:
+    """Whether a policy kept less than `kept` of its reference's advantage over uniform guessing
+    (per-token log-probs of the chosen responses), when the reference had a real one
+    (`informed` nats); NaN counts as collapsed. DPO may lower the chosen log-probs somewhat;
+    losing nearly everything the reference knew is a destroyed model."""
+    if math.isnan(policy):
+        return True
+    return reference - uniform > informed and policy - uniform < kept * (reference - uniform)
 
 
 class Pipeline:
@@ -64,10 +84,11 @@ class Pipeline:
         self.cfg = config
         self.root = Path(config.run_dir)
         self.rank_zero = is_rank_zero()
-        self.state = RunState(self.root, config.fingerprint_dict(), force=force, writer=self.rank_zero)
+        self.force = force
+        # Task, data and splits are checked before anything is written, so a mistake in them
+        # never leaves a run directory that the corrected command is refused.
         self.task = get_task(config.task, **config.task_options)
-        data = Path(config.data_dir) if config.data_dir else None
-        train = self.task.load("train", path=data / "train.jsonl" if data else None)
+        train = self.task.load("train", path=self._data("train"))
         self.gold_problems = train[: config.sft_questions]
         # The paper samples the questions SFT trained on; 'held_out' those after them.
         pool = self.gold_problems if config.sample_questions == "sft" else train[config.sft_questions:]
@@ -75,10 +96,23 @@ class Pipeline:
             raise ValueError(f"sample_questions='held_out': the train split has {len(train)} questions, all used "
                              f"by SFT (sft_questions={config.sft_questions}); none are left to sample")
         self.train_problems = sorted(pool, key=lambda p: p.id)[: config.train_questions]
-        evaluation = self.task.load(config.eval_split, path=data / f"{config.eval_split}.jsonl" if data else None)
-        self.eval_problems = evaluation[: config.eval_limit]
+        self.eval_problems = self.task.load(config.eval_split, path=self._data(config.eval_split))[: config.eval_limit]
+        if not self.eval_problems:
+            raise ValueError(f"eval_split {config.eval_split!r} has no questions to evaluate")
         self.problems_by_id = {p.id: p for p in self.train_problems}
         self._prompt: Callable[[Problem], str] | None = None
+        self.lock = RunLock(self.root).acquire() if self.rank_zero else None
+        self.state = RunState(self.root, config.fingerprint_dict(), force=force, writer=self.rank_zero)
+        self.console = Console(config, self.state, {"gold": len(self.gold_problems), "train": len(self.train_problems),
+                                                    "eval": len(self.eval_problems)}, enabled=self.rank_zero)
+        if self.state.redone:
+            log.warning("--force: the changed settings invalidate %d completed units, which are redone: %s",
+                        len(self.state.redone), ", ".join(self.state.redone))
+
+    def close(self) -> None:
+        """Release the run directory (also released when this process ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ----- bookkeeping -----------------------------------------------------------------------
     def unit(self, name: str, work: Callable[[], dict[str, Any]], collective: bool = False) -> dict[str, Any]:
@@ -91,20 +125,52 @@ class Pipeline:
         own wall time is added to them.
         """
         if self.state.done(name):
-            return self.state.result(name)
+            missing = self._missing_outputs(self.state.result(name)) if self.rank_zero else []
+            if not missing:
+                return self._resolved(self.state.result(name))
+            if not self.force:
+                raise PipelineError(f"{missing[0]}: file missing, but state.json records unit {name!r} that wrote "
+                                    "it as complete; restore it, or rerun with --force to redo that unit")
+            log.warning("--force: %s is missing; redoing unit %s", missing[0], name)
+            self.state.forget(name)
         if not (collective or self.rank_zero):
-            return self.state.wait_for(name)
+            return self._resolved(self.state.wait_for(name))
+        self.begin(name)
         start = time.perf_counter()
         try:
             result = work()
         except BaseException as error:
             if self.rank_zero:
                 self.state.fail(name, error)
+            self.console.failed(name, error)
             raise
         if not self.rank_zero:
-            return self.state.wait_for(name)
+            return self._resolved(self.state.wait_for(name))
         result["seconds"] = round(result.get("seconds", 0.0) + time.perf_counter() - start, 2)
-        return self.state.complete(name, result)
+        stored = self.state.complete(name, {k: self._relative(v) if k in PATH_KEYS else v for k, v in result.items()})
+        remove_stale_temporaries(self.root / name)
+        self.console.finish(name, stored)
+        return self._resolved(stored)
+
+    def begin(self, name: str) -> None:
+        """Announce unit `name` and record it as running (rank 0): in `unit`, or before the fit
+        of a Self-Explore round, whose unit only starts once training is over."""
+        self.console.start(name)
+        if self.rank_zero:
+            self.state.start(name)
+
+    def _relative(self, path: str) -> str:
+        """A path inside the run directory as recorded: relative to it, so a moved run still works."""
+        p = Path(path)
+        return p.relative_to(self.root).as_posix() if p == self.root or self.root in p.parents else path
+
+    def _resolved(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A recorded result with its paths usable again (relative ones are under the run directory)."""
+        return {k: str(self.root / v) if k in PATH_KEYS and not Path(v).is_absolute() else v
+                for k, v in result.items()}
+
+    def _missing_outputs(self, result: dict[str, Any]) -> list[str]:
+        return [path for k, path in self._resolved(result).items() if k in PATH_KEYS and not Path(path).exists()]
 
     def _trainer(self, out_dir: Path, stage: SFTStage | DPOStage,
                  callbacks: list[Callback] | None = None) -> Trainer:
@@ -115,12 +181,8 @@ class Pipeline:
             gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
             logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, enable_checkpointing=False,
             limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-            enable_progress_bar=s.enable_progress_bar, callbacks=callbacks or [])
-        if not isinstance(trainer.strategy.launcher, (_SubprocessScriptLauncher, type(None))):
-            raise PipelineError(
-                f"trainer.strategy {s.strategy!r} starts its processes inside each fit, but every rank must run "
-                "the whole pipeline: use 'ddp', 'fsdp' or 'fsdp2' (Lightning reruns the command per rank) or start "
-                "the ranks yourself (torchrun)")
+            enable_progress_bar=s.enable_progress_bar,
+            callbacks=[*([TrainingBar()] if s.enable_progress_bar else []), *(callbacks or [])])
         return trainer
 
     def _strategy(self) -> str | Strategy:
@@ -129,8 +191,6 @@ class Pipeline:
         s = self.cfg.trainer
         if s.strategy != "fsdp2":
             return s.strategy
-        if not str(s.devices).isdigit():
-            raise PipelineError(f"trainer.strategy 'fsdp2' needs trainer.devices as a number, got {s.devices!r}")
         return ModelParallelStrategy(data_parallel_size=int(s.devices), tensor_parallel_size=1)
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path,
@@ -203,7 +263,7 @@ class Pipeline:
                 stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=count,
                                          temperature=temperature, top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
                                          backend_name=resolve_backend(s.backend), model=policy,
-                                         settings={"batch_size": s.batch_size},
+                                         settings={"batch_size": s.batch_size}, force=self.force,
                                          progress=self.cfg.trainer.enable_progress_bar, prompt=self.prompt)
             finally:
                 getattr(sampler, "close", lambda: None)()
@@ -228,7 +288,7 @@ class Pipeline:
                 records += [{"prompt": self.prompt(p), "response": p.solution,
                              "meta": {"question_id": p.id, "sample_id": "gold"}}
                             for p in self.gold_problems]
-            return {"records": write_jsonl(out, records)}
+            return {"path": str(out), "records": write_jsonl(out, records)}
         self.unit(f"round_{round_}/rft_data", work)
         return out
 
@@ -254,12 +314,13 @@ class Pipeline:
         def explore_work() -> dict[str, Any]:
             sampler = get_sampler(self.cfg.sampling, explorer, cache_dir=str(self.root / "cache"))
             try:
-                return run_explore_stage(sampler, self.task, pairs["path"], self.problems_by_id, self.root / rd / "explore",
-                                         replace(self.cfg.explore, round=round_, seed=self.cfg.seed + round_))
+                stats = run_explore_stage(sampler, self.task, pairs["path"], self.problems_by_id,
+                                          self.root / rd / "explore",
+                                          replace(self.cfg.explore, round=round_, seed=self.cfg.seed + round_))
             finally:
                 getattr(sampler, "close", lambda: None)()
-        self.unit(f"{rd}/explore", explore_work)
-        return self.root / rd / "explore" / "gpairs.jsonl"
+            return {"path": str(self.root / rd / "explore" / "gpairs.jsonl"), **stats}
+        return Path(self.unit(f"{rd}/explore", explore_work)["path"])
 
     def finish_self_explore_round(self, round_: int, module: StepDPOModule | None,
                                   seconds: float = 0.0) -> tuple[str, dict[str, float]]:
@@ -269,6 +330,7 @@ class Pipeline:
         def export() -> dict[str, Any]:
             if module is None:
                 raise RuntimeError(f"{name} was never trained; nothing to evaluate")
+            self._check_not_collapsed(name, module)
             module.export(str(self.root / name / "policy"))
             return {"policy": str(self.root / name / "policy"), "seconds": seconds}
         policy = self.unit(name, export, collective=True)["policy"]
@@ -295,8 +357,24 @@ class Pipeline:
                 self.finish_self_explore_round(r, None)
         return write_report(self.root, self.state.units, cfg) if self.rank_zero else None
 
+    def _check_not_collapsed(self, name: str, module: StepDPOModule) -> None:
+        """Stop at a DPO policy that training destroyed, before it is exported and evaluated
+        (otherwise it scores 0, and the next round dies for want of pairs, far from the cause)."""
+        policy, reference = module.chosen_logprob_per_token()
+        uniform = -math.log(module.policy.config.vocab_size)
+        if not collapsed(policy, reference, uniform):
+            return
+        raise PipelineError(
+            f"{name}: the trained policy collapsed: it gives the chosen responses {policy:.3g} log-prob per token "
+            f"(uniform guessing: {uniform:.2f}, the reference: {reference:.3g}). The step size is too large for "
+            f"this model (dpo.lr={self.cfg.dpo.lr}, dpo.optimizer={self.cfg.dpo.optimizer!r}): lower dpo.lr and "
+            "rerun (completed units are kept)")
+
     def _require_pairs(self, path: Path, what: str) -> None:
-        if not path.is_file() or not path.stat().st_size:
+        if not path.is_file():
+            raise PipelineError(f"{path}: file missing (the unit that writes it is complete); restore it, or "
+                                "rerun with --force to redo that unit")
+        if not path.stat().st_size:
             raise PipelineError(
                 f"{path}: no {what}. The policy needs questions it answers right in some samples and wrong in "
                 "others; train SFT longer, sample more (sampling.n), or make the task easier (task_options).")
@@ -309,6 +387,7 @@ class Pipeline:
             module = self._dpo_module(rft, rft, self.cfg.dpo)
             self._fit(module, self._preference_data(self.root / "round_1" / "pairs.jsonl", self.cfg.dpo),
                       self.root / name, self.cfg.dpo)
+            self._check_not_collapsed(name, module)
             module.export(str(self.root / name / "policy"))
             return {"policy": str(self.root / name / "policy")}
         policy = self.unit(name, work, collective=True)["policy"]
@@ -320,7 +399,7 @@ class Pipeline:
         first = next((r for r in range(1, cfg.rounds + 1) if not self.state.done(f"round_{r}/self_explore")), None)
         if first is None:
             return
-        start = rft if first == 1 else self.state.result(f"round_{first - 1}/self_explore")["policy"]
+        start = rft if first == 1 else self._resolved(self.state.result(f"round_{first - 1}/self_explore"))["policy"]
         reference = rft if cfg.reference_update == "keep" else start
         gpairs = gpairs if first == 1 else self.prepare_round(first, explorer=start)
         self._require_pairs(gpairs, "granular pairs")
@@ -328,9 +407,19 @@ class Pipeline:
         data = self._preference_data(gpairs, cfg.dpo)
         callback = SelfExploreCallback(self, first, cfg.rounds, cfg.reference_update)
         for r in range(first, cfg.rounds + 1):
+            self.begin(f"round_{r}/self_explore")
             self._fit(module, data, self.root / f"round_{r}" / "self_explore", cfg.dpo, [callback])
 
 
-def run_pipeline(config: PipelineConfig, force: bool = False) -> Path | None:
-    """Run or resume the configured pipeline; returns the path of `report.md` (None off rank 0)."""
-    return Pipeline(config, force=force).run()
+def run_pipeline(config: PipelineConfig, force: bool = False, verbose: bool = False) -> Path | None:
+    """Run or resume the configured pipeline; returns the path of `report.md` (None off rank 0).
+
+    The console shows the plan unit by unit; library output only with `verbose` (see
+    `pipeline.console`); rank 0 logs everything to `run_dir/pipeline.log`.
+    """
+    with console_session(Path(config.run_dir) / "pipeline.log" if is_rank_zero() else None, verbose):
+        pipeline = Pipeline(config, force=force)
+        try:
+            return pipeline.run()
+        finally:
+            pipeline.close()

@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from selfexplore.io import read_json, write_json
+from selfexplore.pipeline.invalidate import config_diff, format_diff, units_to_redo
 
 # Launchers name a process's rank in these (Lightning: LOCAL_RANK/NODE_RANK; torchrun: RANK).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -45,6 +47,9 @@ class RunStateError(RuntimeError):
     """The run directory belongs to another configuration."""
 
 
+CONFIG_FILE = "config.json"
+
+
 class RankZeroFailed(RuntimeError):
     """Rank 0 failed, or is gone, while this rank waited for one of its units."""
 
@@ -60,30 +65,64 @@ class RunState:
     def __init__(self, run_dir: str | Path, config: dict[str, Any], force: bool = False,
                  writer: bool = True) -> None:
         self.path = Path(run_dir) / "state.json"
+        self.config = config
         self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         self.force = force
         self.writer = writer
         self.units: dict[str, dict[str, Any]] = {}
+        # Units started and not yet finished (outer first), for `selfexplore status` in another process.
+        self.running: dict[str, dict[str, Any]] = {}
+        self.forced: list[dict[str, Any]] = []  # the history of --force changes, oldest first
+        self.redone: list[str] = []  # units this attempt's --force invalidated
         self._launcher = os.getppid()
-        self._load()
         if writer:
+            self._adopt()
             self.attempt = uuid.uuid4().hex
             os.environ[ATTEMPT_VARIABLE] = self.attempt
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path.parent / "config.json", config)
+            write_json(self.path.parent / CONFIG_FILE, config)
             self._save()  # also clears the failure a previous attempt recorded
         else:
+            self._load()
             self.attempt = os.environ.get(ATTEMPT_VARIABLE)
 
+    def _adopt(self) -> None:
+        """Take over an existing state.json (rank 0): refuse another config unless `force`.
+
+        With `force`, the units the changed settings invalidate are dropped (and redone), so
+        every unit still recorded was computed under the settings it depends on, and
+        config.json stays the true record of the run; `forced` keeps what changed when.
+        """
+        if not self.path.is_file():
+            return
+        saved = read_json(self.path)
+        self.units = saved.get("units", {})
+        self.forced = saved.get("forced", [])
+        if saved.get("config_sha256") == self.fingerprint or not self.units:
+            return  # same config, or nothing completed that another config could have made
+        old_path = self.path.parent / CONFIG_FILE
+        diff = config_diff(read_json(old_path), self.config) if old_path.is_file() else {"(config.json)": ("missing", "")}
+        if not self.force:
+            raise RunStateError(
+                f"{self.path.parent} was made by a different configuration ({format_diff(diff)}); use another "
+                "run_dir, or --force to redo the completed units these settings affect")
+        self.redone = units_to_redo(list(diff), list(self.units), int(self.config.get("rounds", 1)))
+        for unit in self.redone:
+            del self.units[unit]
+        self.forced.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "changed": {k: [a, b] for k, (a, b) in diff.items()}, "redone": self.redone})
+
     def _load(self) -> dict[str, Any]:
+        """Read rank 0's state.json (the other ranks follow it).
+
+        A file of another fingerprint is rank 0's before it adopted this config (ranks that
+        torchrun starts together can read it first): nothing in it counts yet.
+        """
         if not self.path.is_file():
             return {}
         saved = read_json(self.path)
-        if saved.get("config_sha256") != self.fingerprint and not self.force:
-            raise RunStateError(
-                f"{self.path.parent} was made by a different configuration (state.json config_sha256 "
-                f"{saved.get('config_sha256', '?')[:12]} != {self.fingerprint[:12]}); use another run_dir, "
-                "or --force to continue it anyway (completed units are kept)")
+        if saved.get("config_sha256") != self.fingerprint:
+            return {}
         self.units = saved.get("units", {})
         return saved
 
@@ -93,14 +132,27 @@ class RunState:
     def result(self, unit: str) -> dict[str, Any]:
         return self.units[unit]
 
+    def start(self, unit: str) -> None:
+        """Record that `unit` runs from now, in this process (rank 0; a second call keeps the first time)."""
+        self.running.setdefault(unit, {"since": time.time(), "pid": os.getpid(), "host": socket.gethostname()})
+        self._save()
+
     def complete(self, unit: str, result: dict[str, Any] | None = None) -> dict[str, Any]:
         self.units[unit] = result or {}
+        self.running.pop(unit, None)
         self._save()
         return self.units[unit]
 
+    def forget(self, unit: str) -> None:
+        """Drop a completed unit so that it is redone (rank 0: its outputs went missing)."""
+        del self.units[unit]
+        self._save()
+
     def fail(self, unit: str, error: BaseException) -> None:
         """Record that `unit` raised in this attempt, so ranks waiting for it raise too."""
-        self._save({"unit": unit, "error": f"{type(error).__name__}: {error}", "attempt": self.attempt})
+        started = self.running.pop(unit, {}).get("since")
+        self._save({"unit": unit, "error": f"{type(error).__name__}: {error}", "attempt": self.attempt,
+                    "since": started, "at": time.time()})
 
     def wait_for(self, unit: str) -> dict[str, Any]:
         """Block until rank 0 records `unit`, then return its result (ranks other than 0).
@@ -123,10 +175,14 @@ class RunState:
             time.sleep(delay)
             delay = min(2 * delay, max_delay)
 
-    def _save(self, failed: dict[str, str | None] | None = None) -> None:
+    def _save(self, failed: dict[str, Any] | None = None) -> None:
         if not self.writer:
             raise RuntimeError("only rank 0 writes state.json")
         state: dict[str, Any] = {"config_sha256": self.fingerprint, "units": self.units}
+        if self.forced:
+            state["forced"] = self.forced
+        if self.running:
+            state["running"] = self.running
         if failed is not None:
             state["failed"] = failed
         write_json(self.path, state)

@@ -237,3 +237,31 @@ class StepDPOModule(PolicyModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+
+    @torch.no_grad()
+    def chosen_logprob_per_token(self, batches: int = 2) -> tuple[float, float]:
+        """Mean log-prob per chosen response token under the policy now and under the reference,
+        over the first `batches` training batches of every rank (all ranks must call it: the
+        forwards may be collective).
+
+        A policy that lost (nearly) all of the reference's advantage over uniform guessing on
+        the responses DPO taught it to prefer has been destroyed, typically by too large a step
+        size; its weights can still be finite, so a loss check alone does not see it.
+        """
+        was_training = self.policy.training
+        self.policy.eval()
+        total = torch.zeros(3, device=self.device, dtype=torch.float64)  # policy sum, reference sum, tokens
+        try:
+            for i, batch in enumerate(self.trainer.datamodule.train_dataloader()):
+                if i == batches:
+                    break
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                chosen, _ = self._batch_logps(self.policy, batch)
+                ref_chosen, _ = self.reference_logps(batch, "train")
+                tokens = batch["loss_mask"][: chosen.shape[0], 1:].sum()
+                total += torch.stack([chosen.sum(), ref_chosen.sum(), tokens]).double()
+        finally:
+            self.policy.train(was_training)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        tokens = total[2].clamp_min(1)
+        return float(total[0] / tokens), float(total[1] / tokens)

@@ -1,0 +1,197 @@
+"""What must not happen to a run directory: lost work, silent wrong results, poisoned state.
+
+Each test reproduces one way a run went wrong (a changed setting under --force, a bad value,
+a moved or doubly used run directory, a deleted output, a destroyed policy) on the miniature
+pipeline of `test_pipeline` (scripted sampler, real training of a tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_pipeline import ARTIFACTS, _config, scripted  # noqa: F401 (a fixture)
+
+from selfexplore.pipeline.config import DPOStage, SFTStage, TrainerSettings
+from selfexplore.pipeline.invalidate import config_diff, units_to_redo
+from selfexplore.pipeline.lock import RunLock, RunLocked
+from selfexplore.pipeline.run import Pipeline, PipelineError, run_pipeline
+
+SHORT = {"baselines": ["sft", "rft", "self_explore"], "rounds": 1}
+UNITS = ["base", "round_0/sft", "round_0/sft/eval.jsonl", "round_0/sft/eval", "round_1/samples.jsonl",
+         "round_1/rft_data", "round_1/rft", "round_1/rft/eval.jsonl", "round_1/rft/eval",
+         "round_1/explorer_samples.jsonl", "round_1/pairs", "round_1/explore", "round_1/self_explore",
+         "round_1/self_explore/eval.jsonl", "round_1/self_explore/eval", "round_2/explorer_samples.jsonl",
+         "round_2/pairs", "round_2/explore", "round_2/self_explore", "round_2/self_explore/eval.jsonl",
+         "round_2/self_explore/eval"]
+
+
+def _state(run: Path) -> dict:
+    return json.loads((run / "state.json").read_text())
+
+
+# ----------------------------------------------------------------- --force redoes what changed
+
+def test_units_to_redo_follow_the_settings_each_unit_reads() -> None:
+    assert units_to_redo(["dpo.lr"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/self_explore"):]
+    assert units_to_redo(["eval_limit"], UNITS, rounds=2) == [u for u in UNITS if u.rsplit("/", 1)[-1].startswith("eval")]
+    assert units_to_redo(["explore.k"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/explore"):]
+    assert units_to_redo(["rounds"], UNITS, rounds=1) == [u for u in UNITS if u.startswith("round_2/")]
+    assert units_to_redo(["baselines"], UNITS, rounds=2) == []
+    assert units_to_redo(["seed"], UNITS, rounds=2) == UNITS  # unknown reach: everything
+    assert units_to_redo(["reference_update"], UNITS, rounds=2) == UNITS[UNITS.index("round_2/self_explore"):]
+    assert config_diff({"dpo": {"lr": 1e-6, "beta": 0.1}}, {"dpo": {"lr": 1e-3, "beta": 0.1}}) == {
+        "dpo.lr": (1e-6, 1e-3)}
+
+
+def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_pipeline(_config(run, **SHORT))
+    before = _state(run)["units"]
+    changed = _config(run, **SHORT, dpo=DPOStage(epochs=1, lr=2e-4, batch_size=8, max_length=128,
+                                                 max_prompt_length=96))
+    with pytest.raises(RuntimeError, match=r"dpo\.lr: 0\.0001 -> 0\.0002"):
+        run_pipeline(changed)
+    weights = (run / "round_1/self_explore/policy/model.safetensors").read_bytes()
+    run_pipeline(changed, force=True)
+    assert (run / "round_1/self_explore/policy/model.safetensors").read_bytes() != weights, "retrained at the new lr"
+    state = _state(run)
+    redone = ["round_1/self_explore", "round_1/self_explore/eval.jsonl", "round_1/self_explore/eval"]
+    assert state["forced"][-1]["redone"] == redone
+    assert state["forced"][-1]["changed"] == {"dpo.lr": [1e-4, 2e-4]}
+    assert set(state["units"]) == set(before)
+    for unit in set(before) - set(redone):  # the rest was kept, not recomputed
+        assert state["units"][unit] == before[unit], unit
+    assert json.loads((run / "config.json").read_text())["dpo"]["lr"] == 2e-4  # the record is the new config
+
+
+# ----------------------------------------------------------------- bad values fail up front
+
+def test_every_bad_value_is_listed_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as caught:
+        _config(tmp_path / "run", eval_limit=0, train_questions=0, sft=SFTStage(epochs=0, batch_size=0),
+                dpo=DPOStage(lr=-1.0, beta=0.0), trainer=TrainerSettings(strategy="dpp", precision="bf15"))
+    message = str(caught.value)
+    for expected in ("eval_limit must be >= 1", "train_questions must be >= 1", "sft.epochs must be >= 1",
+                     "sft.batch_size must be >= 1", "dpo.lr must be > 0", "dpo.beta must be > 0",
+                     "trainer.strategy 'dpp'", "trainer.precision 'bf15'"):
+        assert expected in message, expected
+    with pytest.raises(ValueError, match="eval_limit must be >= 1"):
+        _config(tmp_path / "run", eval_limit=-5)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", [{"task": "nope"}, {"task_options": {"train_sise": 3}},
+                                 {"data_dir": "missing-dir"}, {"eval_split": "dev"}])
+def test_config_errors_found_late_leave_no_state_behind(scripted, tmp_path: Path, bad: dict) -> None:
+    run = tmp_path / "run"
+    with pytest.raises((ValueError, TypeError, KeyError, FileNotFoundError)):
+        Pipeline(_config(run, **SHORT, **bad))
+    assert not (run / "state.json").exists()
+    run_pipeline(_config(run, **SHORT))  # the corrected command is not refused
+
+
+def test_a_run_with_no_completed_unit_takes_any_config(scripted, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Pipeline(_config(run, **SHORT)).close()
+    Pipeline(_config(run, **SHORT, seed=3)).close()  # nothing was computed under the first config
+
+
+# ----------------------------------------------------------------- the run directory itself
+
+def test_a_moved_run_directory_continues_where_it_stopped(scripted, tmp_path: Path, monkeypatch) -> None:
+    run_pipeline(_config(tmp_path / "reference", **SHORT))
+    original = Pipeline.prepare_round
+    monkeypatch.setattr(Pipeline, "prepare_round", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_config(tmp_path / "first", **SHORT))
+    monkeypatch.setattr(Pipeline, "prepare_round", original)
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    assert "first" not in (tmp_path / "moved" / "state.json").read_text()  # paths are recorded relative
+    monkeypatch.chdir(tmp_path)
+    run_pipeline(_config(Path("moved/"), **SHORT))  # relative, with a trailing slash
+    for name in ARTIFACTS:
+        if name.startswith(("round_0", "round_1")):
+            assert (tmp_path / "moved" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_a_second_pipeline_on_a_run_directory_is_refused_until_the_first_ends(scripted, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from selfexplore.pipeline.lock import RunLock
+        with RunLock({str(run)!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=rf"in use by another pipeline \(.*\"pid\": {holder.pid}"):
+            Pipeline(_config(run, **SHORT))
+    finally:
+        holder.kill()  # a killed holder must not leave the lock behind
+        holder.wait()
+    Pipeline(_config(run, **SHORT)).close()
+    with RunLock(run), pytest.raises(RunLocked):  # also within one process
+        RunLock(run).acquire()
+
+
+# ----------------------------------------------------------------- outputs of completed units
+
+def test_a_deleted_output_of_a_completed_unit_is_named_and_redone_with_force(scripted, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_pipeline(_config(run, **SHORT))
+    expected = (run / "round_1/explore/gpairs.jsonl").read_text()
+    (run / "round_1/explore/gpairs.jsonl").unlink()
+    with pytest.raises(PipelineError, match=r"gpairs\.jsonl: file missing.*'round_1/explore'.*--force"):
+        run_pipeline(_config(run, **SHORT))
+    run_pipeline(_config(run, **SHORT), force=True)
+    assert (run / "round_1/explore/gpairs.jsonl").read_text() == expected
+
+
+def test_temporaries_of_a_killed_export_are_removed_when_the_unit_completes(scripted, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    from selfexplore.training.policy import PolicyModule
+
+    run = tmp_path / "run"
+    export = PolicyModule.export
+
+    def killed_export(self, out_dir, *args, **kwargs):
+        leftover = Path(out_dir).parent / f".{Path(out_dir).name}.tmp-killed"
+        leftover.mkdir(parents=True)
+        (leftover / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PolicyModule, "export", killed_export)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_config(run, **SHORT))
+    assert (run / "round_0/sft/.policy.tmp-killed").is_dir()
+    monkeypatch.setattr(PolicyModule, "export", export)
+    run_pipeline(_config(run, **SHORT))
+    assert not list(run.rglob("*.tmp-*")) and (run / "round_0/sft/policy").is_dir()
+
+
+# ----------------------------------------------------------------- a destroyed policy
+
+def test_a_policy_destroyed_by_its_last_step_stops_the_run_naming_the_cause(scripted, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    destroy = DPOStage(epochs=1, lr=1e3, batch_size=64, max_length=128, max_prompt_length=96)  # one step
+    with pytest.raises(PipelineError, match=r"round_1/self_explore: the trained policy collapsed.*dpo\.lr=1000"):
+        run_pipeline(_config(run, **SHORT, dpo=destroy))
+    assert "round_1/self_explore" not in _state(run)["units"]
+    assert not (run / "round_1/self_explore/policy").exists()
+    assert set(ARTIFACTS[:5]) <= {a for a in ARTIFACTS if (run / a).exists()}  # the earlier work is kept
+
+
+def test_collapse_means_losing_nearly_all_the_references_advantage_over_uniform() -> None:
+    from selfexplore.pipeline.run import collapsed
+
+    uniform = -5.7
+    assert collapsed(-5.7, -1.0, uniform) and collapsed(float("nan"), -1.0, uniform)
+    assert not collapsed(-3.0, -1.0, uniform)  # DPO lowered the chosen log-probs: allowed
+    assert not collapsed(-5.69, -5.5, uniform)  # an uninformed reference: nothing to judge by
