@@ -68,18 +68,14 @@ def lightning_main(args: list[str] | None = None) -> SelfExploreCLI:
 
 
 def pipeline(pipeline: PipelineConfig, force: bool = False, verbose: bool = False) -> None:
-    """Run (or resume) the whole method, unit by unit; prints the report table (rank 0; see `pipeline.run`).
+    """Run (or resume) the whole method, unit by unit, then print the report table.
 
     `verbose` shows what libraries print (Lightning banners, transformers' loading bars, known
     harmless warnings); `run_dir/pipeline.log` has it either way.
     """
-    from selfexplore.pipeline.console import quiet_libraries
+    from selfexplore.pipeline.run import run_pipeline  # the training stack: only for this command
 
-    with quiet_libraries(Path(pipeline.run_dir) / "pipeline.log", verbose=verbose):
-        # Imported inside: the training stack (peft, bitsandbytes) prints as it loads.
-        from selfexplore.pipeline.run import run_pipeline
-
-        report = run_pipeline(pipeline, force=force)
+    report = run_pipeline(pipeline, force=force, verbose=verbose)
     if report is not None:
         print(report.read_text())
 
@@ -160,6 +156,10 @@ def explore(explorer: str, pairs: str, out_dir: str, task: str = "arith",
 STAGE_COMMANDS = {"pipeline": pipeline, "status": status, "sample": sample, "pairs": pairs, "explore": explore}
 
 
+DESCRIPTION = ("Self-Explore for LLM math reasoning: SFT, sampling, RFT, first-pit exploration and step-level "
+               "DPO, round after round.")
+
+
 def _version() -> str:
     try:
         return version("selfexplore")
@@ -169,7 +169,7 @@ def _version() -> str:
 
 def _root_parser() -> argparse.ArgumentParser:
     """Lists every command; each command parses its own options (jsonargparse or LightningCLI)."""
-    parser = argparse.ArgumentParser(prog="selfexplore", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="selfexplore", description=DESCRIPTION,
                                      epilog="Run `selfexplore COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"selfexplore {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")

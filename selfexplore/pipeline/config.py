@@ -25,6 +25,10 @@ class TrainerSettings:
 
     strategy: a Lightning strategy name ('auto', 'ddp', 'fsdp' ...), or 'fsdp2' for FSDP2
         sharding over `devices` (ModelParallelStrategy); with `devices` > 1 see `pipeline.run`.
+    logger: any Lightning logger as `fit` takes one (`class_path`, `init_args`; a bare class name
+        is one of `lightning.pytorch.loggers`): CSV by default, TensorBoardLogger, WandbLogger,
+        MLFlowLogger ... One run per training unit plus a `pipeline` run with the report's
+        figures per round, under `run_dir/logs` by default (see `pipeline.loggers`).
     """
 
     accelerator: str = "auto"
@@ -34,6 +38,7 @@ class TrainerSettings:
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
+    logger: dict[str, Any] = field(default_factory=lambda: {"class_path": "lightning.pytorch.loggers.CSVLogger"})
 
     def problems(self) -> list[str]:
         """Names Lightning would reject only when the first fit builds its Trainer."""
@@ -43,7 +48,13 @@ class TrainerSettings:
         from lightning.pytorch.accelerators import AcceleratorRegistry
         from lightning.pytorch.strategies import StrategyRegistry
 
+        from selfexplore.pipeline.loggers import logger_class
+
         problems: list[str] = []
+        try:
+            logger_class(self.logger)
+        except ValueError as error:
+            problems.append(str(error))
         accelerators = {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
         if self.accelerator not in accelerators:
             problems.append(f"trainer.accelerator {self.accelerator!r} is not one of {sorted(accelerators)}")

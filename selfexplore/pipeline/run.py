@@ -33,19 +33,19 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.data.sft import SFTDataModule
-from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, sample_stats
+from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, read_samples, sample_stats
 from selfexplore.explore.stage import run_explore_stage
-from selfexplore.io import read_jsonl, write_jsonl
+from selfexplore.io import write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
 from selfexplore.models.files import remove_stale_temporaries
 from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
+from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.lock import RunLock
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.state import RunState, is_rank_zero
@@ -179,7 +179,7 @@ class Pipeline:
             accelerator=s.accelerator, devices=s.devices, strategy=self._strategy(), precision=s.precision,
             max_epochs=stage.epochs, accumulate_grad_batches=stage.accumulate_grad_batches,
             gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
-            logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, enable_checkpointing=False,
+            logger=build_logger(s.logger, self.root, self._relative(str(out_dir))), default_root_dir=out_dir, enable_checkpointing=False,
             limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
             enable_progress_bar=s.enable_progress_bar,
             callbacks=[*([TrainingBar()] if s.enable_progress_bar else []), *(callbacks or [])])
@@ -262,7 +262,7 @@ class Pipeline:
             try:
                 stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=count,
                                          temperature=temperature, top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
-                                         backend_name=resolve_backend(s.backend), model=policy,
+                                         backend_name=resolve_backend(s.backend), model=self._relative(policy),
                                          settings={"batch_size": s.batch_size}, force=self.force,
                                          progress=self.cfg.trainer.enable_progress_bar, prompt=self.prompt)
             finally:
@@ -283,7 +283,7 @@ class Pipeline:
         out = self.root / f"round_{round_}" / "rft.jsonl"
 
         def work() -> dict[str, Any]:
-            records = build_rft_set(read_jsonl(samples_path), max_per_question=self.cfg.rft_max_per_question)
+            records = build_rft_set(read_samples(samples_path), max_per_question=self.cfg.rft_max_per_question)
             if self.cfg.rft_include_gold:
                 records += [{"prompt": self.prompt(p), "response": p.solution,
                              "meta": {"question_id": p.id, "sample_id": "gold"}}
@@ -303,20 +303,22 @@ class Pipeline:
         samples = self.sample(f"{rd}/explorer_samples.jsonl", explorer, self.train_problems)
 
         def pairs_work() -> dict[str, Any]:
-            records = read_jsonl(samples["path"])
+            records = read_samples(samples["path"])
             candidates = records + [self._gold_sample(p) for p in self.train_problems] \
                 if self.cfg.pairs_include_gold else records
             pairs = build_outcome_pairs(candidates, round=round_, max_per_question=self.cfg.rft_max_per_question)
             return {"path": str(self.root / rd / "pairs.jsonl"), "pairs": write_jsonl(self.root / rd / "pairs.jsonl", pairs),
                     **sample_stats(records)}
         pairs = self.unit(f"{rd}/pairs", pairs_work)
+        self._require_pairs(Path(pairs["path"]), "outcome pairs")  # nothing to explore without them
 
         def explore_work() -> dict[str, Any]:
             sampler = get_sampler(self.cfg.sampling, explorer, cache_dir=str(self.root / "cache"))
             try:
+                config = replace(self.cfg.explore, round=round_, seed=self.cfg.seed + round_)
                 stats = run_explore_stage(sampler, self.task, pairs["path"], self.problems_by_id,
-                                          self.root / rd / "explore",
-                                          replace(self.cfg.explore, round=round_, seed=self.cfg.seed + round_))
+                                          self.root / rd / "explore", config.inherit_stop(self.cfg.sampling.stop),
+                                          model=self._relative(explorer), force=self.force, prompt=self.prompt)
             finally:
                 getattr(sampler, "close", lambda: None)()
             return {"path": str(self.root / rd / "explore" / "gpairs.jsonl"), **stats}
@@ -355,7 +357,10 @@ class Pipeline:
             self.train_self_explore(rft, gpairs)
             for r in range(1, cfg.rounds + 1):  # a kill between a round's export and its eval
                 self.finish_self_explore_round(r, None)
-        return write_report(self.root, self.state.units, cfg) if self.rank_zero else None
+        if not self.rank_zero:
+            return None
+        log_round_metrics(cfg.trainer.logger, self.root, self.state.units, cfg.rounds)
+        return write_report(self.root, self.state.units, cfg)
 
     def _check_not_collapsed(self, name: str, module: StepDPOModule) -> None:
         """Stop at a DPO policy that training destroyed, before it is exported and evaluated
