@@ -220,8 +220,9 @@ def test_shared_blocks_parse_for_the_stage_commands(dataset: str) -> None:
         ["--policy", "p", "--out", "o", "--sampling", str(RECIPES / "sampling" / f"{dataset}.yaml")])).sampling
     exploring = explore.instantiate_classes(explore.parse_args(
         ["--explorer", "p", "--pairs", "q", "--out_dir", "o",
-         "--config", str(RECIPES / "explore" / f"{dataset}.yaml")]))
-    assert (sampling.backend, sampling.n, exploring.config.k) == ("vllm", 100, 4)
+         "--explore", str(RECIPES / "explore" / f"{dataset}.yaml")]))
+    assert (sampling.backend, sampling.n, exploring.explore.k) == ("vllm", 100, 4)
+    assert exploring.explore.max_new_tokens == sampling.max_new_tokens  # set by the file (the default is None)
 
 
 @pytest.mark.parametrize("recipe", PIPELINE_RECIPES, ids=lambda p: p.stem)
