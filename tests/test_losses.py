@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selfexplore.training.losses import dpo_loss, nll_loss, sequence_logps
+from selfexplore.training.losses import dpo_loss, nll_loss, selective_log_softmax, sequence_logps
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, lr_lambda
 
 
@@ -108,6 +108,35 @@ def test_sequence_logps_matches_brute_force(average):
     got = sequence_logps(logits, labels_with_ignore, mask, average=average)
     assert got.shape == (n,)
     assert got.tolist() == pytest.approx(_brute_force_logps(logits, labels, mask, average), rel=1e-5)
+
+
+def _full_token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The plain computation selective_log_softmax replaces: an fp32 log-softmax of every row."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [1, 13 * 3, 1 << 24])  # one row, 3 rows, everything per chunk
+def test_selective_log_softmax_equals_full_log_softmax_and_its_gradient(dtype, chunk_elements):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 7, 13, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 13, (3, 7), generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    weights = torch.randn(3, 7, generator=g)  # a downstream loss that weighs every position differently
+    grads = []
+    for fn in (lambda x: selective_log_softmax(x, targets, mask, chunk_elements=chunk_elements),
+               lambda x: _full_token_logps(x, targets, mask)):
+        x = logits.clone().requires_grad_(True)
+        out = fn(x)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), x.grad))
+    (got, got_grad), (want, want_grad) = grads
+    assert got.dtype == torch.float32 and got.shape == (3, 7)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert bool((got[~mask] == 0).all())
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_sequence_logps_shape_mismatch():
