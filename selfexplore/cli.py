@@ -33,7 +33,8 @@ from selfexplore.io import write_json, write_jsonl
 from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
-from selfexplore.sampling.base import SamplingConfig, get_sampler, resolve_backend
+from selfexplore.sampling.base import SamplingConfig
+from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.tasks import Problem, Task, get_task
 
@@ -105,14 +106,9 @@ def sample(policy: str, out: str, task: str = "arith", task_options: dict[str, A
     fmt = prompt_format or PromptFormat()
     t, problems = _problems(task, task_options, split, data_path, limit)
     prompt = fmt.prompter(t, load_tokenizer(policy) if fmt.chat_template else None)
-    sampler = get_sampler(s, policy, adapter, cache_dir=str(Path(out).parent / "cache"))
-    try:
-        stats = run_sample_stage(sampler, t, problems, out, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                 max_new_tokens=s.max_new_tokens, stop=s.stop, seed=s.seed,
-                                 backend_name=resolve_backend(s.backend), model=policy,
+    with get_sampler(s, policy, adapter, cache_dir=str(Path(out).parent / "cache")) as sampler:
+        stats = run_sample_stage(sampler, t, problems, out, s, model=policy,
                                  settings={"batch_size": s.batch_size, "adapter": adapter}, force=force, prompt=prompt)
-    finally:
-        getattr(sampler, "close", lambda: None)()
     print(json.dumps(stats.to_dict()))
 
 
@@ -144,12 +140,9 @@ def explore(explorer: str, pairs: str, out_dir: str, task: str = "arith",
     """
     s = sampling or SamplingConfig()
     t, problems = _problems(task, task_options, "train", data_path, None)
-    sampler = get_sampler(s, explorer, cache_dir=str(Path(out_dir) / "cache"))
-    try:
+    with get_sampler(s, explorer, cache_dir=str(Path(out_dir) / "cache")) as sampler:
         stats = run_explore_stage(sampler, t, pairs, {p.id: p for p in problems}, out_dir,
                                   (explore or ExploreConfig()).inherit_stop(s.stop), model=explorer, force=force)
-    finally:
-        getattr(sampler, "close", lambda: None)()
     print(json.dumps(stats))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -120,3 +121,54 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON ({e.msg} at line {e.lineno})", path, e.lineno) from None
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temp folder beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    A crash inside the block leaves `out_dir` as it was (the temp folder is removed; a killed
+    process can leave a hidden `.<name>.tmp-*` sibling, never a half-written `out_dir`).
+    With `replace=False` an `out_dir` that exists by then (another process finished the same
+    work first: a cache) is kept and the new folder discarded.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if not replace:
+            try:
+                os.replace(tmp, out)  # atomic; fails if another process's folder is already there
+            except OSError:
+                if not out.is_dir():
+                    raise
+                shutil.rmtree(tmp)
+        elif out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed atomic writes left at `path`: in a folder, its hidden `.*.tmp-*` /
+    `.*.old-*` folders (`atomic_dir`) and `.*.tmp` files (`atomic_open`); for a file, its own
+    `.<name>.*.tmp` siblings. Call only while no other process writes there (a 7B export's
+    leftovers are gigabytes). Returns what was removed."""
+    path = Path(path)
+    if path.is_dir():
+        stale = [p for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in path.glob(pattern)]
+    else:
+        stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale

@@ -22,14 +22,15 @@ from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage, Trai
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.pipeline.state import RunStateError
 from selfexplore.explore.config import ExploreConfig
-from selfexplore.sampling.base import SamplingConfig
+from selfexplore.sampling.base import SamplerBase, SamplingConfig
 from selfexplore.tasks import get_task
+from selfexplore.training.optim import OptimizerConfig
 
 TASK_OPTIONS = {"train_size": 48, "validation_size": 8, "test_size": 8, "min_steps": 2, "max_steps": 3,
                 "max_operand": 20, "operations": ["+", "-"]}
 
 
-class ScriptedSampler:
+class ScriptedSampler(SamplerBase):
     """Continues a prompt with the gold steps, each slipping (result + 1) with probability 0.3."""
 
     def __init__(self, policy: str) -> None:
@@ -71,15 +72,21 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ScriptedSampler(policy))
 
 
+def dpo_stage(lr: float, optimizer: str = "rmsprop", **overrides) -> DPOStage:
+    """The miniature's DPO stage (one epoch, short sequences) at learning rate `lr`."""
+    fields = dict(epochs=1, batch_size=8, max_length=128, max_prompt_length=96)
+    return DPOStage(**{**fields, **overrides}, optimizer=OptimizerConfig(name=optimizer, lr=lr))
+
+
 def _config(run_dir: Path, **overrides) -> PipelineConfig:
     fields = dict(
         run_dir=str(run_dir), task="arith", task_options=TASK_OPTIONS,
         from_scratch=TinyLlamaConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                                      intermediate_size=128, vocab_size=300, max_position_embeddings=256),
         trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
-        sft=SFTStage(epochs=1, lr=3e-3, batch_size=16, max_length=128),
-        rft=SFTStage(epochs=1, lr=3e-3, batch_size=16, max_length=128),
-        dpo=DPOStage(epochs=1, lr=1e-4, batch_size=8, max_length=128, max_prompt_length=96),
+        sft=SFTStage(epochs=1, batch_size=16, max_length=128, optimizer=OptimizerConfig(lr=3e-3)),
+        rft=SFTStage(epochs=1, batch_size=16, max_length=128, optimizer=OptimizerConfig(lr=3e-3)),
+        dpo=dpo_stage(1e-4),
         sampling=SamplingConfig(n=4, max_new_tokens=48),
         explore=ExploreConfig(k=2, max_new_tokens=48),
         train_questions=12, rounds=2, eval_max_new_tokens=48,
@@ -151,7 +158,7 @@ def test_callback_points_data_at_next_round_and_keeps_or_updates_reference(scrip
     for update in ("keep", "update"):
         run = tmp_path / update
         seen.clear()
-        run_pipeline(_config(run, reference_update=update, baselines=["sft", "rft", "self_explore"]))
+        run_pipeline(_config(run, reference_update=update, baselines=["self_explore"]))
         rft = str(run / "round_1/rft/policy")
         expected_ref = rft if update == "keep" else str(run / "round_1/self_explore/policy")
         assert seen == [("round_1", rft), ("round_2", expected_ref)]
@@ -168,7 +175,7 @@ def test_rft_starts_from_the_configured_checkpoint(scripted, tmp_path, monkeypat
 
     monkeypatch.setattr(Pipeline, "train_sft", spy)
     run = tmp_path / "run"
-    run_pipeline(_config(run, rft_init=rft_init, baselines=["sft", "rft"], rounds=1))
+    run_pipeline(_config(run, rft_init=rft_init, baselines=[], rounds=1))
     expected = str(run / "base") if rft_init == "base" else str(run / "round_0/sft/policy")
     assert inits == {"round_0/sft": str(run / "base"), "round_1/rft": expected}
 
@@ -211,16 +218,16 @@ def test_kill_and_resume_at_stage_boundaries_gives_same_artifacts(scripted, tmp_
 
 
 def test_run_dir_of_another_config_is_refused(scripted, tmp_path: Path) -> None:
-    cfg = _config(tmp_path / "run", baselines=["sft"], rounds=1)
+    cfg = _config(tmp_path / "run", baselines=[], rounds=1)
     Pipeline(cfg).build_base()
     with pytest.raises(RunStateError, match=r"different configuration \(seed: 0 -> 7\)"):
-        Pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, seed=7))
-    assert Pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, seed=7), force=True).state.redone == ["base"]
+        Pipeline(_config(tmp_path / "run", baselines=[], rounds=1, seed=7))
+    assert Pipeline(_config(tmp_path / "run", baselines=[], rounds=1, seed=7), force=True).state.redone == ["base"]
 
 
 def test_held_out_questions_are_sampled_instead_of_the_sft_ones(scripted, tmp_path: Path) -> None:
     run_pipeline(_config(tmp_path / "run", sft_questions=30, sample_questions="held_out", train_questions=None,
-                         baselines=["sft", "rft"], rounds=1))
+                         baselines=[], rounds=1))
     run = tmp_path / "run"
     train = [p.id for p in get_task("arith", **TASK_OPTIONS).load("train")]
     sampled = {json.loads(line)["question_id"] for line in (run / "round_1/samples.jsonl").read_text().splitlines()}
@@ -241,7 +248,7 @@ def test_unknown_baseline_is_rejected(tmp_path: Path) -> None:
 
 
 def test_eval_samples_reports_sampled_accuracy_next_to_greedy(scripted, tmp_path: Path) -> None:
-    report = run_pipeline(_config(tmp_path / "run", baselines=["sft"], rounds=1, eval_samples=3))
+    report = run_pipeline(_config(tmp_path / "run", baselines=[], rounds=1, eval_samples=3))
     run = tmp_path / "run"
     metrics = json.loads((run / "state.json").read_text())["units"]["round_0/sft/eval"]
     records = [json.loads(line) for line in (run / "round_0/sft/eval_sampled.jsonl").read_text().splitlines()]

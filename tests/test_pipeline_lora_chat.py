@@ -24,8 +24,9 @@ from selfexplore.pipeline.config import (
     TrainerSettings,
 )
 from selfexplore.pipeline.run import run_pipeline
-from selfexplore.sampling.base import SamplingConfig
+from selfexplore.sampling.base import SamplerBase, SamplingConfig
 from selfexplore.tasks import get_task
+from selfexplore.training.optim import OptimizerConfig
 
 USER, ASSISTANT = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -43,7 +44,7 @@ def gsm8k_records(n: int, seed: int) -> list[dict[str, str]]:
     return records
 
 
-class ChatScripted:
+class ChatScripted(SamplerBase):
     """Continues a chat prompt with the gold steps; a sampled step slips (+1) with probability `slip`."""
 
     def __init__(self, gold: dict[str, list[str]], slip: float = 0.3) -> None:
@@ -114,12 +115,12 @@ def _setup(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sli
         model=ModelSpec(path=str(chat_base), lora=LoraSpec(r=4, alpha=8)),
         prompt_format=PromptFormat(chat_template=True),
         trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
-        sft=SFTStage(epochs=1, lr=1e-3, batch_size=4, max_length=160),
-        rft=SFTStage(epochs=1, lr=1e-3, batch_size=4, max_length=160),
-        dpo=DPOStage(epochs=1, lr=1e-4, batch_size=4, optimizer="adamw", max_length=192, max_prompt_length=128,
-                     reference="adapter"),
+        sft=SFTStage(epochs=1, batch_size=4, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
+        rft=SFTStage(epochs=1, batch_size=4, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
+        dpo=DPOStage(epochs=1, batch_size=4, max_length=192, max_prompt_length=128, reference="adapter",
+                     optimizer=OptimizerConfig(name="adamw", lr=1e-4)),
         sampling=SamplingConfig(n=4, max_new_tokens=32), explore=ExploreConfig(k=2, max_new_tokens=32),
-        sft_questions=6, train_questions=8, rounds=1, baselines=["sft", "rft", "self_explore"],
+        sft_questions=6, train_questions=8, rounds=1, baselines=["self_explore"],
         eval_max_new_tokens=32, **overrides)
 
 

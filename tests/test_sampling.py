@@ -13,6 +13,7 @@ import re
 import sys
 import types
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -281,8 +282,8 @@ class _Arith(Task):
 
 PROBLEMS = [Problem(id=f"q{i:02d}", question=f"Tom has {a} apples and buys {b} more.", solution="", answer=str(a + b))
             for i, (a, b) in enumerate([(3, 7), (6, 2), (9, 12), (12, 2), (15, 7), (21, 17), (24, 22)])]
-STAGE = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "seed": 7, "shard_size": 2, "backend_name": "hf",
-             "model": "tiny", "progress": False}
+SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=7)
+STAGE = {"shard_size": 2, "model": "tiny", "progress": False}
 
 
 class _Killed(RuntimeError):
@@ -308,7 +309,7 @@ class _DiesAfter:
 
 def test_stage_writes_graded_records_and_stats(hf: HFSampler, tmp_path: Path) -> None:
     task = _Arith()
-    stats = run_sample_stage(hf, task, PROBLEMS, tmp_path / "samples.jsonl", **STAGE)
+    stats = run_sample_stage(hf, task, PROBLEMS, tmp_path / "samples.jsonl", SAMPLING, **STAGE)
     records = read_jsonl(tmp_path / "samples.jsonl")
     assert len(records) == 21 and stats.samples == 21 and stats.questions == 7 and stats.shards == 4
     assert [r["id"] for r in records[:4]] == ["q00:0", "q00:1", "q00:2", "q01:0"]
@@ -344,7 +345,7 @@ class _FixedSampler:
 def test_stage_records_whether_the_model_ended_each_completion(tmp_path: Path) -> None:
     sampler = _FixedSampler([Completion("3 + 7 = 10\nThe answer is 10", True), Completion("3 + 7 = 1", False),
                              "3 + 7 = 11\nThe answer is 11"])
-    run_sample_stage(sampler, _Arith(), PROBLEMS[:1], tmp_path / "samples.jsonl", **STAGE)
+    run_sample_stage(sampler, _Arith(), PROBLEMS[:1], tmp_path / "samples.jsonl", SAMPLING, **STAGE)
     records = read_jsonl(tmp_path / "samples.jsonl")
     assert [(r["completion"], r["correct"], r["finished"]) for r in records] == [
         ("3 + 7 = 10\nThe answer is 10", True, True), ("3 + 7 = 1", False, False),
@@ -353,16 +354,16 @@ def test_stage_records_whether_the_model_ended_each_completion(tmp_path: Path) -
 
 def test_stage_resumes_after_kill_with_identical_records(hf: HFSampler, tmp_path: Path) -> None:
     task = _Arith()
-    run_sample_stage(hf, task, PROBLEMS, tmp_path / "full" / "samples.jsonl", **STAGE)
+    run_sample_stage(hf, task, PROBLEMS, tmp_path / "full" / "samples.jsonl", SAMPLING, **STAGE)
 
     out = tmp_path / "killed" / "samples.jsonl"
     with pytest.raises(_Killed):
-        run_sample_stage(_DiesAfter(hf, calls=2), task, PROBLEMS, out, **STAGE)
+        run_sample_stage(_DiesAfter(hf, calls=2), task, PROBLEMS, out, SAMPLING, **STAGE)
     assert not out.exists(), "samples.jsonl appears only once every shard is done"
     assert sorted(read_json(out.parent / "samples.shards" / "manifest.json")["shards"]) == ["0", "1"]
 
     resumed_sampler = _DiesAfter(hf, calls=2)  # only the 2 missing shards may be sampled
-    stats = run_sample_stage(resumed_sampler, task, list(reversed(PROBLEMS)), out, **STAGE)
+    stats = run_sample_stage(resumed_sampler, task, list(reversed(PROBLEMS)), out, SAMPLING, **STAGE)
     assert stats.resumed_shards == 2 and resumed_sampler.calls == 0
     assert out.read_bytes() == (tmp_path / "full" / "samples.jsonl").read_bytes()
     ids = [r["id"] for r in read_jsonl(out)]
@@ -372,19 +373,19 @@ def test_stage_resumes_after_kill_with_identical_records(hf: HFSampler, tmp_path
 def test_stage_refuses_a_different_config_unless_forced(hf: HFSampler, tmp_path: Path) -> None:
     task = _Arith()
     out = tmp_path / "samples.jsonl"
-    run_sample_stage(hf, task, PROBLEMS[:3], out, **STAGE)
+    run_sample_stage(hf, task, PROBLEMS[:3], out, SAMPLING, **STAGE)
     with pytest.raises(ValueError, match=r"different config.*n: 3 -> 2"):
-        run_sample_stage(hf, task, PROBLEMS[:3], out, **{**STAGE, "n": 2})
+        run_sample_stage(hf, task, PROBLEMS[:3], out, replace(SAMPLING, n=2), **STAGE)
     with pytest.raises(ValueError, match="problems_sha256"):
-        run_sample_stage(hf, task, PROBLEMS[:2] + PROBLEMS[4:5], out, **STAGE)
-    stats = run_sample_stage(hf, task, PROBLEMS[:3], out, force=True, **{**STAGE, "n": 2})
+        run_sample_stage(hf, task, PROBLEMS[:2] + PROBLEMS[4:5], out, SAMPLING, **STAGE)
+    stats = run_sample_stage(hf, task, PROBLEMS[:3], out, replace(SAMPLING, n=2), force=True, **STAGE)
     assert stats.samples == 6 and stats.resumed_shards == 0 and len(read_jsonl(out)) == 6
 
 
 def test_stage_counts_questions_skipped_as_overlong(loaded, tmp_path: Path) -> None:
     sampler = HFSampler(*loaded, overlong_prompts="skip")
     problems = PROBLEMS[:2] + [Problem(id="zz", question="Tom has 3 apples. " * 20, solution="", answer="3")]
-    stats = run_sample_stage(sampler, _Arith(), problems, tmp_path / "s.jsonl", **STAGE)
+    stats = run_sample_stage(sampler, _Arith(), problems, tmp_path / "s.jsonl", SAMPLING, **STAGE)
     assert stats.questions == 3 and stats.questions_without_samples == 1 and stats.samples == 6
     assert {r["question_id"] for r in read_jsonl(tmp_path / "s.jsonl")} == {"q00", "q01"}
 
@@ -431,7 +432,7 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
         assert sampler.generate([long_prompt, PROMPTS[0]], **{**greedy_args, "max_new_tokens": 40})[0] == []
 
         stats = run_sample_stage(sampler, _Arith(), PROBLEMS, tmp_path / "samples.jsonl",
-                                 **{**STAGE, "backend_name": "vllm"})
+                                 SAMPLING, **{**STAGE, "backend_name": "vllm"})
         assert stats.samples == 21 and stats.generated_tokens > 0
     with pytest.raises(RuntimeError, match="closed"):
         sampler.generate(PROMPTS, stop=None, seed=1, **kwargs)

@@ -14,6 +14,7 @@ import pytest
 import selfexplore.cli as cli
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.io import DataError
+from selfexplore.sampling import SamplerBase
 
 
 def _sample(qid: str, k: int, correct: bool, **fields) -> dict:
@@ -68,7 +69,7 @@ def test_a_deeply_nested_json_line_is_a_located_error(tmp_path):
         cli.main(["pairs", "--samples", str(samples), "--out_dir", str(tmp_path / "out")])
 
 
-class _Recorder:
+class _Recorder(SamplerBase):
     """Stands in for the sampler and the explore stage: records what the command passed."""
 
     def __init__(self) -> None:

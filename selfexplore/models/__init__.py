@@ -11,12 +11,12 @@ if TYPE_CHECKING:
     from selfexplore.models.export import export_policy
     from selfexplore.models.load import load_model
     from selfexplore.models.tiny import build_tiny_llama
-    from selfexplore.models.tokenizer import load_tokenizer
+    from selfexplore.models.files import load_tokenizer
 
 # Imported on first use: peft imports bitsandbytes (seconds, and a kernel warning on CPU), which
 # commands that only read configs (`--help`, `status`) must not pay for.
 _LAZY = {"export_policy": "selfexplore.models.export", "load_model": "selfexplore.models.load",
-         "build_tiny_llama": "selfexplore.models.tiny", "load_tokenizer": "selfexplore.models.tokenizer"}
+         "build_tiny_llama": "selfexplore.models.tiny", "load_tokenizer": "selfexplore.models.files"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from selfexplore.models.files import atomic_dir, explain_missing, resolve_source
+from selfexplore.io import atomic_dir
+from selfexplore.models.files import explain_missing, resolve_source
 from selfexplore.models.tokenizer import save_tokenizer
 
 if TYPE_CHECKING:

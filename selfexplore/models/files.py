@@ -1,14 +1,18 @@
-"""Where model folders come from and how they are written: offline-friendly sources, atomic folders."""
+"""Where model folders come from: offline-friendly sources (local folders, cached Hub ids, `gguf:`
+specs) and the tokenizer loaded from one. Atomic folders are `selfexplore.io.atomic_dir`."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # "name" or "org/name": anything else that is not an existing folder can only be a typo'd path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -56,52 +60,23 @@ def explain_missing(source: str, local: bool) -> Iterator[None]:
             f"(no network, or not in the cache while HF_HUB_OFFLINE is set): {e}") from e
 
 
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """Yield an empty temp folder beside `out_dir`; on success it replaces `out_dir` in one rename.
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local folder (never touches the network) or a cached Hub id.
 
-    A crash inside the block leaves `out_dir` as it was (the temp folder is removed; a killed
-    process can leave a hidden `.<name>.tmp-*` sibling, never a half-written `out_dir`).
-    With `replace=False` an `out_dir` that exists by then (another process finished the same
-    work first: a cache) is kept and the new folder discarded.
+    Without a pad token, pad is set to EOS (with a warning): padded positions are masked by
+    the attention mask and labels, so sharing the id is harmless; a tokenizer with neither
+    pad nor EOS is rejected.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if not replace:
-            try:
-                os.replace(tmp, out)  # atomic; fails if another process's folder is already there
-            except OSError:
-                if not out.is_dir():
-                    raise
-                shutil.rmtree(tmp)
-        elif out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from transformers import AutoTokenizer
 
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Remove what killed atomic writes left at `path`: in a folder, its hidden `.*.tmp-*` /
-    `.*.old-*` folders (`atomic_dir`) and `.*.tmp` files (`atomic_open`); for a file, its own
-    `.<name>.*.tmp` siblings. Call only while no other process writes there (a 7B export's
-    leftovers are gigabytes). Returns what was removed."""
-    path = Path(path)
-    if path.is_dir():
-        stale = [p for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in path.glob(pattern)]
-    else:
-        stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
-    for p in stale:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return stale
+    source, local = resolve_source(path)
+    with explain_missing(source, local):
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=local, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at '{source}' has neither a pad nor an eos token")
+        warnings.warn(f"tokenizer at '{source}' has no pad token; using eos {tokenizer.eos_token!r} as pad",
+                      stacklevel=2)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -27,7 +27,7 @@ import logging
 import os
 from pathlib import Path
 
-from selfexplore.models.files import atomic_dir
+from selfexplore.io import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from selfexplore.models.files import atomic_dir
+from selfexplore.io import atomic_dir
 from selfexplore.models.spec import TinyLlamaConfig
 from selfexplore.models.tokenizer import save_tokenizer, train_bpe_tokenizer
 

@@ -1,4 +1,5 @@
-"""Tokenizers: offline loading with a pad-token fallback, and training a tiny digit-splitting BPE.
+"""Tokenizers: training a tiny digit-splitting BPE and saving one (loading, with its pad-token
+fallback: `selfexplore.models.files.load_tokenizer`).
 
 Conventions every stage relies on:
 - Padding side is left at the tokenizer's default (right for the tokenizers built here).
@@ -13,38 +14,16 @@ Conventions every stage relies on:
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from selfexplore.io import read_json, write_json
-from selfexplore.models.files import explain_missing, resolve_source
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, in this order
-
-
-def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local folder (never touches the network) or a cached Hub id.
-
-    Without a pad token, pad is set to EOS (with a warning): padded positions are masked by
-    the attention mask and labels, so sharing the id is harmless; a tokenizer with neither
-    pad nor EOS is rejected.
-    """
-    source, local = resolve_source(path)
-    with explain_missing(source, local):
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, local_files_only=local, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer at '{source}' has neither a pad nor an eos token")
-        warnings.warn(f"tokenizer at '{source}' has no pad token; using eos {tokenizer.eos_token!r} as pad",
-                      stacklevel=2)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,

@@ -39,9 +39,8 @@ from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.data.sft import SFTDataModule
 from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, read_samples, sample_stats
 from selfexplore.explore.stage import run_explore_stage
-from selfexplore.io import write_jsonl
+from selfexplore.io import remove_stale_temporaries, write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
-from selfexplore.models.files import remove_stale_temporaries
 from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
@@ -49,11 +48,10 @@ from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.lock import RunLock
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.state import RunState, is_rank_zero
-from selfexplore.sampling.base import get_sampler, resolve_backend
+from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
-from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 from selfexplore.training.sft import SFTModule
 
 
@@ -223,9 +221,7 @@ class Pipeline:
         out = self.root / name
 
         def work() -> dict[str, Any]:
-            module = SFTModule(replace(self.cfg.model, path=init),
-                               optimizer=OptimizerConfig(name="adamw", lr=stage.lr, weight_decay=stage.weight_decay),
-                               scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
+            module = SFTModule(replace(self.cfg.model, path=init), optimizer=stage.optimizer, scheduler=stage.scheduler)
             data = SFTDataModule(task=self.cfg.task, task_options=self.cfg.task_options, data_dir=self.cfg.data_dir,
                                  train_path=str(train_path) if train_path else None, max_length=stage.max_length,
                                  include_prompt_in_loss=stage.include_prompt_in_loss,
@@ -239,12 +235,9 @@ class Pipeline:
 
     def _dpo_module(self, init: str, reference: str, stage: DPOStage) -> StepDPOModule:
         return StepDPOModule(
-            replace(self.cfg.model, path=init), beta=stage.beta, loss_type=stage.loss_type,
-            label_smoothing=stage.label_smoothing, nll_alpha=stage.nll_alpha,
-            reference=stage.reference, reference_path=None if stage.reference == "adapter" else reference,
-            reference_cache_dir=str(self.root / "reference_cache"),
-            optimizer=OptimizerConfig(name=stage.optimizer, lr=stage.lr),
-            scheduler=SchedulerConfig(name=stage.schedule, warmup_ratio=stage.warmup_ratio))
+            replace(self.cfg.model, path=init), loss=stage.loss, reference=stage.reference,
+            reference_path=None if stage.reference == "adapter" else reference,
+            reference_cache_dir=str(self.root / "reference_cache"), optimizer=stage.optimizer, scheduler=stage.scheduler)
 
     def _preference_data(self, pairs: Path, stage: DPOStage) -> PreferenceDataModule:
         return PreferenceDataModule(train_path=str(pairs), max_length=stage.max_length,
@@ -260,11 +253,11 @@ class Pipeline:
             max_new = max_new_tokens or (self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens)
             sampler = get_sampler(s, policy, cache_dir=str(self.root / "cache"))
             try:
-                stats = run_sample_stage(sampler, self.task, problems, self.root / name, n=count,
-                                         temperature=temperature, top_p=s.top_p, max_new_tokens=max_new, stop=s.stop, seed=self.cfg.seed,
-                                         backend_name=resolve_backend(s.backend), model=self._relative(policy),
-                                         settings={"batch_size": s.batch_size}, force=self.force,
-                                         progress=self.cfg.trainer.enable_progress_bar, prompt=self.prompt)
+                config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self.cfg.seed)
+                stats = run_sample_stage(sampler, self.task, problems, self.root / name, config,
+                                         model=self._relative(policy), settings={"batch_size": s.batch_size},
+                                         force=self.force, progress=self.cfg.trainer.enable_progress_bar,
+                                         prompt=self.prompt)
             finally:
                 getattr(sampler, "close", lambda: None)()
             return {"path": str(self.root / name), **stats.to_dict()}
@@ -372,7 +365,7 @@ class Pipeline:
         raise PipelineError(
             f"{name}: the trained policy collapsed: it gives the chosen responses {policy:.3g} log-prob per token "
             f"(uniform guessing: {uniform:.2f}, the reference: {reference:.3g}). The step size is too large for "
-            f"this model (dpo.lr={self.cfg.dpo.lr}, dpo.optimizer={self.cfg.dpo.optimizer!r}): lower dpo.lr and "
+            f"this model (dpo.optimizer.lr={self.cfg.dpo.optimizer.lr}, dpo.optimizer.name={self.cfg.dpo.optimizer.name!r}): lower dpo.optimizer.lr and "
             "rerun (completed units are kept)")
 
     def _require_pairs(self, path: Path, what: str) -> None:

