@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from selfexplore.io import atomic_write_text
+from selfexplore.pipeline.card import write_model_cards
 from selfexplore.pipeline.compare import PairedChange, correct_by_question, paired_change
 
 
@@ -74,7 +75,7 @@ def _fmt(value: Any) -> str:
 
 
 def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: Any) -> Path:
-    """Write report.md and report.png under `run_dir`; returns the markdown path."""
+    """Write report.md and report.png under `run_dir`, and each policy's model card; returns the markdown path."""
     run_dir = Path(run_dir)
     rows = report_rows(units, config.rounds)
     sampled = any(row["sampled_accuracy"] is not None for row in rows)
@@ -104,6 +105,7 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     _plot(rows, run_dir / "report.png")
+    write_model_cards(run_dir, rows, config)
     return path
 
 
@@ -113,31 +115,52 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_pit) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [r["stage"] if r["stage"] != "Self-Explore" else f"Self-Explore r{r['round']}" for r in rows]
-    accs = [100 * r["accuracy"] for r in rows]
-    colors = {"SFT": "#999", "RFT": "#6a9", "Outcome DPO": "#58c", "Self-Explore": "#d62"}
-    ax_acc.bar(labels, accs, color=[colors[r["stage"]] for r in rows])
-    for i, a in enumerate(accs):
-        ax_acc.text(i, a + 0.5, f"{a:.1f}", ha="center")
-    sampled = [(i, 100 * r["sampled_accuracy"]) for i, r in enumerate(rows) if r.get("sampled_accuracy") is not None]
-    if sampled:
-        ax_acc.plot(*zip(*sampled), "kD", label="sampled")
-        ax_acc.legend(loc="lower right")
-    ax_acc.set_ylabel("greedy accuracy (%), diamonds: sampled" if sampled else "greedy accuracy (%)")
-    ax_acc.set_title("Accuracy per stage and round")
-    ax_acc.tick_params(axis="x", rotation=20)
-    for row in rows:
-        if row["pits"]:
-            steps = sorted(int(k) for k in row["pits"])
-            ax_pit.plot(steps, [row["pits"][str(s)] for s in steps], marker="o", label=f"round {row['round']}")
-    ax_pit.set_xlabel("first-pit step")
-    ax_pit.set_ylabel("rationales")
-    ax_pit.set_title("First-pit positions")
-    if ax_pit.lines:
-        ax_pit.legend()
-    fig.tight_layout()
+    fig = figure(rows)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out)
+
+
+def figure(rows: list[dict[str, Any]]) -> Any:
+    """Accuracy bars (a tick at the accuracy of the policy each builds on, and its paired change)
+    beside the first-pit histogram as bars over integer steps, one group per round."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_pit) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [r["stage"] if r["stage"] != "Self-Explore" else f"Self-Explore r{r['round']}" for r in rows]
+    accs = [100 * r["accuracy"] for r in rows]
+    by_unit = dict(zip((r["unit"] for r in rows), accs))
+    colors = {"SFT": "#999", "RFT": "#6a9", "Outcome DPO": "#58c", "Self-Explore": "#d62"}
+    ax_acc.bar(range(len(rows)), accs, color=[colors[r["stage"]] for r in rows], tick_label=labels)
+    for i, (row, a) in enumerate(zip(rows, accs)):
+        change = row.get("change")
+        before = by_unit.get(row["builds_on"])
+        if before is not None:  # where the policy it builds on stood: the bar's rise or fall from there
+            ax_acc.hlines(before, i - 0.4, i + 0.4, colors="k", linestyles="dashed", linewidth=1)
+        note = f"\n+{change.fixed} -{change.broken}, p={change.p_value:.2g}" if change is not None else ""
+        ax_acc.text(i, max(a, before or 0) + 1, f"{a:.1f}{note}", ha="center", va="bottom", fontsize=8,
+                    fontweight="bold" if change is not None and change.p_value < 0.05 else "normal")
+    sampled = [(i, 100 * r["sampled_accuracy"]) for i, r in enumerate(rows) if r.get("sampled_accuracy") is not None]
+    if sampled:
+        ax_acc.plot(*zip(*sampled), "kD", label="sampled")
+        ax_acc.legend(loc="lower right")
+    ax_acc.set_ylim(0, min(100, max(accs, default=0) + 25))
+    ax_acc.set_ylabel("greedy accuracy (%)" + (", diamonds: sampled" if sampled else ""))
+    ax_acc.set_title("Accuracy; dashed: the policy it builds on; +fixed -broken questions", fontsize=10)
+    ax_acc.tick_params(axis="x", rotation=20)
+    explored = [r for r in rows if r["pits"]]
+    steps = sorted({int(k) for r in explored for k in r["pits"]})
+    width = 0.8 / max(len(explored), 1)
+    for j, row in enumerate(explored):
+        offset = (j - (len(explored) - 1) / 2) * width
+        ax_pit.bar([s + offset for s in steps], [row["pits"].get(str(s), 0) for s in steps], width,
+                   label=f"round {row['round']}")
+    ax_pit.set_xticks(steps)
+    ax_pit.set_xlabel("first-pit step")
+    ax_pit.set_ylabel("rationales")
+    ax_pit.set_title("First-pit positions per round")
+    if explored:
+        ax_pit.legend()
+    fig.tight_layout()
+    return fig

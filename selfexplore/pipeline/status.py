@@ -58,7 +58,7 @@ def render_status(run_dir: str | os.PathLike) -> str:
         elif unit in running:
             word, detail = _running_line(running[unit], now)
             counts["running" if word == "running" else "failed"] += 1
-            inner = [u for u in running if u.startswith(f"{unit}/")]  # an evaluation's sample file
+            inner = [u for u in running if u not in plan]  # inside it: an evaluation's sample file
             detail += f"; now {inner[-1]}" if inner else ""
         elif failed and failed.get("unit") == unit:
             since = failed.get("since")
