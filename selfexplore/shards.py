@@ -8,17 +8,11 @@ finished work, so both stages refuse another run's folder with a per-key diff un
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from selfexplore.configdiff import config_diff, format_diff
 from selfexplore.io import read_json
-
-
-def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """'key: old -> new' for every key whose value differs, sorted by key."""
-    keys = sorted(set(old) | set(new))
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
 def load_manifest(path: Path, settings: dict[str, Any], manifest_format: int, force: bool,
@@ -37,7 +31,7 @@ def load_manifest(path: Path, settings: dict[str, Any], manifest_format: int, fo
     if manifest.get("format") == manifest_format and old == settings:
         return manifest
     if not force:
-        diff = settings_diff(old, settings) if isinstance(old, dict) else ""
+        diff = format_diff(config_diff(old, settings)) if isinstance(old, dict) else ""
         raise ValueError(
             f"{path} belongs to a {stage} run with a different config ({diff or 'manifest format'}). "
             f"Resuming would mix the outputs of two configs. Use another output path, or force=True "

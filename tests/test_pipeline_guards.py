@@ -15,14 +15,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_pipeline import ARTIFACTS, _config, scripted  # noqa: F401 (a fixture)
+from test_pipeline import ARTIFACTS, _config, dpo_stage, scripted  # noqa: F401 (a fixture)
 
 from selfexplore.pipeline.config import DPOStage, SFTStage, TrainerSettings
-from selfexplore.pipeline.invalidate import config_diff, units_to_redo
+from selfexplore.training.losses import DPOLossConfig
+from selfexplore.training.optim import OptimizerConfig
+from selfexplore.configdiff import config_diff
+from selfexplore.pipeline.invalidate import units_to_redo
 from selfexplore.pipeline.lock import RunLock, RunLocked
 from selfexplore.pipeline.run import Pipeline, PipelineError, run_pipeline
 
-SHORT = {"baselines": ["sft", "rft", "self_explore"], "rounds": 1}
+SHORT = {"baselines": ["self_explore"], "rounds": 1}
 UNITS = ["base", "round_0/sft", "round_0/sft/eval.jsonl", "round_0/sft/eval", "round_1/samples.jsonl",
          "round_1/rft_data", "round_1/rft", "round_1/rft/eval.jsonl", "round_1/rft/eval",
          "round_1/explorer_samples.jsonl", "round_1/pairs", "round_1/explore", "round_1/self_explore",
@@ -38,24 +41,23 @@ def _state(run: Path) -> dict:
 # ----------------------------------------------------------------- --force redoes what changed
 
 def test_units_to_redo_follow_the_settings_each_unit_reads() -> None:
-    assert units_to_redo(["dpo.lr"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/self_explore"):]
+    assert units_to_redo(["dpo.optimizer.lr"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/self_explore"):]
     assert units_to_redo(["eval_limit"], UNITS, rounds=2) == [u for u in UNITS if u.rsplit("/", 1)[-1].startswith("eval")]
     assert units_to_redo(["explore.k"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/explore"):]
     assert units_to_redo(["rounds"], UNITS, rounds=1) == [u for u in UNITS if u.startswith("round_2/")]
     assert units_to_redo(["baselines"], UNITS, rounds=2) == []
     assert units_to_redo(["seed"], UNITS, rounds=2) == UNITS  # unknown reach: everything
     assert units_to_redo(["reference_update"], UNITS, rounds=2) == UNITS[UNITS.index("round_2/self_explore"):]
-    assert config_diff({"dpo": {"lr": 1e-6, "beta": 0.1}}, {"dpo": {"lr": 1e-3, "beta": 0.1}}) == {
-        "dpo.lr": (1e-6, 1e-3)}
+    assert config_diff({"dpo": {"optimizer": {"lr": 1e-6}, "beta": 0.1}},
+                       {"dpo": {"optimizer": {"lr": 1e-3}, "beta": 0.1}}) == {"dpo.optimizer.lr": (1e-6, 1e-3)}
 
 
 def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_pipeline(_config(run, **SHORT))
     before = _state(run)["units"]
-    changed = _config(run, **SHORT, dpo=DPOStage(epochs=1, lr=2e-4, batch_size=8, max_length=128,
-                                                 max_prompt_length=96))
-    with pytest.raises(RuntimeError, match=r"dpo\.lr: 0\.0001 -> 0\.0002"):
+    changed = _config(run, **SHORT, dpo=dpo_stage(2e-4))
+    with pytest.raises(RuntimeError, match=r"dpo\.optimizer\.lr: 0\.0001 -> 0\.0002"):
         run_pipeline(changed)
     weights = (run / "round_1/self_explore/policy/model.safetensors").read_bytes()
     run_pipeline(changed, force=True)
@@ -63,7 +65,7 @@ def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_
     state = _state(run)
     redone = ["round_1/self_explore", "round_1/self_explore/eval.jsonl", "round_1/self_explore/eval"]
     assert state["forced"][-1]["redone"] == redone
-    assert state["forced"][-1]["changed"] == {"dpo.lr": [1e-4, 2e-4]}
+    assert state["forced"][-1]["changed"] == {"dpo.optimizer.lr": [1e-4, 2e-4]}
     assert set(state["units"]) == set(before)
     for unit in set(before) - set(redone):  # the rest was kept, not recomputed
         assert state["units"][unit] == before[unit], unit
@@ -75,10 +77,11 @@ def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_
 def test_every_bad_value_is_listed_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as caught:
         _config(tmp_path / "run", eval_limit=0, train_questions=0, sft=SFTStage(epochs=0, batch_size=0),
-                dpo=DPOStage(lr=-1.0, beta=0.0), trainer=TrainerSettings(strategy="dpp", precision="bf15"))
+                dpo=DPOStage(optimizer=OptimizerConfig(lr=-1.0), loss=DPOLossConfig(beta=0.0)),
+                trainer=TrainerSettings(strategy="dpp", precision="bf15"))
     message = str(caught.value)
     for expected in ("eval_limit must be >= 1", "train_questions must be >= 1", "sft.epochs must be >= 1",
-                     "sft.batch_size must be >= 1", "dpo.lr must be > 0", "dpo.beta must be > 0",
+                     "sft.batch_size must be >= 1", "dpo.optimizer.lr must be > 0", "dpo.loss: beta must be > 0",
                      "trainer.strategy 'dpp'", "trainer.precision 'bf15'"):
         assert expected in message, expected
     with pytest.raises(ValueError, match="eval_limit must be >= 1"):
@@ -180,8 +183,8 @@ def test_temporaries_of_a_killed_export_are_removed_when_the_unit_completes(scri
 
 def test_a_policy_destroyed_by_its_last_step_stops_the_run_naming_the_cause(scripted, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    destroy = DPOStage(epochs=1, lr=1e3, batch_size=64, max_length=128, max_prompt_length=96)  # one step
-    with pytest.raises(PipelineError, match=r"round_1/self_explore: the trained policy collapsed.*dpo\.lr=1000"):
+    destroy = dpo_stage(1e3, batch_size=64)  # one step
+    with pytest.raises(PipelineError, match=r"round_1/self_explore: the trained policy collapsed.*dpo\.optimizer\.lr=1000"):
         run_pipeline(_config(run, **SHORT, dpo=destroy))
     assert "round_1/self_explore" not in _state(run)["units"]
     assert not (run / "round_1/self_explore/policy").exists()

@@ -29,7 +29,7 @@ Modes.
 Batching and seeds: all prefixes still open in a chunk advance together, one
 `sampler.generate` call per wave: a prefix that needs c draws in this wave appears c times with
 n=1 (c i.i.d. draws either way; samplers give every prompt row its own randomness), so prefixes
-at different wave sizes share one call. The call's seed is `derive_seed(seed, chunk, wave)`, so
+at different wave sizes share one call. The call's seed is `derive_seed(seed, chunk, wave, bits=31)`, so
 a rerun of the same chunk draws the same completions.
 
 Token attribution: a call's tokens (the delta of `sampler.generated_tokens`) are shared out
@@ -49,7 +49,6 @@ A failed batched call is retried prompt by prompt, so one bad prompt does not si
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfexplore.completion import is_finished
 from selfexplore.explore.config import ExploreConfig
+from selfexplore.hashing import derive_seed
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
     from selfexplore.sampling import Sampler
@@ -78,12 +78,6 @@ class Rationale:
     text: str
     pair_chosen: str
     ends: bool = True  # False: the sample was cut at max_new_tokens, so its last step ends nothing
-
-
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed determined by the parts only (stable across processes and Python runs)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def steps_prefix(steps: Sequence[str], t: int) -> str:
@@ -213,7 +207,7 @@ class _Search:
                 break
             draws = [(p, min(self.waves[min(p.waves, len(self.waves) - 1)], self.config.k - len(p.completions)))
                      for p in pending.values()]
-            self._draw(draws, derive_seed(self.config.seed, self.chunk, wave))
+            self._draw(draws, derive_seed(self.config.seed, self.chunk, wave, bits=31))
             wave += 1
         return [self._record(job) for job in self.jobs]
 
@@ -243,7 +237,7 @@ class _Search:
                 draws[0][0].failure = reason
                 return
             for i, draw in enumerate(draws):
-                self._draw([draw], derive_seed(seed, "retry", i))
+                self._draw([draw], derive_seed(seed, "retry", i, bits=31))
             return
         rows = iter(out)
         got = [[next(rows) for _ in range(count)] for _, count in draws]

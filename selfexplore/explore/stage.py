@@ -12,7 +12,6 @@ so a finished exploration is never silently replaced.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.granular import build_granular_pairs, explore_stats, pit_agreement
 from selfexplore.explore.pit import Rationale, find_first_pits, steps_prefix
+from selfexplore.hashing import text_sha256
 from selfexplore.io import DataError, iter_jsonl, read_jsonl, require_str, write_json, write_jsonl
 from selfexplore.shards import load_manifest
 
@@ -104,7 +104,7 @@ def _settings(model: str, config: ExploreConfig, chunks: list[list[Rationale]]) 
     blob = json.dumps([[asdict(r) for r in chunk] for chunk in chunks], sort_keys=True)
     return {"model": model, **config.search_fingerprint(),
             "num_rationales": sum(len(chunk) for chunk in chunks),
-            "rationales_sha256": hashlib.sha256(blob.encode()).hexdigest()}
+            "rationales_sha256": text_sha256(blob)}
 
 
 def _shard_name(index: int) -> str:

@@ -21,12 +21,12 @@ and the first rename wins. The converted weights live outside the project: never
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 from pathlib import Path
 
+from selfexplore.hashing import file_sha256
 from selfexplore.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ def find_gguf_file(spec: str) -> Path:
         return _single_gguf(Path(next(iter(package.submodule_search_locations))), spec)
     raise FileNotFoundError(f"{spec!r}: GGUF file or folder '{target}' does not exist "
                             f"(resolved to '{path.resolve()}')")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require_gguf_package() -> None:

@@ -9,8 +9,7 @@ rules are pure functions of the two configs and the completed units (in completi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 # Settings that only the evaluation units read.
 EVAL_KEYS = ("eval_split", "eval_limit", "eval_max_new_tokens", "eval_samples")
@@ -35,28 +34,6 @@ FIRST_READERS: dict[str, tuple[str, ...]] = {
     "reference_update": ("round_2/self_explore",),  # round 1's reference is the RFT policy either way
 }
 _ROUND = re.compile(r"^round_(\d+)/")
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as dotted keys: {"dpo": {"lr": 1e-6}} -> {"dpo.lr": 1e-6}."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value differs (missing on one side: None there)."""
-    a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def format_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
-    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in diff.items())
 
 
 def _is_eval(unit: str) -> bool:

@@ -13,7 +13,6 @@ the policy each training stage exports).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -22,8 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from selfexplore.configdiff import config_diff, format_diff
+from selfexplore.hashing import text_sha256
 from selfexplore.io import read_json, write_json
-from selfexplore.pipeline.invalidate import config_diff, format_diff, units_to_redo
+from selfexplore.pipeline.invalidate import units_to_redo
 
 # Launchers name a process's rank in these (Lightning: LOCAL_RANK/NODE_RANK; torchrun: RANK).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -66,7 +67,7 @@ class RunState:
                  writer: bool = True) -> None:
         self.path = Path(run_dir) / "state.json"
         self.config = config
-        self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        self.fingerprint = text_sha256(json.dumps(config, sort_keys=True, default=str))
         self.force = force
         self.writer = writer
         self.units: dict[str, dict[str, Any]] = {}

@@ -11,14 +11,17 @@ context) live here so both apply them identically.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from selfexplore.hashing import derive_seed
+
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+__all__ = ["derive_seed"]  # re-exported: backends and stages take it from here with the rest
 
 OverlongMode = Literal["truncate", "skip", "error"]
 OVERLONG_MODES: tuple[OverlongMode, ...] = ("truncate", "skip", "error")
@@ -155,12 +158,6 @@ def stop_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> li
     ids = [] if generation_eos is None else (generation_eos if isinstance(generation_eos, list) else [generation_eos])
     end = completion_end_id(tokenizer)
     return [*ids, end] if end not in ids else list(ids)
-
-
-def derive_seed(seed: int, *keys: int | str) -> int:
-    """A stable 63-bit seed for a sub-task (batch, shard, prompt): independent of run order."""
-    digest = hashlib.sha256(":".join(str(k) for k in (seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:

@@ -12,7 +12,6 @@ refused rather than silently mixing samples. Each record says whether its comple
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import shutil
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from selfexplore.completion import is_finished
+from selfexplore.hashing import text_sha256
 from selfexplore.io import atomic_open, iter_jsonl, write_json, write_jsonl
 from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend
 from selfexplore.shards import load_manifest
@@ -161,7 +161,7 @@ def _grade(task: Task, shard: Sequence[Problem], prompts: Sequence[str], complet
 def _problems_hash(problems: Sequence[Problem], prompts: Sequence[str]) -> str:
     """Fingerprint of what is sampled and how it is graded (id, prompt, gold answer)."""
     payload = json.dumps([[p.id, q, p.answer] for p, q in zip(problems, prompts)], ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return text_sha256(payload)
 
 
 def _shard_name(index: int) -> str:
