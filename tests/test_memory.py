@@ -1,0 +1,120 @@
+"""Memory handoff between trainer and engines: release before every engine start, 'auto' sizing, offload."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from selfexplore.memory import GIB, auto_memory_utilization, offload_training_state
+from selfexplore.models import load_tokenizer
+from selfexplore.pipeline.callback import SelfExploreCallback
+from selfexplore.sampling.base import SamplingConfig
+from selfexplore.sampling.factory import get_sampler
+
+
+def test_auto_utilization_is_the_free_share_less_headroom() -> None:
+    assert auto_memory_utilization(free=60 * GIB, total=80 * GIB) == 0.7  # 0.75 - 0.05
+    assert auto_memory_utilization(free=80 * GIB, total=80 * GIB, headroom=0.1) == 0.9
+    with pytest.raises(RuntimeError, match=r"only 4\.0 of 80\.0 GiB are free"):
+        auto_memory_utilization(free=4 * GIB, total=80 * GIB)
+    with pytest.raises(ValueError, match="0 <= free <= total"):
+        auto_memory_utilization(free=2, total=1)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        SamplingConfig(gpu_memory_utilization=1.5)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A CUDA device with 30 of 80 GiB free whose cache emptying is recorded in the returned list."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (30 * GIB, 80 * GIB))
+    return events
+
+
+def _fake_vllm(tokenizer, events: list[str]) -> dict[str, object]:
+    """Just enough of the vllm package for VLLMSampler to start an engine; starts are recorded."""
+    class LLM:
+        def __init__(self, model: str, gpu_memory_utilization: float, **kwargs: object) -> None:
+            events.append(f"engine gpu_memory_utilization={gpu_memory_utilization}")
+            self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=256))
+
+        def get_tokenizer(self):
+            return tokenizer
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams, vllm.TokensPrompt = LLM, dict, dict
+    vllm.envs = SimpleNamespace(VLLM_ENABLE_V1_MULTIPROCESSING=True)
+    lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
+    request.LoRARequest = object
+    return {"vllm": vllm, "vllm.envs": vllm.envs, "vllm.lora": lora, "vllm.lora.request": request}
+
+
+def test_memory_is_released_before_every_engine_start(tiny_arith_model: Path, fake_cuda: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, module in _fake_vllm(load_tokenizer(str(tiny_arith_model)), fake_cuda).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    from selfexplore.sampling import hf
+
+    monkeypatch.setattr(hf.HFSampler, "from_pretrained", classmethod(lambda cls, *a, **k: fake_cuda.append("hf")))
+    auto = SamplingConfig(backend="vllm", gpu_memory_utilization="auto")
+    get_sampler(auto, str(tiny_arith_model))
+    get_sampler(SamplingConfig(backend="vllm", gpu_memory_utilization=0.4), str(tiny_arith_model))
+    get_sampler(SamplingConfig(backend="hf"), str(tiny_arith_model))
+    assert fake_cuda == ["empty_cache", "engine gpu_memory_utilization=0.325",  # 30/80 - 0.05
+                         "empty_cache", "engine gpu_memory_utilization=0.4",
+                         "empty_cache", "hf"]
+
+
+class _FakeDevice:
+    type = "cuda"
+
+
+class _OnDevice:
+    """A stand-in for an accelerator tensor: records the move (this machine has no GPU)."""
+    device = _FakeDevice()
+
+    def __init__(self, moves: list[str]) -> None:
+        self.moves = moves
+
+    def to(self, device: str) -> str:
+        self.moves.append(device)
+        return "moved"
+
+
+def test_offload_moves_optimizer_state_and_drops_gradients() -> None:
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    moves: list[str] = []
+    state = optimizer.state[layer.weight]
+    state["exp_avg"] = _OnDevice(moves)
+    cpu_state = state["exp_avg_sq"]
+    offload_training_state([optimizer], [layer])
+    assert moves == ["cpu"] and state["exp_avg"] == "moved"
+    assert state["exp_avg_sq"] is cpu_state  # already on the CPU: not copied
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def test_round_callback_offloads_before_the_round_samples() -> None:
+    layer = torch.nn.Linear(3, 2)
+    layer(torch.ones(1, 3)).sum().backward()
+    seen: list[bool] = []
+
+    class Runner:
+        def finish_self_explore_round(self, round_index, module, seconds=0.0):
+            seen.append(all(p.grad is None for p in module.parameters()))  # the eval starts an engine here
+            return "policy", {"accuracy": 0.0}
+
+    trainer = SimpleNamespace(optimizers=[torch.optim.SGD(layer.parameters())], logger=None)
+    SelfExploreCallback(Runner(), 1, 1).on_train_end(trainer, layer)
+    assert seen == [True]
