@@ -15,7 +15,7 @@ from selfexplore.io import DataError
 from selfexplore.tasks import TASKS, ArithTask, GSM8KTask, MathTask, get_task
 from selfexplore.tasks import math_task
 from selfexplore.tasks.arith import split_of
-from selfexplore.tasks.math_task import last_boxed, split_latex_steps
+from selfexplore.tasks.math_task import split_latex_steps
 
 REAL_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 STEP_LINE = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
@@ -158,13 +158,18 @@ def test_gsm8k_gold_rationale_grades_correct_and_a_wrong_answer_does_not(tmp_pat
 # --------------------------------------------------------------------------- math
 
 
-def test_last_boxed_matches_nested_and_escaped_braces_and_takes_the_last():
-    assert last_boxed(r"so $\boxed{2}$ no, $\boxed{\frac{1}{\sqrt{2}}}$.") == r"\frac{1}{\sqrt{2}}"
-    assert last_boxed(r"$\boxed{\{1, 2\}}$") == r"\{1, 2\}"
-    assert last_boxed(r"$\fbox{7}$") == "7"
-    assert last_boxed(r"is $\boxed 5$.") == "5"
-    assert last_boxed(r"$\boxed{\frac{1}{2}$") is None
-    assert last_boxed("no box") is None
+def test_math_gold_is_the_last_boxed_as_grading_reads_it():
+    def gold(solution: str) -> str:
+        return MathTask().parse_solution(solution)[1]
+
+    assert gold(r"so $\boxed{2}$ no, $\boxed{\frac{1}{\sqrt{2}}}$.") == r"\frac{1}{\sqrt{2}}"
+    assert gold(r"$\boxed{\{1, 2\}}$") == r"\{1, 2\}"
+    assert gold(r"$\fbox{7}$") == "7"
+    assert gold(r"is $\boxed 5$.") == "5"
+    assert gold(r"$\boxed{\boxed{1} + 1}$") == r"\boxed{1} + 1"  # the outer box, as a model's answer
+    assert gold(r"$\boxed{3}$, then $\boxed{\frac{1}{2}$") == "3"  # an unclosed box is passed over
+    for solution in (r"$\boxed{\boxed{1} + 1}$", r"$\boxed{3}$ then $\boxed{}$"):
+        assert gold(solution) == MathTask().extract_answer(solution)
 
 
 def test_math_reads_both_layouts_gold_is_last_boxed_and_trained_form_ends_with_answer(tmp_path):
@@ -191,7 +196,7 @@ def test_math_reads_both_layouts_gold_is_last_boxed_and_trained_form_ends_with_a
 @pytest.mark.parametrize(("bad_line", "field", "message"), [
     ('{"problem": "P", "solution": "It is 4."}', "solution", "no gold answer"),
     ('{"problem": "P", "solution": "It is $\\\\boxed{4$."}', "solution", "no gold answer"),
-    ('{"problem": "P", "solution": "$\\\\boxed{ }$"}', "solution", "empty gold answer"),
+    ('{"problem": "P", "solution": "$\\\\boxed{ }$"}', "solution", "no gold answer"),
     ('{"problem": "P", "answer": "$\\\\boxed{4}$"}', "solution", "missing field"),
     ('{"question": "P", "solution": "$\\\\boxed{4}$"}', "problem", "missing field"),
 ])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfexplore.grading import extract_answer, is_equiv
 from selfexplore.io import DataError, parse_record, require_str
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,19 @@ class JsonlTask(Task):
     """
 
     layouts: tuple[tuple[str, str], ...] = ()
+    #: How answers are extracted and compared (`selfexplore.grading`): "gsm8k" or "math".
+    grading_task: str = "gsm8k"
 
     def __init__(self, lenient: bool = False) -> None:
         self.lenient = lenient
         self.last_load_stats = None
+
+    def extract_answer(self, text: str) -> str | None:
+        return extract_answer(text, task=self.grading_task)
+
+    def is_correct(self, text: str, gold: str) -> bool:
+        pred = self.extract_answer(text)
+        return pred is not None and is_equiv(pred, gold, task=self.grading_task)
 
     @abc.abstractmethod
     def parse_solution(self, text: str) -> tuple[str, str]:

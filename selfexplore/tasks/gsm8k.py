@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 
-from selfexplore.grading import extract_answer, is_equiv
 from selfexplore.tasks.base import ANSWER_LINE, ANSWER_PREFIX, JsonlTask, split_lines
 
 CALCULATOR_NOTE = re.compile(r"<<[^<>\n]*>>")
@@ -70,10 +69,3 @@ class GSM8KTask(JsonlTask):
 
     def split_steps(self, text: str) -> list[str]:
         return split_lines(text)
-
-    def extract_answer(self, text: str) -> str | None:
-        return extract_answer(text, task=self.grading_task)
-
-    def is_correct(self, text: str, gold: str) -> bool:
-        pred = self.extract_answer(text)
-        return pred is not None and is_equiv(pred, gold, task=self.grading_task)

@@ -1,7 +1,9 @@
 """MATH: competition problems with LaTeX solutions whose answer is the last `\\boxed{...}`.
 
 Records are JSONL with `problem`/`solution` (the original release) or `query`/`response`.
-The gold answer is the content of the LAST `\\boxed{...}` (or `\\fbox{...}`), braces matched;
+The gold answer is the content of the LAST `\\boxed{...}` (or `\\fbox{...}`), braces matched,
+read as grading reads a model's answer (`selfexplore.grading.extract.last_boxed`: a box inside
+another belongs to it, unclosed and empty boxes are passed over);
 the trained-form solution is the original text followed by a final line
 `The answer is <answer>`. (Module named `math_task` so it never shadows the stdlib `math`.)
 """
@@ -10,35 +12,14 @@ from __future__ import annotations
 
 import re
 
-from selfexplore.grading import extract_answer, is_equiv
-from selfexplore.grading.extract import match_braces
+from selfexplore.grading.extract import last_boxed
 from selfexplore.tasks.base import ANSWER_LINE, ANSWER_PREFIX, JsonlTask
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BEGIN = re.compile(r"\\begin\s*\{([^{}]*)\}")
 _END = re.compile(r"\\end\s*\{([^{}]*)\}")
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _NEXT_WORD = re.compile(r"\s+(\S)")
 _LIST_MARKER = re.compile(r"\(?(\d+|[A-Za-z]|[ivxIVX]+)\)?")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`), None if absent/unclosed.
-
-    >>> last_boxed(r"so $\\boxed{1}$ or rather $\\boxed{\\frac{1}{\\sqrt{2}}}$")
-    '\\\\frac{1}{\\\\sqrt{2}}'
-    """
-    matches = list(_BOXED.finditer(text))
-    if not matches:
-        return None
-    i = matches[-1].end()
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    if text.startswith("{", i):
-        close = match_braces(text, i)
-        return None if close is None else text[i + 1:close].strip()
-    token = re.match(r"[^\s$]+", text[i:])
-    return token.group(0) if token else None
 
 
 def split_latex_steps(text: str) -> list[str]:
@@ -146,7 +127,8 @@ class MathTask(JsonlTask):
         if not lines[0]:
             raise ValueError("empty solution")
         final = ANSWER_LINE.fullmatch(lines[-1])
-        answer = last_boxed(text)
+        boxed = last_boxed(text)
+        answer = None if boxed is None else boxed[1]
         if answer is None and final is not None:
             answer = final.group(1)
             if len(answer) > 1 and answer.startswith("$") and answer.endswith("$"):
@@ -163,10 +145,3 @@ class MathTask(JsonlTask):
 
     def split_steps(self, text: str) -> list[str]:
         return split_latex_steps(text)
-
-    def extract_answer(self, text: str) -> str | None:
-        return extract_answer(text, task=self.grading_task)
-
-    def is_correct(self, text: str, gold: str) -> bool:
-        pred = self.extract_answer(text)
-        return pred is not None and is_equiv(pred, gold, task=self.grading_task)
