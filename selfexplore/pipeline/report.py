@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selfexplore.io import atomic_write_text
+from selfexplore.io import atomic_open, atomic_write_text
 from selfexplore.pipeline.card import write_model_cards
 from selfexplore.pipeline.compare import PairedChange, correct_by_question, paired_change
+from selfexplore.pipeline.layout import RunLayout
 
 
 def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
@@ -46,7 +47,7 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
 def changes(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[str, PairedChange]:
     """Per row unit: test questions fixed and broken against the policy it builds on (both evaluated)."""
     def graded(unit: str) -> dict[str, bool] | None:
-        path = Path(run_dir) / unit / "eval.jsonl"
+        path = RunLayout(run_dir).eval(unit)
         return correct_by_question(path) if path.is_file() else None
 
     out = {}
@@ -77,6 +78,7 @@ def _fmt(value: Any) -> str:
 def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: Any) -> Path:
     """Write report.md and report.png under `run_dir`, and each policy's model card; returns the markdown path."""
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     rows = report_rows(units, config.rounds)
     sampled = any(row["sampled_accuracy"] is not None for row in rows)
     checked = any(row["pit_at_first_error"] is not None for row in rows)
@@ -102,9 +104,9 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
     total = sum(own_seconds(units).values())
     lines += ["", f"Total wall time of completed units: {total:.0f} s", "", "![report](report.png)", ""]
-    path = run_dir / "report.md"
+    path = layout.report_md
     atomic_write_text(path, "\n".join(lines))
-    _plot(rows, run_dir / "report.png")
+    _plot(rows, layout.report_png)
     write_model_cards(run_dir, rows, config)
     return path
 
@@ -116,10 +118,9 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig = figure(rows)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out)
 
 
 def figure(rows: list[dict[str, Any]]) -> Any:

@@ -25,6 +25,7 @@ from selfexplore.configdiff import config_diff, format_diff
 from selfexplore.hashing import text_sha256
 from selfexplore.io import read_json, write_json
 from selfexplore.pipeline.invalidate import units_to_redo
+from selfexplore.pipeline.layout import RunLayout
 
 # Launchers name a process's rank in these (Lightning: LOCAL_RANK/NODE_RANK; torchrun: RANK).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -48,9 +49,6 @@ class RunStateError(RuntimeError):
     """The run directory belongs to another configuration."""
 
 
-CONFIG_FILE = "config.json"
-
-
 class RankZeroFailed(RuntimeError):
     """Rank 0 failed, or is gone, while this rank waited for one of its units."""
 
@@ -65,7 +63,8 @@ class RunState:
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], force: bool = False,
                  writer: bool = True) -> None:
-        self.path = Path(run_dir) / "state.json"
+        self.layout = RunLayout(run_dir)
+        self.path = self.layout.state
         self.config = config
         self.fingerprint = text_sha256(json.dumps(config, sort_keys=True, default=str))
         self.force = force
@@ -81,7 +80,7 @@ class RunState:
             self.attempt = uuid.uuid4().hex
             os.environ[ATTEMPT_VARIABLE] = self.attempt
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path.parent / CONFIG_FILE, config)
+            write_json(self.layout.config, config)
             self._save()  # also clears the failure a previous attempt recorded
         else:
             self._load()
@@ -101,7 +100,7 @@ class RunState:
         self.forced = saved.get("forced", [])
         if saved.get("config_sha256") == self.fingerprint or not self.units:
             return  # same config, or nothing completed that another config could have made
-        old_path = self.path.parent / CONFIG_FILE
+        old_path = self.layout.config
         diff = config_diff(read_json(old_path), self.config) if old_path.is_file() else {"(config.json)": ("missing", "")}
         if not self.force:
             raise RunStateError(
