@@ -8,7 +8,7 @@ unit (sampling, exploration) resume from their shards. Layout:
     round_0/sft/policy, eval.jsonl
     round_1/samples.jsonl          from the SFT policy (-> RFT data)
     round_1/rft.jsonl, rft/policy
-    round_1/rft_samples.jsonl      from the RFT policy (-> outcome pairs)
+    round_r/explorer_samples.jsonl from round r's explorer (round 1: RFT) (-> outcome pairs)
     round_1/pairs.jsonl, explore/{explore,gpairs}.jsonl
     round_1/outcome_dpo/policy     baseline: DPO on outcome pairs
     round_r/self_explore/policy    step-level DPO, round r
