@@ -120,7 +120,7 @@ def pairs(samples: str, out_dir: str, max_per_question: int = 8, round: int = 1)
     """
     records = read_samples(samples)
     rft = build_rft_set(records, max_per_question=max_per_question)
-    outcome = build_outcome_pairs(records, round=round, max_per_question=max_per_question)
+    outcome = build_outcome_pairs(records, round_index=round, max_per_question=max_per_question)
     write_jsonl(Path(out_dir) / "rft.jsonl", rft)
     write_jsonl(Path(out_dir) / "pairs.jsonl", outcome)
     stats = {**sample_stats(records), "rft_records": len(rft), "pairs": len(outcome)}

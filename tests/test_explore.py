@@ -362,7 +362,7 @@ def test_granular_pit_after_first_step_uses_shortest_correct_and_modes():
     outs = [outcome(1, [(OK, True)]), outcome(2, [(BAD, False), (" " + OK + "\n", True), (SHORT_OK, True)]),
             outcome(3, [(BAD, False)] * 4)]
     rec = record(3, outcomes=outs)
-    (step,) = build_granular_pairs([rec], rejected_mode="pit_step", round=2)
+    (step,) = build_granular_pairs([rec], rejected_mode="pit_step", round_index=2)
     assert step["prompt"] == Q + "1 + 1 = 2\n2 + 3 = 6\n"
     assert step["chosen"] == SHORT_OK and step["rejected"] == "6 * 2 = 12"
     assert step["meta"]["pit_step"] == 3 and step["meta"]["round"] == 2
@@ -485,7 +485,7 @@ def test_outcome_pairs_pick_most_different_without_reuse():
                sample("q", 4, "a b Y d e f\nThe answer is 10", True),
                sample("q", 5, far + " ", False),                     # duplicate wrong text
                sample("only_right", 0, c1, True)]
-    pairs = build_outcome_pairs(samples, round=3)
+    pairs = build_outcome_pairs(samples, round_index=3)
     assert [(p["meta"]["chosen_id"], p["meta"]["rejected_id"]) for p in pairs] == [
         ("q:0", "q:2"),   # the most different wrong one
         ("q:3", "q:1"),   # q:2 is used: the other wrong one before any reuse

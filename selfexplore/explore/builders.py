@@ -179,7 +179,7 @@ def levenshtein(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
 
 
 def build_outcome_pairs(samples: Sequence[dict[str, Any]], max_pairs_per_chosen: int = 1,
-                        round: int = 1, max_per_question: int = 8,
+                        round_index: int = 1, max_per_question: int = 8,
                         dedupe: Literal["equations", "text"] = "equations") -> list[dict[str, Any]]:
     """Outcome-level pairs (D_pair): each kept correct rationale against distinct wrong ones.
 
@@ -227,7 +227,7 @@ def build_outcome_pairs(samples: Sequence[dict[str, Any]], max_pairs_per_chosen:
                     "rejected": wrong[j]["completion"].strip(),
                     "rejected_ends": wrong[j].get("finished", True),
                     "meta": {"question_id": qid, "source": "outcome", "chosen_id": c["id"],
-                             "rejected_id": wrong[j]["id"], "round": round},
+                             "rejected_id": wrong[j]["id"], "round": round_index},
                 })
     return pairs
 

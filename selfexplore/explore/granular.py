@@ -56,7 +56,7 @@ def _shortest_correct(outcome: dict[str, Any]) -> str:
 
 
 def granular_pair(rec: dict[str, Any], rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step",
-                  round: int = 1) -> dict[str, Any] | None:
+                  round_index: int = 1) -> dict[str, Any] | None:
     """The pair one explore record yields before dedup (None without a pit or a usable chosen)."""
     if rejected_mode not in ("pit_step", "pit_to_end"):
         raise ValueError(f"rejected_mode must be 'pit_step' or 'pit_to_end', got {rejected_mode!r}")
@@ -76,19 +76,19 @@ def granular_pair(rec: dict[str, Any], rejected_mode: Literal["pit_step", "pit_t
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
             "rejected_ends": (rejected_mode == "pit_to_end" or t == len(steps)) and rec.get("rejected_ends", True),
             "meta": {"question_id": rec["question_id"], "source": "explore", "pit_step": t,
-                     "num_steps": len(steps), "source_sample_id": rec["sample_id"], "round": round}}
+                     "num_steps": len(steps), "source_sample_id": rec["sample_id"], "round": round_index}}
 
 
 def build_granular_pairs(explore_records: Sequence[dict[str, Any]],
                          rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step",
-                         round: int = 1) -> list[dict[str, Any]]:
+                         round_index: int = 1) -> list[dict[str, Any]]:
     """D_g-pair from explore records (module doc: text rules, answer-line rule, dedup)."""
     seen_chosen: dict[str, set[str]] = {}
     seen_rejected: dict[str, set[str]] = {}
     pairs: list[dict[str, Any]] = []
     for i, rec in enumerate(explore_records):
         _check_record(rec, i)
-        pair = granular_pair(rec, rejected_mode, round)
+        pair = granular_pair(rec, rejected_mode, round_index)
         if pair is None:
             continue
         qid = rec["question_id"]

@@ -200,7 +200,7 @@ def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLik
         log.info("explore: chunk %d/%d done (%d rationales)", i + 1, len(chunks), len(chunk))
     records = [rec for i in range(len(chunks)) for rec in read_jsonl(shard_dir / _shard_name(i))]
     _check_completions(records, config, getattr(sampler, "context", None), shard_dir)
-    pairs = build_granular_pairs(records, config.rejected_mode, round=config.round)
+    pairs = build_granular_pairs(records, config.rejected_mode, round_index=config.round)
     stats = explore_stats(records, pairs)
     stats["mode"] = config.mode
     stats.update(pit_agreement(records, lambda r: task.first_wrong_step(problems_by_id[r["question_id"]], r["steps"])))

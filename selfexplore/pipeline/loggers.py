@@ -73,6 +73,6 @@ def log_round_metrics(config: dict[str, Any], run_dir: str | Path, units: dict[s
                       rounds: int) -> None:
     """Send the report's figures to the configured logger's 'pipeline' run (once, at the end of a run)."""
     logger = build_logger(config, run_dir, SUMMARY_RUN)
-    for round_, metrics in round_metrics(units, rounds):
-        logger.log_metrics(metrics, step=round_)
+    for round_index, metrics in round_metrics(units, rounds):
+        logger.log_metrics(metrics, step=round_index)
     logger.finalize("success")

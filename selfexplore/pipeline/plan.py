@@ -30,8 +30,8 @@ def plan_of(config: dict[str, Any]) -> list[str]:
     return planned_units(int(config.get("rounds", 1)), config.get("baselines", []))
 
 
-def _exploration(round_: int) -> list[str]:
-    rd = f"round_{round_}"
+def _exploration(round_index: int) -> list[str]:
+    rd = f"round_{round_index}"
     return [f"{rd}/explorer_samples.jsonl", f"{rd}/pairs", f"{rd}/explore"]
 
 

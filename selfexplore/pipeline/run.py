@@ -299,7 +299,7 @@ class Pipeline:
             records = read_samples(samples["path"])
             candidates = records + [self._gold_sample(p) for p in self.train_problems] \
                 if self.cfg.pairs_include_gold else records
-            pairs = build_outcome_pairs(candidates, round=round_, max_per_question=self.cfg.rft_max_per_question)
+            pairs = build_outcome_pairs(candidates, round_index=round_, max_per_question=self.cfg.rft_max_per_question)
             return {"path": str(self.root / rd / "pairs.jsonl"), "pairs": write_jsonl(self.root / rd / "pairs.jsonl", pairs),
                     **sample_stats(records)}
         pairs = self.unit(f"{rd}/pairs", pairs_work)
