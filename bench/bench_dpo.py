@@ -186,6 +186,7 @@ def run_selfexplore(args: argparse.Namespace, work: Path, root: Path) -> dict[st
     from selfexplore.data.preference import PreferenceDataModule
     from selfexplore.models import ModelSpec
     from selfexplore.training.dpo import StepDPOModule
+    from selfexplore.training.losses import DPOLossConfig
     from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 
     class Timer(Callback):
@@ -203,7 +204,7 @@ def run_selfexplore(args: argparse.Namespace, work: Path, root: Path) -> dict[st
     data = PreferenceDataModule(str(work / "pairs.jsonl"), tokenizer_path=str(work / "base"),
                                 max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                                 batch_size=args.batch_size, seed=args.seed, length_grouped=not args.ungrouped)
-    module = StepDPOModule(ModelSpec(path=str(work / "base")), beta=args.beta, loss_type="sigmoid",
+    module = StepDPOModule(ModelSpec(path=str(work / "base")), loss=DPOLossConfig(beta=args.beta),
                            reference="precomputed",
                            optimizer=OptimizerConfig(name="adamw", lr=args.lr),
                            scheduler=SchedulerConfig(name="linear"))
@@ -285,13 +286,14 @@ def run_loss(args: argparse.Namespace, work: Path, root: Path) -> dict[str, Any]
     from selfexplore.data.preference import PreferenceDataModule
     from selfexplore.models import ModelSpec
     from selfexplore.training.dpo import StepDPOModule
+    from selfexplore.training.losses import DPOLossConfig
 
     b = args.batch_size
     data = PreferenceDataModule(str(work / "pairs.jsonl"), tokenizer_path=str(work / "base"),
                                 max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=b)
     data.setup("fit")
     ours_examples = data.train_dataset.examples
-    module = StepDPOModule(ModelSpec(path=str(work / "policy")), beta=args.beta, loss_type="sigmoid",
+    module = StepDPOModule(ModelSpec(path=str(work / "policy")), loss=DPOLossConfig(beta=args.beta),
                            reference="precomputed", reference_path=str(work / "base"),
                            reference_cache_dir=str(root / "reference_cache"))
     module.configure_model()

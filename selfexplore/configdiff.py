@@ -6,6 +6,7 @@ One formatter for every guard that refuses a changed configuration: a run direct
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +24,9 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value differs (missing on one side: None there)."""
-    a, b = flatten(old), flatten(new)
+    """Every dotted key whose value differs (missing on one side: None there), compared as JSON
+    holds them (a tuple read back from config.json is a list)."""
+    a, b = (flatten(json.loads(json.dumps(c, default=str))) for c in (old, new))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

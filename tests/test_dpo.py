@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Trainer
 from safetensors.torch import load_file, save_file
 
 from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.models import LoraSpec, ModelSpec
 from selfexplore.training.dpo import StepDPOModule
-from selfexplore.training.losses import dpo_loss
+from selfexplore.training.losses import DPOLossConfig, dpo_loss
 from selfexplore.training.optim import OptimizerConfig
 
 
@@ -54,13 +53,13 @@ def _metrics_on(module: StepDPOModule, dm: PreferenceDataModule) -> dict[str, fl
     with torch.no_grad():
         chosen, rejected = module._batch_logps(module.policy, batch)
         ref_c, ref_r = module.reference_logps(batch, "train")
-    margins = module.beta * ((chosen - ref_c) - (rejected - ref_r))
+    margins = module.loss.beta * ((chosen - ref_c) - (rejected - ref_r))
     return {"margin": float(margins.mean()), "accuracy": float((margins > 0).float().mean())}
 
 
 def test_dpo_steps_raise_margins_and_accuracy(tiny_arith_model: Path, tmp_path: Path) -> None:
     pairs = _pairs(tmp_path / "pairs.jsonl")
-    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), beta=0.1,
+    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), loss=DPOLossConfig(beta=0.1),
                            optimizer=OptimizerConfig(lr=1e-3), export_dir=str(tmp_path / "policy"))
     dm = _datamodule(pairs)
     trainer = _trainer(tmp_path, max_steps=20)
@@ -155,7 +154,7 @@ def test_invalid_configuration_is_rejected(tiny_arith_model: Path) -> None:
     with pytest.raises(ValueError, match="LoRA"):
         StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="adapter")
     with pytest.raises(ValueError, match="loss_type"):
-        StepDPOModule(ModelSpec(path=str(tiny_arith_model)), loss_type="nope")
+        StepDPOModule(ModelSpec(path=str(tiny_arith_model)), loss=DPOLossConfig(loss_type="nope"))
 
 
 def test_non_finite_loss_names_step_and_batch(tiny_arith_model: Path, tmp_path: Path) -> None:
@@ -167,26 +166,77 @@ def test_non_finite_loss_names_step_and_batch(tiny_arith_model: Path, tmp_path: 
         _trainer(tmp_path, max_steps=1).fit(module, datamodule=_datamodule(_pairs(tmp_path / "pairs.jsonl")))
 
 
+def _count_model_builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often a model is read from a checkpoint or built from a config from now on."""
+    from transformers import AutoModelForCausalLM
+
+    counts = {"from_pretrained": 0, "from_config": 0}
+    for name in counts:
+        original = getattr(AutoModelForCausalLM, name).__func__
+
+        def counted(cls, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(cls, *args, **kwargs)
+        monkeypatch.setattr(AutoModelForCausalLM, name, classmethod(counted))
+    return counts
+
+
+@pytest.mark.parametrize("same_path", [False, True])  # reference_path unset, or the policy's own path
+def test_reference_equal_to_the_start_is_computed_by_the_policy_alone(
+        tiny_arith_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_path: bool) -> None:
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    counts = _count_model_builds(monkeypatch)
+    module, dm = _prepared(tiny_arith_model, pairs, tmp_path,
+                           reference_path=str(tiny_arith_model) if same_path else None)
+    assert module.reference_is_start()
+    assert counts == {"from_pretrained": 1, "from_config": 0}  # the policy; no second model for the reference
+    batch = dm.collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
+    module.policy.eval()
+    with torch.no_grad():  # at step 0 the policy is the reference: every margin is exactly what it scores
+        chosen, rejected = module._batch_logps(module.policy, batch)
+    ref_chosen, ref_rejected = module.reference_logps(batch, "train")
+    torch.testing.assert_close(ref_chosen, chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_rejected, rejected, atol=1e-5, rtol=1e-5)
+    other = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference_path=str(tmp_path / "elsewhere"))
+    assert not other.reference_is_start()
+
+
+def test_bf16_precision_shards_with_a_bf16_mixed_precision_policy(tiny_arith_model: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed.fsdp as fsdp
+
+    from selfexplore.models import load_model
+    from selfexplore.training.sharding import mixed_precision_policy, shard_with_fsdp2
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: policies.append(kw["mp_policy"]))
+    model = load_model(ModelSpec(path=str(tiny_arith_model)))
+    for precision in ("bf16-mixed", "32-true"):
+        shard_with_fsdp2(model, mesh=None, mp_policy=mixed_precision_policy(precision))
+    bf16, fp32 = policies[:3], policies[3:]  # 2 blocks + the root per call
+    assert len(bf16) == len(fp32) == 3
+    assert all(p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.float32 for p in bf16)
+    assert all(p.param_dtype is None and p.reduce_dtype is None for p in fp32)
+    assert mixed_precision_policy("bf16-true").param_dtype == torch.bfloat16
+
+
 @pytest.mark.slow
 def test_fsdp2_two_process_dpo_on_cpu(tiny_arith_model: Path, tmp_path: Path) -> None:
+    """2 gloo ranks: rank 0 alone reads the checkpoint, the reference table (policy = reference,
+    split across ranks) equals one process's, and the sharded policy exports without a second model."""
     pairs = _pairs(tmp_path / "pairs.jsonl")
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 2, "max_steps": 3, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path), "logger": False, "enable_checkpointing": False,
-                    "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}},
-        "model": {"class_path": "selfexplore.training.dpo.StepDPOModule",
-                  "init_args": {"model": {"path": str(tiny_arith_model)}, "export_dir": str(tmp_path / "policy")}},
-        "data": {"class_path": "selfexplore.data.preference.PreferenceDataModule",
-                 "init_args": {"train_path": str(pairs), "max_length": 96, "max_prompt_length": 64,
-                               "batch_size": 4}},
-    }
-    path = tmp_path / "dpo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = subprocess.run([sys.executable, "-m", "selfexplore.cli", "fit", "--config", str(path)],
+    worker = Path(__file__).with_name("fsdp_dpo_worker.py")
+    out = subprocess.run([sys.executable, str(worker), str(tiny_arith_model), str(pairs), str(tmp_path / "run")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["from_pretrained"], r["from_config"]) for r in ranks] == [(1, 0), (0, 1)]  # export builds none
+    [cached] = (tmp_path / "run" / "reference_cache").glob("*.pt")
+    single, _ = _prepared(tiny_arith_model, pairs, tmp_path / "single", reference_path=str(tiny_arith_model))
+    torch.testing.assert_close(torch.load(cached), single.reference_tables["train"][1], atol=1e-5, rtol=1e-5)
     from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+    start = AutoModelForCausalLM.from_pretrained(tiny_arith_model)
+    for (name, got), want in zip(exported.state_dict().items(), start.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=0, msg=name)  # 2 small steps from the start

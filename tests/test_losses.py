@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfexplore.training.losses import dpo_loss, nll_loss, selective_log_softmax, sequence_logps
-from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, lr_lambda
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, lr_lambda, raise_problems
 
 
 def _logps(*values: float, grad: bool = False) -> torch.Tensor:
@@ -179,17 +179,19 @@ def test_lr_lambda_constant_after_warmup():
 def test_scheduler_config_warmup_and_validation():
     assert SchedulerConfig(warmup_ratio=0.1).num_warmup_steps(25) == 3  # ceil(2.5)
     assert SchedulerConfig(warmup_ratio=0.1, warmup_steps=7).num_warmup_steps(25) == 7
-    for bad in ({"name": "poly"}, {"warmup_ratio": 1.5}, {"warmup_steps": -1}, {"min_lr_ratio": 2.0}):
-        with pytest.raises(ValueError):
-            SchedulerConfig(**bad)
+    for bad, field in (({"name": "poly"}, "name"), ({"warmup_ratio": 1.5}, "warmup_ratio"),
+                       ({"warmup_steps": -1}, "warmup_steps"), ({"min_lr_ratio": 2.0}, "min_lr_ratio")):
+        assert [p.split(" ")[0] for p in SchedulerConfig(**bad).problems()] == [f"scheduler.{field}"]
 
 
 def test_optimizer_config_validation():
     assert OptimizerConfig(betas=[0.9, 0.95]).betas == (0.9, 0.95)  # YAML list -> tuple
-    for bad in ({"name": "lion"}, {"lr": 0.0}, {"weight_decay": -1.0}, {"betas": (0.9,)},
-                {"eps": 0.0}, {"momentum": 0.9}):  # momentum with adamw
-        with pytest.raises(ValueError):
-            OptimizerConfig(**bad)
+    for bad, field in (({"name": "lion"}, "name"), ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"),
+                       ({"betas": (0.9,)}, "betas"), ({"eps": 0.0}, "eps"),
+                       ({"momentum": 0.9}, "momentum")):  # momentum with adamw
+        assert [p.split(" ")[0] for p in OptimizerConfig(**bad).problems()] == [f"optimizer.{field}"]
+    with pytest.raises(ValueError, match=r"optimizer\.lr must be > 0.*\n.*optimizer\.eps must be > 0"):
+        raise_problems(OptimizerConfig(lr=0.0, eps=0.0).problems(), "optimizer")  # every problem, one error
 
 
 # ----- optimizers ------------------------------------------------------------------------------

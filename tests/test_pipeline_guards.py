@@ -69,7 +69,7 @@ def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_
     assert set(state["units"]) == set(before)
     for unit in set(before) - set(redone):  # the rest was kept, not recomputed
         assert state["units"][unit] == before[unit], unit
-    assert json.loads((run / "config.json").read_text())["dpo"]["lr"] == 2e-4  # the record is the new config
+    assert json.loads((run / "config.json").read_text())["dpo"]["optimizer"]["lr"] == 2e-4  # the record is the new config
 
 
 # ----------------------------------------------------------------- bad values fail up front
@@ -198,3 +198,39 @@ def test_collapse_means_losing_nearly_all_the_references_advantage_over_uniform(
     assert collapsed(-5.7, -1.0, uniform) and collapsed(float("nan"), -1.0, uniform)
     assert not collapsed(-3.0, -1.0, uniform)  # DPO lowered the chosen log-probs: allowed
     assert not collapsed(-5.69, -5.5, uniform)  # an uninformed reference: nothing to judge by
+
+
+def test_a_pipeline_yaml_with_bad_values_lists_them_all_before_any_work(tmp_path: Path, capsys) -> None:
+    from selfexplore.cli import main
+
+    run = tmp_path / "run"
+    config = tmp_path / "bad.yaml"
+    config.write_text(textwrap.dedent(f"""
+        pipeline:
+          run_dir: {run}
+          from_scratch: {{hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 2, intermediate_size: 64}}
+          eval_limit: 0
+          sft: {{epochs: 0, optimizer: {{lr: -1.0}}}}
+          dpo: {{optimizer: {{lr: 0.0}}, loss: {{beta: -0.1}}, max_prompt_length: 999}}
+    """))
+    with pytest.raises((SystemExit, ValueError)) as caught:
+        main(["pipeline", "--config", str(config)])
+    message = f"{caught.value}\n{capsys.readouterr().err}"
+    for expected in ("eval_limit must be >= 1", "sft.epochs must be >= 1", "sft.optimizer.lr must be > 0",
+                     "dpo.optimizer.lr must be > 0", "dpo.loss: beta must be > 0", "dpo.max_prompt_length"):
+        assert expected in message, (expected, message)
+    assert not run.exists()
+
+
+def test_a_stage_given_in_part_keeps_its_own_defaults(tmp_path: Path) -> None:
+    from jsonargparse import ArgumentParser
+
+    from selfexplore.pipeline.config import PipelineConfig
+
+    parser = ArgumentParser()
+    parser.add_argument("--pipeline", type=PipelineConfig)
+    cfg = parser.instantiate_classes(parser.parse_args([
+        "--pipeline.from_scratch", "{hidden_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 2}",
+        "--pipeline.run_dir", str(tmp_path), "--pipeline.dpo.optimizer.lr", "1e-4"])).pipeline
+    assert (cfg.dpo.optimizer.name, cfg.dpo.optimizer.lr, cfg.dpo.scheduler.warmup_ratio) == ("rmsprop", 1e-4, 0.1)
+    assert (cfg.sft.optimizer.name, cfg.sft.optimizer.lr) == ("adamw", 1e-5)

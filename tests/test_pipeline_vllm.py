@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import TASK_OPTIONS, ScriptedSampler, _config
+from test_pipeline import TASK_OPTIONS, ScriptedSampler, _config, dpo_stage
 
 from selfexplore.explore.config import ExploreConfig
-from selfexplore.pipeline.config import DPOStage, SFTStage
+from selfexplore.pipeline.config import SFTStage
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.vllm_backend import VLLMSampler
+from selfexplore.training.optim import OptimizerConfig
 
 SAMPLING_UNITS = ["round_0/sft/eval.jsonl", "round_1/samples.jsonl", "round_1/rft/eval.jsonl",
                   "round_1/explorer_samples.jsonl", "round_1/explore", "round_1/self_explore/eval.jsonl",
@@ -87,10 +88,10 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
     monkeypatch.setattr(Pipeline, "_fit", spy_fit)
     run = tmp_path / "run"
     report = run_pipeline(_config(
-        run, task_options=TASK_OPTIONS, baselines=["sft", "rft", "self_explore"], rft_init="sft",
-        sft=SFTStage(epochs=1, lr=3e-3, batch_size=16, max_length=160),
-        rft=SFTStage(epochs=1, lr=1e-3, batch_size=16, max_length=160),
-        dpo=DPOStage(epochs=1, lr=1e-4, batch_size=8, max_length=160, max_prompt_length=110),
+        run, task_options=TASK_OPTIONS, baselines=["self_explore"], rft_init="sft",
+        sft=SFTStage(epochs=1, batch_size=16, max_length=160, optimizer=OptimizerConfig(lr=3e-3)),
+        rft=SFTStage(epochs=1, batch_size=16, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
+        dpo=dpo_stage(1e-4, max_length=160, max_prompt_length=110),
         sampling=SamplingConfig(backend="vllm", n=8, max_new_tokens=48),
         explore=ExploreConfig(k=4, max_new_tokens=48), train_questions=24, eval_limit=8))
 

@@ -24,6 +24,8 @@ from jsonargparse import ArgumentParser, capture_parser
 from selfexplore.cli import main
 from selfexplore.pipeline.config import PipelineConfig
 from selfexplore.pipeline.run import Pipeline
+from selfexplore.training.losses import DPOLossConfig
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "recipes"
@@ -191,17 +193,18 @@ def test_pipeline_recipe_trains_as_its_cell_recipes(recipe: Path) -> None:
     assert (config.trainer.accelerator, config.trainer.devices, config.trainer.strategy, config.trainer.precision,
             config.trainer.gradient_clip_val) == ("gpu", sft["trainer"]["devices"], strategy_name,
                                                   sft["trainer"]["precision"], sft["trainer"]["gradient_clip_val"])
-    sft_stage = {"epochs": sft["trainer"]["max_epochs"], "lr": sft_args["optimizer"]["lr"],
-                 "weight_decay": sft_args["optimizer"]["weight_decay"], "schedule": sft_args["scheduler"]["name"],
-                 "warmup_ratio": sft_args["scheduler"]["warmup_ratio"], "batch_size": sft_data["batch_size"],
+    # One schema: the pipeline's stages hold the very objects `fit`'s modules take.
+    assert config.sft.optimizer == OptimizerConfig(**sft_args["optimizer"])
+    assert config.sft.scheduler == SchedulerConfig(**sft_args["scheduler"])
+    sft_stage = {"epochs": sft["trainer"]["max_epochs"], "batch_size": sft_data["batch_size"],
                  "accumulate_grad_batches": sft["trainer"].get("accumulate_grad_batches", 1),
                  "max_length": sft_data["max_length"], "include_prompt_in_loss": sft_data["include_prompt_in_loss"]}
     assert _subset(asdict(config.sft), sft_stage) == sft_stage
     assert config.rft == config.sft
-    dpo_stage = {"epochs": dpo["trainer"]["max_epochs"], "lr": dpo_args["optimizer"]["lr"],
-                 "optimizer": dpo_args["optimizer"]["name"], "schedule": dpo_args["scheduler"]["name"],
-                 "warmup_ratio": dpo_args["scheduler"]["warmup_ratio"], "beta": dpo_args["beta"],
-                 "loss_type": dpo_args["loss_type"], "reference": dpo_args["reference"],
+    assert config.dpo.optimizer == OptimizerConfig(**dpo_args["optimizer"])
+    assert config.dpo.scheduler == SchedulerConfig(**dpo_args["scheduler"])
+    assert config.dpo.loss == DPOLossConfig(**dpo_args["loss"])
+    dpo_stage = {"epochs": dpo["trainer"]["max_epochs"], "reference": dpo_args["reference"],
                  "batch_size": dpo_data["batch_size"],
                  "accumulate_grad_batches": dpo["trainer"].get("accumulate_grad_batches", 1),
                  "max_length": dpo_data["max_length"], "max_prompt_length": dpo_data["max_prompt_length"]}

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import ModelSpec, TinyLlamaConfig
 from selfexplore.models.chat import PromptFormat
 from selfexplore.models.gguf import is_gguf_spec
 from selfexplore.sampling.base import SamplingConfig
+from selfexplore.training.losses import REFERENCE_MODES, DPOLossConfig, ReferenceMode
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 
-BASELINES = ("sft", "rft", "outcome_dpo", "self_explore")
+# The stages after RFT a run can include; SFT and RFT always run (every DPO stage starts from them).
+Baseline = Literal["outcome_dpo", "self_explore"]
+BASELINES: tuple[str, ...] = get_args(Baseline)
 # Strategies whose processes start inside `fit` (so the pipeline around it would run once).
 IN_FIT_LAUNCHERS = ("ddp_spawn", "ddp_fork", "ddp_notebook", "xla")
 # Trainer settings that change how a run is shown or logged, never what it computes.
@@ -83,15 +87,11 @@ def at_least(problems: list[str], name: str, value: int | float | None, low: int
 
 
 def _budget_problems(stage: SFTStage | DPOStage, prefix: str) -> list[str]:
-    """What is wrong with the budget fields every training stage has."""
+    """What is wrong with the budget and optimizer of a training stage."""
     problems: list[str] = []
     for name in ("epochs", "batch_size", "accumulate_grad_batches", "max_length"):
         at_least(problems, f"{prefix}.{name}", getattr(stage, name), 1)
-    if not stage.lr > 0:
-        problems.append(f"{prefix}.lr must be > 0, got {stage.lr!r}")
-    if not 0 <= stage.warmup_ratio < 1:
-        problems.append(f"{prefix}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio!r}")
-    return problems
+    return problems + stage.optimizer.problems(f"{prefix}.optimizer") + stage.scheduler.problems(f"{prefix}.scheduler")
 
 
 @dataclass
@@ -100,22 +100,20 @@ class SFTStage:
 
     batch_size is per device: an optimizer step sees batch_size x accumulate_grad_batches x
     devices examples. include_prompt_in_loss: train on the prompt tokens too (the paper did).
+    optimizer, scheduler: the objects `fit`'s SFTModule takes (paper: AdamW, lr 1e-5, no warmup).
     """
 
     epochs: int = 5
-    lr: float = 1e-5
     batch_size: int = 16
     accumulate_grad_batches: int = 1
     max_length: int = 384
-    warmup_ratio: float = 0.0
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = 0.0
     include_prompt_in_loss: bool = False
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adamw", lr=1e-5))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="linear", warmup_ratio=0.0))
 
     def problems(self, prefix: str) -> list[str]:
         """Every invalid value, named `prefix.field` (checked with the whole config, up front)."""
-        return _budget_problems(self, prefix) + ([] if self.weight_decay >= 0 else
-                                                 [f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}"])
+        return _budget_problems(self, prefix)
 
 
 @dataclass
@@ -123,33 +121,25 @@ class DPOStage:
     """Budget and loss of a DPO stage (outcome-level baseline and every Self-Explore round).
 
     batch_size (pairs) is per device: an optimizer step sees batch_size x accumulate_grad_batches
-    x devices pairs.
+    x devices pairs. optimizer, scheduler, loss, reference: what `fit`'s StepDPOModule takes
+    (paper: RMSprop, lr 1e-6, linear decay after warmup 0.1, sigmoid loss, beta 0.1).
     """
 
     epochs: int = 3
-    lr: float = 1e-6
     batch_size: int = 32
     accumulate_grad_batches: int = 1
-    optimizer: Literal["adamw", "rmsprop", "adamw8bit", "sgd"] = "rmsprop"
-    warmup_ratio: float = 0.1
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = 0.0
-    nll_alpha: float = 0.0
     max_length: int = 384
     max_prompt_length: int = 256
-    reference: Literal["precomputed", "copy", "adapter"] = "precomputed"
+    reference: ReferenceMode = "precomputed"
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="rmsprop", lr=1e-6))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="linear", warmup_ratio=0.1))
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
 
     def problems(self, prefix: str) -> list[str]:
         """Every invalid value, named `prefix.field` (checked with the whole config, up front)."""
-        problems = _budget_problems(self, prefix)
-        if not self.beta > 0:
-            problems.append(f"{prefix}.beta must be > 0, got {self.beta!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            problems.append(f"{prefix}.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        if self.nll_alpha < 0:
-            problems.append(f"{prefix}.nll_alpha must be >= 0, got {self.nll_alpha!r}")
+        problems = _budget_problems(self, prefix) + self.loss.problems(f"{prefix}.loss")
+        if self.reference not in REFERENCE_MODES:
+            problems.append(f"{prefix}.reference {self.reference!r} is not one of {', '.join(REFERENCE_MODES)}")
         if not 1 <= self.max_prompt_length < self.max_length:
             problems.append(f"{prefix}.max_prompt_length must be >= 1 and below max_length={self.max_length}, "
                             f"got {self.max_prompt_length!r}")
@@ -185,7 +175,8 @@ class PipelineConfig:
         (cheaper: a few epochs on the RFT set instead of SFT's whole budget again).
     reference_update: 'keep' the RFT reference in every round (the paper) or 'update' it to
         the policy that starts each round.
-    baselines: which rows of the paper's comparison to produce.
+    baselines: which DPO rows of the paper's comparison to produce after SFT and RFT (which
+        always run): the outcome-level DPO baseline and/or Self-Explore.
     eval_samples: besides the greedy answer (the paper's metric), sample this many answers per
         evaluation question at the sampling temperature and report their mean accuracy
         (`sampled_accuracy`, an estimate of pass@1 when sampling); 0 = greedy only. DPO can
@@ -215,7 +206,7 @@ class PipelineConfig:
     rft_init: Literal["base", "sft"] = "base"
     rounds: int = 2
     reference_update: Literal["keep", "update"] = "keep"
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baselines: list[Baseline] = field(default_factory=lambda: list(BASELINES))
     eval_split: str = "test"
     eval_limit: int | None = None
     eval_max_new_tokens: int = 512
@@ -233,7 +224,8 @@ class PipelineConfig:
         problems: list[str] = []
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
-            problems.append(f"baselines: unknown {unknown}; choose from {list(BASELINES)}")
+            always = " (SFT and RFT always run)" if set(unknown) & {"sft", "rft"} else ""
+            problems.append(f"baselines: unknown {unknown}{always}; choose from {list(BASELINES)}")
         at_least(problems, "rounds", self.rounds, 1)
         at_least(problems, "eval_samples", self.eval_samples, 0)
         at_least(problems, "eval_max_new_tokens", self.eval_max_new_tokens, 1)

@@ -11,13 +11,15 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-OPTIMIZERS = ("adamw", "rmsprop", "adamw8bit", "sgd")
-SCHEDULES = ("linear", "cosine", "constant")
+OptimizerName = Literal["adamw", "rmsprop", "adamw8bit", "sgd"]
+ScheduleName = Literal["linear", "cosine", "constant"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 
 @dataclass
@@ -28,7 +30,7 @@ class OptimizerConfig:
     RMSprop; `adamw8bit` needs bitsandbytes (8-bit optimizer states, for large models).
     """
 
-    name: Literal["adamw", "rmsprop", "adamw8bit", "sgd"] = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -37,20 +39,25 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
+
+    def problems(self, prefix: str = "optimizer") -> list[str]:
+        """Every invalid value, named `prefix.field`: the pipeline lists all of a config's at once."""
+        problems = []
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; expected one of {', '.join(OPTIMIZERS)}")
+            problems.append(f"{prefix}.name {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            problems.append(f"{prefix}.lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            problems.append(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+            problems.append(f"{prefix}.betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+            problems.append(f"{prefix}.eps must be > 0, got {self.eps!r}")
         if self.momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {self.momentum}")
+            problems.append(f"{prefix}.momentum must be >= 0, got {self.momentum!r}")
         if self.momentum and self.name not in ("sgd", "rmsprop"):
-            raise ValueError(f"momentum applies to sgd and rmsprop only, not {self.name!r}")
+            problems.append(f"{prefix}.momentum applies to sgd and rmsprop only, not {self.name!r}")
+        return problems
 
 
 @dataclass
@@ -61,26 +68,35 @@ class SchedulerConfig:
     `min_lr_ratio` is the floor the decay ends at, as a fraction of the peak lr.
     """
 
-    name: Literal["linear", "cosine", "constant"] = "linear"
+    name: ScheduleName = "linear"
     warmup_ratio: float = 0.0
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.0
 
-    def __post_init__(self) -> None:
+    def problems(self, prefix: str = "scheduler") -> list[str]:
+        """Every invalid value, named `prefix.field`: the pipeline lists all of a config's at once."""
+        problems = []
         if self.name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.name!r}; expected one of {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+            problems.append(f"{prefix}.name {self.name!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            problems.append(f"{prefix}.warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            problems.append(f"{prefix}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        return problems
 
     def num_warmup_steps(self, total_steps: int) -> int:
         """Warmup length in optimizer steps (ratio rounded up, as HF Trainer does)."""
         if self.warmup_steps is not None:
             return self.warmup_steps
         return math.ceil(self.warmup_ratio * total_steps)
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    """One ValueError listing every problem (collect, then raise once: the user fixes all in one go)."""
+    if problems:
+        raise ValueError(f"invalid {what}:\n  - " + "\n  - ".join(problems))
 
 
 def lr_lambda(step: int, total: int, warmup: int, name: str, min_ratio: float = 0.0) -> float:
