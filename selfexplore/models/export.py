@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfexplore.io import atomic_dir
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
-                  out_dir: str | os.PathLike, merge: bool = True) -> Path:
+                  out_dir: str | os.PathLike, merge: bool = True,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save `model` and `tokenizer` to `out_dir` atomically; returns `out_dir`.
 
     A plain model is saved as is. A `PeftModel` is saved either merged (`merge=True`: a plain
@@ -27,12 +29,14 @@ def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedToken
     adapter_config.json records the base path the adapter was created on, as given then,
     so a relative base path stays relative to the working directory).
     The live model is never modified, so training can continue after an export.
+    `state_dict` (the gathered full state of a sharded `model`, same keys) is saved in place of
+    the model's own tensors, so a sharded policy needs no second full model to be exported.
     """
     with atomic_dir(out_dir) as tmp:
         if _is_peft(model) and merge:
-            _merged_copy(model).save_pretrained(tmp)
+            _merged_copy(model, state_dict).save_pretrained(tmp)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         save_tokenizer(tokenizer, tmp)
     return Path(out_dir)
 
@@ -44,7 +48,7 @@ def _is_peft(model: object) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def _merged_copy(model: PeftModel) -> PreTrainedModel:
+def _merged_copy(model: PeftModel, state_dict: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
     """The active adapter merged into a fresh full-precision load of its base checkpoint.
 
     Merging a copy instead of the live model keeps training state intact, costs CPU memory
@@ -59,7 +63,7 @@ def _merged_copy(model: PeftModel) -> PreTrainedModel:
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as adapter_dir:
-        model.save_pretrained(adapter_dir, selected_adapters=[name])
+        model.save_pretrained(adapter_dir, selected_adapters=[name], state_dict=state_dict)
         with explain_missing(source, local):
             base = AutoModelForCausalLM.from_pretrained(source, dtype="auto", local_files_only=local)
         saved = adapter_dir if name == "default" else os.path.join(adapter_dir, name)

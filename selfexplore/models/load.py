@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, PreTrainedModel
 
 from selfexplore.models.files import explain_missing, resolve_source
 from selfexplore.models.spec import LoraSpec, ModelSpec, parse_dtype
@@ -33,6 +35,14 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING)
 
 
+def _load_kwargs(spec: ModelSpec) -> dict:
+    """What `from_pretrained` and `from_config` share: dtype, remote code, attention kernel."""
+    kwargs: dict = {"dtype": parse_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    return kwargs
+
+
 def load_model(spec: ModelSpec, for_training: bool = True) -> PreTrainedModel | PeftModel:
     """The model of `spec`, in train mode when `for_training`, else in eval mode with all grads off.
 
@@ -41,14 +51,11 @@ def load_model(spec: ModelSpec, for_training: bool = True) -> PreTrainedModel | 
     with `adapter_path` the saved adapter is loaded, trainable only when `for_training`.
     """
     source, local = resolve_source(spec.path)
-    dtype = parse_dtype(spec.dtype)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "local_files_only": local}
-    if spec.attn_implementation is not None:
-        kwargs["attn_implementation"] = spec.attn_implementation
+    kwargs = {**_load_kwargs(spec), "local_files_only": local}
     if spec.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_compute_dtype=kwargs["dtype"])
     with explain_missing(source, local):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
@@ -57,20 +64,59 @@ def load_model(spec: ModelSpec, for_training: bool = True) -> PreTrainedModel | 
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if for_training and spec.gradient_checkpointing:
-        _enable_checkpointing(model)
+    if spec.adapter_path is None:
+        return _finish(model, spec, for_training, spec.lora)
 
-    if spec.adapter_path is not None:
+    def saved_adapter(base: PreTrainedModel) -> PeftModel:
         from peft import PeftModel
 
         adapter_source, adapter_local = resolve_source(spec.adapter_path)
         with explain_missing(adapter_source, adapter_local):
-            model = PeftModel.from_pretrained(model, adapter_source, is_trainable=for_training)
-    elif spec.lora is not None:
+            return PeftModel.from_pretrained(base, adapter_source, is_trainable=for_training)
+    return _finish(model, spec, for_training, saved_adapter)
+
+
+def build_model_skeleton(spec: ModelSpec, for_training: bool = True) -> PreTrainedModel | PeftModel:
+    """`load_model`'s model on the meta device: the same modules, parameter names and flags, no weights.
+
+    For the FSDP2 ranks that do not read the checkpoint: they shard this skeleton and receive
+    their shards from rank 0 (`selfexplore.training.sharding.load_sharded`), so only one process
+    per fit ever holds the full weights. Non-persistent buffers (rotary tables) are meta too and
+    must be copied in as well. No 4-bit variant: QLoRA trains on one GPU.
+    """
+    if spec.quantization is not None:
+        raise ValueError("a quantized (QLoRA) model cannot be built on the meta device for FSDP; train it on one GPU")
+    source, local = resolve_source(spec.path)
+    with explain_missing(source, local):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, local_files_only=local)
+    adapter: LoraSpec | LoraConfig | None = spec.lora
+    if spec.adapter_path is not None:  # the saved adapter's shape; its weights come from rank 0
+        from peft import LoraConfig
+
+        adapter_source, adapter_local = resolve_source(spec.adapter_path)
+        with explain_missing(adapter_source, adapter_local):
+            adapter = LoraConfig.from_pretrained(adapter_source, local_files_only=adapter_local)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **_load_kwargs(spec))
+        try:  # generation settings (EOS ids) must match rank 0's, or ranks stop generating at different steps
+            model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=local)
+        except OSError:  # no generation_config.json: from_pretrained derives it from the config, as from_config did
+            pass
+        return _finish(model, spec, for_training, adapter)
+
+
+def _finish(model: PreTrainedModel, spec: ModelSpec, for_training: bool,
+            adapter: LoraSpec | LoraConfig | Callable[[PreTrainedModel], PeftModel] | None
+            ) -> PreTrainedModel | PeftModel:
+    """Checkpointing, then the adapter (a new one from a spec or config, or a loader), then train/eval mode."""
+    if for_training and spec.gradient_checkpointing:
+        _enable_checkpointing(model)
+    if callable(adapter):
+        model = adapter(model)
+    elif adapter is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(spec.lora))
-
+        model = get_peft_model(model, _lora_config(adapter) if isinstance(adapter, LoraSpec) else adapter)
     if for_training:
         model.train()
     else:

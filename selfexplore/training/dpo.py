@@ -4,62 +4,36 @@
 - `adapter`: the policy with its LoRA adapter disabled (no second copy; LoRA/QLoRA only).
 - `precomputed` (default): reference log-probs computed once before training, cached on disk
   under a key of the reference weights' content hash and the tokenized data's fingerprint, so
-  a stale cache can never be reused silently; training then runs one model only.
+  a stale cache can never be reused silently; training then runs one model only. When the
+  reference is the policy's start (no `reference_path`, or the policy's own path) the policy
+  itself computes them before its first step, so no second model is ever built; otherwise the
+  reference is loaded (sharded like the policy under FSDP2) for that pass only
+  (`selfexplore.training.reference`).
 
 Chosen and rejected go through one concatenated forward ([2B, L]).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
-from selfexplore.models import ModelSpec, load_model
+from selfexplore.models import ModelSpec
 from selfexplore.models.files import local_model_path
-from selfexplore.training.losses import dpo_loss, nll_loss, sequence_logps
-from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
+from selfexplore.training.losses import DPOLossConfig, ReferenceMode, dpo_loss, nll_loss, sequence_logps
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, raise_problems
 from selfexplore.training.policy import PolicyModule
-
-ReferenceMode = Literal["precomputed", "copy", "adapter"]
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
-
-
-def checkpoint_fingerprint(*paths: str | None) -> str:
-    """Content hash of model/adapter folders (weights, configs, tokenizer); ids hash by name.
-
-    A `gguf:` spec hashes as its converted folder, whose name holds the file's content hash.
-    """
-    h = hashlib.sha256()
-    for path in paths:
-        if not path:
-            continue
-        folder = Path(local_model_path(path))
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
-            if folder.is_dir() else []
-        if not files:
-            h.update(f"id:{path}".encode())
-        for file in files:
-            h.update(str(file.relative_to(folder)).encode())
-            with file.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
+from selfexplore.training.reference import cache_key, precompute_table, read_table, write_table
 
 class StepDPOModule(PolicyModule):
     """Step-level DPO (Self-Explore) or outcome DPO, depending only on the pairs it is fed.
 
     Args (beyond `PolicyModule`'s):
-        beta, loss_type, label_smoothing: see `selfexplore.training.losses.dpo_loss`.
-        nll_alpha: weight of an NLL term on the chosen responses (RPO-style); 0 = plain DPO.
-        average_logps: average log-probs over response tokens instead of summing (the paper sums).
+        loss: the objective (beta, loss_type, label_smoothing, nll_alpha, average_logps; see
+            `selfexplore.training.losses.DPOLossConfig`), the same object `pipeline`'s dpo stage holds.
         reference: 'precomputed' | 'copy' | 'adapter' (see module docstring).
         reference_path: the reference checkpoint; by default the one the policy starts from
             (the paper: policy and reference both start from the RFT model).
@@ -70,11 +44,7 @@ class StepDPOModule(PolicyModule):
     def __init__(
         self,
         model: ModelSpec,
-        beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
-        label_smoothing: float = 0.0,
-        nll_alpha: float = 0.0,
-        average_logps: bool = False,
+        loss: DPOLossConfig | None = None,
         reference: ReferenceMode = "precomputed",
         reference_path: str | None = None,
         reference_cache_dir: str | None = None,
@@ -89,10 +59,8 @@ class StepDPOModule(PolicyModule):
             raise ValueError("reference='adapter' needs a LoRA policy (model.lora or model.adapter_path)")
         if reference == "adapter" and reference_path is not None:
             raise ValueError("reference='adapter' uses the policy's own base weights; drop reference_path")
-        dpo_loss(*torch.zeros(4, 1), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # validate
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.nll_alpha = nll_alpha
-        self.average_logps = average_logps
+        self.loss = loss or DPOLossConfig()
+        raise_problems(self.loss.problems(), "StepDPOModule")
         self.reference_mode = reference
         self.reference_path = reference_path
         self.reference_cache_dir = reference_cache_dir
@@ -101,13 +69,28 @@ class StepDPOModule(PolicyModule):
         self.reference_tables: dict[str, tuple[str, torch.Tensor]] = {}
 
     # ----- reference -----------------------------------------------------------------------
+    def reset_reference(self, reference_path: str | None = None) -> None:
+        """Before the next `fit` (a new round): recompute the reference log-probs on its data,
+        from `reference_path` when given (reference_update 'update'), else the same reference."""
+        if reference_path is not None:
+            self.reference_path = reference_path
+            self.reference_model = None  # a 'copy' reference is reloaded from the new path
+        self.reference_tables.clear()
+
+    def reference_is_start(self) -> bool:
+        """Whether the reference is the policy's starting weights (the paper's first round and the
+        outcome-DPO baseline), which the policy itself then provides before its first step."""
+        if self.reference_path is None:
+            return True
+        return self.model_spec.adapter_path is None and \
+            local_model_path(self.reference_path) == local_model_path(self.model_spec.path)
+
     def _load_reference(self) -> torch.nn.Module:
+        """The reference as a second model (frozen, eval mode; sharded like the policy under FSDP2)."""
         spec = ModelSpec(path=self.reference_path or self.model_spec.path, dtype=self.model_spec.dtype,
                          trust_remote_code=self.model_spec.trust_remote_code,
                          adapter_path=None if self.reference_path else self.model_spec.adapter_path)
-        model = load_model(spec, for_training=False).to(self.device).eval()
-        model.requires_grad_(False)
-        return model
+        return self.build_model(spec, for_training=False).to(self.device)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -115,8 +98,9 @@ class StepDPOModule(PolicyModule):
             self.reference_model = self._load_reference()
 
     def _batch_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=self.average_logps)
+        # use_cache=False: an eval-mode forward would otherwise build a KV cache nobody reads.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=self.loss.average_logps)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
@@ -155,51 +139,40 @@ class StepDPOModule(PolicyModule):
     def reference_cache_key(self, data_fingerprint: str) -> str:
         source = ([self.reference_path] if self.reference_path
                   else [self.model_spec.path, self.model_spec.adapter_path])
-        payload = {"reference": checkpoint_fingerprint(*source), "data": data_fingerprint,
-                   "average_logps": self.average_logps, "dtype": self.model_spec.dtype,
-                   "quantization": self.model_spec.quantization}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        return cache_key(source, data_fingerprint, average_logps=self.loss.average_logps,
+                         dtype=self.model_spec.dtype, quantization=self.model_spec.quantization)
 
     def precompute_reference(self, dataset: Any, datamodule: Any) -> torch.Tensor:
         """Reference log-probs of every pair of `dataset`, from the cache when its key matches.
 
-        Without `reference_path` the reference is the policy's starting point, so this must run
-        before the first optimizer step (it does: `on_fit_start`).
-        Every rank runs the same full pass (sharded forwards are collective under FSDP2), so
-        no gather is needed; rank 0 writes the cache atomically.
+        The pass runs under the trainer's precision (the training steps' autocast, so a policy
+        equal to its reference scores a zero margin at step 0), split across ranks and gathered
+        (collective: every rank calls it); rank 0 reads and writes the cache. When the reference
+        is the policy's start this must run before the first optimizer step (`on_fit_start`).
         """
         cache_dir = Path(self.reference_cache_dir or Path(self.trainer.default_root_dir) / "reference_cache")
         cache = cache_dir / f"{self.reference_cache_key(dataset.fingerprint())}.pt"  # fingerprint: tokenized data
-        if cache.is_file():
-            table = torch.load(cache, map_location="cpu")
-            if table.shape == (len(dataset), 2):
-                rank_zero_info(f"Reference log-probs: reusing {cache}")
-                return table
-        table = torch.empty(len(dataset), 2)
-        loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, collate_fn=datamodule.collate)
-        use_policy = self.reference_path is None
+        # rank 0 decides for all: ranks that disagreed would run different numbers of collective forwards
+        table = self.trainer.strategy.broadcast(read_table(cache, len(dataset)) if self.global_rank == 0 else None)
+        if table is not None:
+            rank_zero_info(f"Reference log-probs: reusing {cache}")
+            return table
+        use_policy = self.reference_is_start()
         if use_policy and self.global_step > 0:
             raise RuntimeError("reference log-probs are needed after training started, when the policy no "
                                "longer equals the reference: set reference_path")
         model = self.policy if use_policy else self._load_reference()
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            adapter_off = self.policy.disable_adapter() if use_policy and hasattr(self.policy, "disable_adapter") \
-                else nullcontext()
-            with adapter_off:
-                for batch in loader:
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    chosen, rejected = self._batch_logps(model, batch)
-                    table[batch["index"].cpu()] = torch.stack([chosen, rejected], dim=1).float().cpu()
-        model.train(was_training)
-        if not use_policy:
-            del model
+        try:
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                table = precompute_table(lambda batch: self._batch_logps(model, batch), dataset, datamodule.collate,
+                                         datamodule.batch_size, self.device, rank=self.global_rank,
+                                         world=self.trainer.world_size, all_gather=self.trainer.strategy.all_gather)
+        finally:
+            model.train(was_training)
         if self.global_rank == 0:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save(table, tmp)
-            tmp.replace(cache)
+            write_table(cache, table)
         rank_zero_info(f"Reference log-probs: computed {len(dataset)} pairs, cached at {cache}")
         return table
 
@@ -208,11 +181,11 @@ class StepDPOModule(PolicyModule):
         chosen, rejected = self._batch_logps(self.policy, batch)
         ref_chosen, ref_rejected = self.reference_logps(batch, "train" if stage == "train" else "val")
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing)
+            chosen, rejected, ref_chosen, ref_rejected, self.loss.beta, self.loss.loss_type, self.loss.label_smoothing)
         loss = losses.mean()
-        if self.nll_alpha:
+        if self.loss.nll_alpha:
             half = batch["loss_mask"].shape[0] // 2
-            loss = loss + self.nll_alpha * nll_loss(chosen, batch["loss_mask"][:half, 1:].sum(-1))
+            loss = loss + self.loss.nll_alpha * nll_loss(chosen, batch["loss_mask"][:half, 1:].sum(-1))
         sync = stage != "train"
         size = chosen.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=size)

@@ -1,9 +1,9 @@
-"""What SFT and step-DPO share: the policy model, its optimizer, sharding, throughput, export.
+"""What SFT and step-DPO share: the policy model, its optimizer, throughput, export.
 
 `PolicyModule` is a thin LightningModule base. It builds the model in `configure_model` (so
-FSDP2 can shard it as it is created), optionally trains a tiny model from scratch first (the
-CPU quickstart), logs tokens/s, and exports the trained policy as an HF folder that the
-samplers (HF generate, vLLM) load in the next stage.
+FSDP2 can shard it as it is created: `selfexplore.training.sharding`), optionally trains a tiny
+model from scratch first (the CPU quickstart), logs tokens/s, and exports the trained policy as
+an HF folder that the samplers (HF generate, vLLM) load in the next stage.
 """
 
 from __future__ import annotations
@@ -25,35 +25,8 @@ from selfexplore.models import (
     load_model,
     load_tokenizer,
 )
-from selfexplore.sampling.hf import HFSampler
-from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers
-
-
-def shard_with_fsdp2(model: torch.nn.Module, mesh: Any) -> None:
-    """FSDP2: shard every transformer block, then the root (embeddings, head) over `mesh`."""
-    from torch.distributed.fsdp import fully_shard
-
-    block_names = set(getattr(_base_model(model), "_no_split_modules", None) or [])
-    if not block_names:
-        raise ValueError(f"{type(model).__name__} does not declare its transformer blocks "
-                         "(_no_split_modules); cannot pick FSDP2 shard units")
-    for module in model.modules():
-        if type(module).__name__ in block_names:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for managed in (model, _base_model(model)):  # HF generate then keeps ranks in step (synced_gpus)
-        managed._is_fsdp_managed_module = True
-
-
-def wrap_decoder_layers(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    """FSDP1 (`FSDPStrategy(auto_wrap_policy=...)`) policy: one unit per HF `*DecoderLayer` block."""
-    return recurse or type(module).__name__.endswith("DecoderLayer")
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, raise_problems
+from selfexplore.training.sharding import gather_full_state, load_sharded, mixed_precision_policy
 
 
 class PolicyModule(LightningModule):
@@ -82,6 +55,7 @@ class PolicyModule(LightningModule):
         self.from_scratch = from_scratch
         self.optimizer_config = optimizer or OptimizerConfig()
         self.scheduler_config = scheduler or SchedulerConfig()
+        raise_problems(self.optimizer_config.problems() + self.scheduler_config.problems(), type(self).__name__)
         self.export_dir = export_dir
         self.export_merged = export_merged
         self.policy: torch.nn.Module | None = None
@@ -108,11 +82,15 @@ class PolicyModule(LightningModule):
         return self._tokenizer
 
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = load_model(self.model_spec, for_training=True)
-        if self.device_mesh is not None:
-            shard_with_fsdp2(self.policy, self.device_mesh["data_parallel"])
+        if self.policy is None:
+            self.policy = self.build_model(self.model_spec, for_training=True)
+
+    def build_model(self, spec: ModelSpec, for_training: bool) -> torch.nn.Module:
+        """`spec`'s model as this fit runs it: sharded (rank 0 reads the weights) under FSDP2, else whole."""
+        if self.device_mesh is None:
+            return load_model(spec, for_training=for_training)
+        precision = self.trainer.precision if self._trainer is not None else None
+        return load_sharded(spec, self.device_mesh["data_parallel"], for_training, mixed_precision_policy(precision))
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -135,15 +113,6 @@ class PolicyModule(LightningModule):
         if elapsed > 0:
             self.log("train/tokens_per_sec", self._batch_tokens / elapsed, on_step=True, prog_bar=True)
 
-    # ----- evaluation ------------------------------------------------------------------------
-    def greedy_complete(self, prompts: list[str], max_new_tokens: int, stop: list[str] | None) -> list[str]:
-        """Greedy completions of the live policy (the paper's evaluation decoding)."""
-        sampler = HFSampler(self.policy, self.tokenizer, batch_size=max(1, len(prompts)),
-                            overlong_prompts="truncate")
-        out = sampler.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                               stop=stop, seed=0)
-        return [c[0] if c else "" for c in out]
-
     # ----- export --------------------------------------------------------------------------
     def on_train_end(self) -> None:
         if self.export_dir:
@@ -153,26 +122,20 @@ class PolicyModule(LightningModule):
         """Save the policy as an HF folder from rank 0; returns None on the other ranks.
 
         Sharded weights (FSDP2 via ModelParallelStrategy, FSDP1 via FSDPStrategy) are first
-        gathered to full tensors on rank 0's CPU; the gather is collective, so under FSDP every
-        rank must call this.
+        gathered to full tensors on rank 0's CPU and saved as they are (no second model is
+        built to hold them); the gather is collective, so under FSDP every rank must call this.
         """
         state = self._gather_sharded_policy()
         if self.global_rank != 0:
             return None
-        model = self.policy
-        if state is not None:
-            model = load_model(self.model_spec, for_training=False)
-            model.load_state_dict(state)
-        path = export_policy(model, self.tokenizer, out_dir, merge=self.export_merged)
+        path = export_policy(self.policy, self.tokenizer, out_dir, merge=self.export_merged, state_dict=state)
         rank_zero_info(f"Exported policy to {path}")
         return path
 
     def _gather_sharded_policy(self) -> dict[str, torch.Tensor] | None:
         """The policy's full state dict (on rank 0; empty elsewhere) when FSDP shards it, else None."""
         if self.device_mesh is not None:  # FSDP2: the policy's parameters are DTensors
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return gather_full_state(self.policy)
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             # FSDP1 wraps this whole module: gather it (Lightning's 'full' state dict) and keep the policy
             state = self.trainer.strategy.lightning_module_state_dict()

@@ -9,6 +9,7 @@ import torch
 from selfexplore.grading import AnswerAccuracy
 from selfexplore.models import ModelSpec, TinyLlamaConfig
 from selfexplore.tasks import get_task
+from selfexplore.training.evaluation import greedy_complete
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
 from selfexplore.training.policy import PolicyModule
 
@@ -70,7 +71,8 @@ class SFTModule(PolicyModule):
         if "input_ids" in batch:
             self.log(f"{stage}/loss", self._lm_loss(batch), sync_dist=True,
                      batch_size=len(batch["prompts"]))
-        completions = self.greedy_complete(batch["prompts"], self.eval_max_new_tokens, self.eval_stop)
+        completions = greedy_complete(self.policy, self.tokenizer, batch["prompts"], self.eval_max_new_tokens,
+                                      self.eval_stop)
         metric.update([self.task.is_correct(c, gold) for c, gold in zip(completions, batch["golds"])])
         self.log(f"{stage}/accuracy", metric, prog_bar=True, batch_size=len(batch["prompts"]))
 
