@@ -18,6 +18,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
+from selfexplore.pipeline.layout import RunLayout
 from selfexplore.pipeline.report import report_rows
 
 # The argument each known logger names a run by (CSV / TensorBoard: a folder per run).
@@ -47,7 +48,7 @@ def build_logger(config: dict[str, Any], run_dir: str | Path, run: str) -> Logge
     params = inspect.signature(cls).parameters
     kwargs = dict(config.get("init_args") or {})
     if "save_dir" in params:
-        kwargs.setdefault("save_dir", str(Path(run_dir) / "logs"))
+        kwargs.setdefault("save_dir", str(RunLayout(run_dir).logs))
     if issubclass(cls, (CSVLogger, TensorBoardLogger)):
         kwargs.setdefault("name", "")  # no experiment sub-folder: run_dir/logs/<run>
     key = next((arg for base, arg in RUN_ARGUMENT.items() if issubclass(cls, base)), None)
