@@ -240,3 +240,16 @@ def test_fsdp2_two_process_dpo_on_cpu(tiny_arith_model: Path, tmp_path: Path) ->
     start = AutoModelForCausalLM.from_pretrained(tiny_arith_model)
     for (name, got), want in zip(exported.state_dict().items(), start.state_dict().values()):
         torch.testing.assert_close(got, want, atol=1e-2, rtol=0, msg=name)  # 2 small steps from the start
+
+
+def test_reset_reference_keeps_or_reloads_a_copied_reference(tiny_arith_model: Path) -> None:
+    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="copy")
+    module.configure_model()
+    first = module.reference_model
+    module.reference_tables["train"] = ("fingerprint", torch.zeros(1, 2))
+    module.reset_reference()  # reference_update 'keep': same reference, new round's data
+    assert module.reference_model is first and not module.reference_tables
+    module.reset_reference(str(tiny_arith_model))  # 'update': the policy that starts the round
+    assert module.reference_model is None and module.reference_path == str(tiny_arith_model)
+    module.configure_model()
+    assert module.reference_model is not None and module.reference_model is not first

@@ -278,6 +278,10 @@ class PreferenceDataModule(LightningDataModule):
         self.stats: dict[str, dict[str, int]] = {}
         self._built: dict[str, str | None] = {}
 
+
+    def set_train_path(self, train_path: str) -> None:
+        """Train on another pairs file from the next `fit` on (the next Self-Explore round's)."""
+        self.train_path = train_path
     def _tokenizer(self):
         if self.tokenizer_path:
             return load_tokenizer(self.tokenizer_path)

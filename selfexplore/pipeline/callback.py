@@ -64,7 +64,5 @@ class SelfExploreCallback(Callback):
             return
         self.round_index += 1
         gpairs = self.pipeline.prepare_round(self.round_index, explorer=policy)
-        trainer.datamodule.train_path = str(gpairs)
-        if self.reference_update == "update":
-            module.reference_path = str(policy)
-        module.reference_tables.clear()
+        trainer.datamodule.set_train_path(str(gpairs))
+        module.reset_reference(str(policy) if self.reference_update == "update" else None)
