@@ -1,26 +1,10 @@
 """Preference pairs (prompt / chosen / rejected JSONL) tokenized and batched for step-level DPO.
 
-Rules, stated once:
-- Tokenization: the prompt is encoded with the tokenizer's special tokens (BOS, as the model was
-  trained), each completion separately with none, and the ids are concatenated. A step prompt
-  ends mid-rationale ("... 12 + 7 = 1"), so encoding the joined text would let BPE merge across
-  the boundary and score tokens the sampler never produced.
-- EOS: with `eos=True` (default) the end token is appended to every side that ENDS the response:
-  both sides of an outcome pair, so neither is rewarded or punished for ending. A side whose
-  record says `"chosen_ends": false` / `"rejected_ends": false` stops mid-rationale and gets no
-  end token: a granular pair's rejected pit step (unless the pit is the answer line) is
-  followed by more steps, never by the end; an outcome pair's rejected sample that was cut at
-  max_new_tokens never ended either. Giving it one would score "stopping after the
-  pit step", a token the policy never emits there: it dominates the rejected log-prob and
-  DPO lowers it instead of the wrong step. (The reference implementation added the end token
-  to chosen only, unconditionally.) The end token is EOS, or the chat template's end-of-turn
-  token when the tokenizer has a template (`selfexplore.models.chat.completion_end_id`: what
-  samplers stop on).
-- Loss mask: the completion tokens (and their EOS) only, never the prompt or padding.
-- Truncation (per pair, same prompt for both sides): when prompt + longer completion exceeds
-  `max_length`, the prompt is first cut to `max_prompt_length` keeping its END (the leading
-  special tokens, e.g. BOS, are kept); if still too long, both completions lose their ends
-  (an EOS cut off this way is not re-added). Counts are kept in `stats`.
+Prompt and completions are encoded separately (a step prompt ends mid-rationale, so BPE must
+not merge across the boundary); the end token goes only on a side that ends the response,
+the loss mask covers completion tokens only, and truncation cuts the prompt's start first.
+
+Design notes: docs/design.md#preference-data
 """
 
 from __future__ import annotations

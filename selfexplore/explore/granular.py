@@ -1,29 +1,11 @@
 """Granular (step-level) pairs D_g-pair from explore records, and exploration statistics.
 
-Text rules, so that prompt + chosen and prompt + rejected are both well-formed rationales
-(one step per line): the prompt is the question prompt plus the steps before the pit joined
-with "\\n" and ending with "\\n" (exactly the prefix the completions were sampled from);
-chosen and rejected are stripped of surrounding whitespace and start with the next step.
+A pair's prompt is the question plus the steps before the pit (the prefix the completions were
+sampled from); rejected is the pit step, chosen the shortest correct completion of that prefix,
+so both sides are well-formed rationales. `"rejected_ends"` says whether the rejected side
+ends the response; pairs are deduplicated per question, as in the paper.
 
-- pit at t = 1: prompt = question prompt, rejected = s_1, chosen = the outcome pair's chosen
-  (no completion is sampled from the bare question).
-- pit at t > 1: prompt = question prompt + s_1..s_{t-1}, rejected = s_t, chosen = the shortest
-  correct completion sampled from the step t-1 prefix (ties: the first drawn).
-- rejected_mode "pit_to_end": rejected = s_t..s_T joined with "\\n" (the rest of the rationale)
-  instead of s_t alone.
-- pit on the final answer line (t = T): the general rule applies; the rejected text is the wrong
-  answer line itself ("The answer is 18"), never an empty string, and the chosen is a correct
-  completion of the same prefix, normally the right answer line.
-
-End of response: the chosen is a whole completion (it ends the response); the rejected pit step
-does not, unless the pit is the answer line or the mode is "pit_to_end". The pair says so with
-`"rejected_ends"`, so DPO gives the rejected no end token when more steps would follow
-(`selfexplore.data.preference`). A rejected sample that was cut at max_new_tokens (its outcome
-pair's `rejected_ends` false) ends nothing, and a cut completion is never the chosen.
-
-Per-question dedup (the paper): pairs are taken in record order and a pair is kept only if
-both its chosen and its rejected sequence (prompt + text) are new for that question. A pair
-with an empty side or with chosen == rejected is never emitted.
+Design notes: docs/design.md#granular-pairs
 """
 
 from __future__ import annotations

