@@ -5,7 +5,8 @@
 Run by tests/test_dpo.py and bench/bench_memory.py (which also runs it against an older
 checkout). Lightning restarts this script for rank 1, so the counters below exist on both
 ranks. Writes OUT/rank{r}.json: checkpoint reads (`from_pretrained`), meta builds
-(`from_config`), peak RSS in MiB; the reference table lands in OUT/reference_cache.
+(`from_config`), peak RSS in MiB once the model is loaded and sharded (before the reference
+pass) and at the end; the reference table lands in OUT/reference_cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import resource
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import AutoModelForCausalLM
 
@@ -35,6 +36,17 @@ def _counting(name: str):
         COUNTS[name] += 1
         return original(cls, *args, **kwargs)
     return classmethod(counted)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class LoadPeak(Callback):
+    """Peak RSS after the model is built and sharded: callbacks' on_fit_start runs before the module's."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: object) -> None:
+        self.peak = peak_rss_mib()
 
 
 def main() -> None:
@@ -58,11 +70,10 @@ def main() -> None:
     trainer = Trainer(accelerator="cpu", devices=2, precision=args.precision, max_steps=args.steps,
                       strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=str(out))
+                      enable_model_summary=False, default_root_dir=str(out), callbacks=[load := LoadPeak()])
     trainer.fit(module, datamodule=data)
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({**COUNTS, "peak_rss_mib": rss_mib,
-                                                                     "pid": os.getpid()}))
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+        {**COUNTS, "load_peak_rss_mib": load.peak, "peak_rss_mib": peak_rss_mib(), "pid": os.getpid()}))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         for start in range(0, rows.shape[0], ctx.chunk_rows):
             part = slice(start, start + ctx.chunk_rows)
             g = grad[part, None].float()
-            chunk = -torch.exp(flat.index_select(0, rows[part]).float() - lse[part, None]) * g  # -softmax * g
+            chunk = flat.index_select(0, rows[part]).float()
+            chunk.sub_(lse[part, None]).exp_().mul_(-g)  # -softmax * g, in place: one fp32 chunk at a time
             chunk.scatter_add_(-1, targets[part, None], g)  # + onehot(target) * g
             grad_flat.index_copy_(0, rows[part], chunk.to(flat.dtype))
         return grad_flat, None, None, None

@@ -1,0 +1,192 @@
+"""Bench: host memory of DPO log-probs and of FSDP2 step-DPO, before/after issue 19, on CPU.
+
+    python bench/bench_memory.py                       # both parts, 3 alternated repeats each
+    python bench/bench_memory.py --skip-fsdp           # log-prob part only (a minute)
+
+1. logps: peak RSS increase of forward + backward of the DPO sequence log-probs over bf16
+   logits [rows, length, vocab], in a fresh subprocess per measurement: "full" is the former
+   `sequence_logps` (an fp32 copy of the shifted logits + logsumexp, kept for the backward),
+   "selective" is `selfexplore.training.losses.sequence_logps` now. Shapes: the tiny model's
+   DPO batch (8 pairs x 96 tokens x 300) and a realistic one (2 rows x 1024 x 102400, MATH
+   with DeepSeek-Math's vocabulary; 16 rows in a real batch scale it 8x).
+2. fsdp: tests/fsdp_dpo_worker.py (2 gloo processes, FSDP2, reference = the start weights,
+   2 steps, export) on a 42M-parameter Llama (168 MB fp32), run from this tree ("after") and
+   from a git worktree of `--before` (default 97e304b, the commit before issue 19), order
+   alternated. Per rank: peak RSS after loading + sharding, and peak RSS of the whole fit, and
+   the reference table's max difference to a 1-process precompute of the same data.
+One JSON line per figure; medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"tiny": (16, 96, 300), "realistic": (2, 1024, 102400)}
+BIG_MODEL = {"hidden_size": 768, "num_layers": 6, "num_heads": 12, "num_kv_heads": 12,
+             "intermediate_size": 2048, "max_position_embeddings": 256, "vocab_size": 300}
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def status_mib(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS now, VmHWM the peak since the last reset) in MiB."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart VmHWM from the current RSS, so the peak excludes building the inputs."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def logps_worker(method: str, shape: str, mode: str) -> None:
+    """Print the peak RSS increase (MiB) of `method`'s log-probs: a no-grad forward (the reference
+    pass) or a forward + backward (a training step; includes the logits' bf16 gradient)."""
+    import torch
+
+    from selfexplore.training.losses import sequence_logps
+
+    torch.set_num_threads(1)
+    rows, length, vocab = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, length, vocab, generator=g).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows, length), generator=g)
+    mask = torch.zeros(rows, length, dtype=torch.bool)
+    mask[:, length // 3:] = True  # the response: the last two thirds
+
+    def full(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # before issue 19
+        shifted = logits[:, :-1].float()
+        m = mask[:, 1:]
+        targets = torch.where(m, labels[:, 1:], torch.zeros_like(labels[:, 1:]))
+        token = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(shifted, dim=-1)
+        return (token * m).sum(-1)
+
+    fn = full if method == "full" else sequence_logps
+    small = logits.detach()[:1, :8].clone().requires_grad_(True)
+    fn(small, labels[:1, :8], mask[:1, :8]).sum().backward()  # warm up kernels outside the measurement
+    reset_peak_rss()
+    before = status_mib("VmRSS")
+    if mode == "forward":
+        with torch.no_grad():
+            fn(logits, labels, mask)
+    else:
+        fn(logits, labels, mask).sum().backward()
+    print(json.dumps({"peak_increase_mib": status_mib("VmHWM") - before}))
+
+
+def run_logps(repeats: int) -> None:
+    for shape, mode in ((shape, mode) for shape in SHAPES for mode in ("forward", "forward_backward")):
+        results: dict[str, list[float]] = {"full": [], "selective": []}
+        for r in range(repeats):
+            for method in (("full", "selective") if r % 2 == 0 else ("selective", "full")):
+                out = subprocess.run([sys.executable, __file__, "--logps-worker", method, shape, mode],
+                                     capture_output=True, text=True, check=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                results[method].append(json.loads(out.stdout.strip().splitlines()[-1])["peak_increase_mib"])
+        full, selective = (statistics.median(results[m]) for m in ("full", "selective"))
+        rows, length, vocab = SHAPES[shape]
+        emit(bench="logps_peak_memory", shape=shape, mode=mode, rows=rows, length=length, vocab=vocab,
+             bf16_logits_mib=round(rows * length * vocab * 2 / 2**20, 1), full_mib=round(full, 1),
+             selective_mib=round(selective, 1), ratio=round(selective / full, 3) if full > 0 else None,
+             repeats=repeats, samples=results)
+
+
+def prepare_fsdp(work: Path) -> tuple[Path, Path]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_dpo import _pairs
+
+    from selfexplore.models import TinyLlamaConfig, build_tiny_llama
+    from selfexplore.tasks import get_task
+
+    task = get_task("arith", train_size=400, validation_size=50, test_size=50)
+    texts = [task.prompt(p) + p.solution for p in task.load("train")]
+    model = build_tiny_llama(texts, work / "model", TinyLlamaConfig(**BIG_MODEL))
+    return model, _pairs(work / "pairs.jsonl", n=16)
+
+
+def one_process_table(model: Path, pairs: Path, work: Path):
+    from lightning.pytorch import Trainer
+
+    from selfexplore.data.preference import PreferenceDataModule
+    from selfexplore.models import ModelSpec
+    from selfexplore.training.dpo import StepDPOModule
+
+    module = StepDPOModule(ModelSpec(path=str(model)), reference_cache_dir=str(work / "single_cache"))
+    module.configure_model()
+    data = PreferenceDataModule(train_path=str(pairs), max_length=96, max_prompt_length=64, batch_size=4,
+                                tokenizer_path=str(model))
+    data.setup("fit")
+    module.trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             default_root_dir=str(work))
+    return module.precompute_reference(data.train_dataset, data)
+
+
+def run_fsdp(repeats: int, before: str, work: Path) -> None:
+    import torch
+
+    model, pairs = prepare_fsdp(work)
+    single = one_process_table(model, pairs, work)
+    tree = work / "before"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True,
+                   capture_output=True)
+    try:
+        trees = {"after": ROOT, "before": tree}
+        results: dict[str, list[dict]] = {"after": [], "before": []}
+        for r in range(repeats):
+            for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                out = work / f"{name}_{r}"
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(trees[name])}
+                subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_dpo_worker.py"), str(model), str(pairs),
+                                str(out), "--steps", "2", "--batch-size", "4"], check=True, capture_output=True,
+                               cwd=trees[name], env=env)
+                ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
+                [cached] = (out / "reference_cache").glob("*.pt")
+                diff = float((torch.load(cached) - single).abs().max())
+                results[name].append({"ranks": ranks, "table_max_abs_diff_vs_1_process": diff})
+        for key in ("load_peak_rss_mib", "peak_rss_mib"):
+            for rank in (0, 1):
+                values = {n: statistics.median(run["ranks"][rank].get(key, float("nan")) for run in results[n])
+                          for n in results}
+                emit(bench="fsdp2_dpo_rss", figure=key, rank=rank, before_mib=round(values["before"], 1),
+                     after_mib=round(values["after"], 1), ratio=round(values["after"] / values["before"], 3),
+                     model_params_m=42, repeats=repeats)
+        for name in results:
+            emit(bench="fsdp2_reference_table", tree=name, max_abs_diff_vs_1_process=max(
+                run["table_max_abs_diff_vs_1_process"] for run in results[name]),
+                checkpoint_reads_per_rank=[results[name][0]["ranks"][k]["from_pretrained"] for k in (0, 1)])
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", default="97e304b", help="the commit measured as 'before'")
+    parser.add_argument("--skip-fsdp", action="store_true")
+    parser.add_argument("--skip-logps", action="store_true")
+    parser.add_argument("--logps-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.logps_worker:
+        logps_worker(*args.logps_worker)
+        return
+    if not args.skip_logps:
+        run_logps(args.repeats)
+    if not args.skip_fsdp:
+        with tempfile.TemporaryDirectory() as work:
+            run_fsdp(args.repeats, args.before, Path(work))
+
+
+if __name__ == "__main__":
+    main()
