@@ -21,6 +21,7 @@ from selfexplore.pipeline.config import TrainerSettings
 from selfexplore.pipeline.plan import planned_units
 from selfexplore.pipeline.run import run_pipeline
 from selfexplore.pipeline.status import render_status
+from selfexplore.sampling.base import SamplerBase
 from test_pipeline import _config, scripted  # noqa: F401 (a fixture)
 
 TESTS = Path(__file__).parent
@@ -160,7 +161,7 @@ def test_status_of_a_running_then_killed_run(tmp_path: Path) -> None:
 def test_status_of_a_failed_run_shows_the_error(tmp_path: Path, monkeypatch) -> None:
     import selfexplore.pipeline.run as pipeline_run
 
-    class Broken:
+    class Broken(SamplerBase):
         generated_tokens = 0
 
         def generate(self, *args, **kwargs):

@@ -326,9 +326,9 @@ def test_stage_writes_graded_records_and_stats(hf: HFSampler, tmp_path: Path) ->
     assert stats.pass_at_n == pytest.approx(sum(any(c) for c in by_q.values()) / 7)
     assert stats.pass_rate_mean == pytest.approx(sum(sum(c) / 3 for c in by_q.values()) / 7)
     assert stats.generated_tokens > 0 and 0 <= stats.overhead_fraction < 1
-    manifest = read_json(tmp_path / "samples.shards" / "manifest.json")
-    assert sorted(manifest["shards"]) == ["0", "1", "2", "3"]
-    assert [manifest["shards"][k]["records"] for k in "0123"] == [6, 6, 6, 3]
+    shards = tmp_path / "samples.shards"
+    assert sorted(p.name for p in shards.glob("*.meta.json")) == [f"0000{i}.meta.json" for i in range(4)]
+    assert [read_json(shards / f"0000{i}.meta.json")["records"] for i in range(4)] == [6, 6, 6, 3]
 
 
 class _FixedSampler:
@@ -360,7 +360,8 @@ def test_stage_resumes_after_kill_with_identical_records(hf: HFSampler, tmp_path
     with pytest.raises(_Killed):
         run_sample_stage(_DiesAfter(hf, calls=2), task, PROBLEMS, out, SAMPLING, **STAGE)
     assert not out.exists(), "samples.jsonl appears only once every shard is done"
-    assert sorted(read_json(out.parent / "samples.shards" / "manifest.json")["shards"]) == ["0", "1"]
+    assert sorted(p.name for p in (out.parent / "samples.shards").glob("*.meta.json")) == [
+        "00000.meta.json", "00001.meta.json"]
 
     resumed_sampler = _DiesAfter(hf, calls=2)  # only the 2 missing shards may be sampled
     stats = run_sample_stage(resumed_sampler, task, list(reversed(PROBLEMS)), out, SAMPLING, **STAGE)

@@ -25,7 +25,7 @@ from selfexplore.explore.granular import build_granular_pairs, explore_stats, pi
 from selfexplore.explore.pit import Rationale, find_first_pits, steps_prefix
 from selfexplore.hashing import text_sha256
 from selfexplore.io import DataError, iter_jsonl, read_jsonl, require_str, write_json, write_jsonl
-from selfexplore.shards import load_manifest
+from selfexplore.shards import ShardFolder, Workers
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
     from selfexplore.sampling import Sampler
@@ -34,8 +34,7 @@ if TYPE_CHECKING:  # typing only: importing them would pull torch and the grader
 log = logging.getLogger(__name__)
 
 SHARD_DIR = "explore_shards"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3  # 3: a meta file beside each chunk (any rank may write one)
 # Statuses of rationales the sampler gave nothing for (e.g. every prompt over its context).
 NO_COMPLETIONS = ("skipped:no_completions", "skipped:sampler_error")
 
@@ -166,7 +165,8 @@ def _check_completions(records: Sequence[dict[str, Any]], config: ExploreConfig,
 def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLike,
                       problems_by_id: Mapping[str, Problem], out_dir: str | os.PathLike,
                       config: ExploreConfig | None = None, *, model: str = "", force: bool = False,
-                      prompt: Callable[[Problem], str] | None = None) -> dict[str, Any]:
+                      prompt: Callable[[Problem], str] | None = None, workers: Workers | None = None,
+                      abort: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Explore every rejected rationale of `pairs_path`; write explore.jsonl, gpairs.jsonl and
     explore_stats.json into `out_dir`; return the stats.
 
@@ -177,6 +177,7 @@ def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLik
     An unset `config.max_new_tokens` becomes the paper's 512 capped to what the explorer's
     context leaves after the longest prefix. When more than half of the searched rationales get
     no completions the stage raises instead of writing a near-empty result; fewer are a warning.
+    `workers` / `abort`: data-parallel over ranks, as `run_sample_stage` (other ranks return None).
     """
     config = config or ExploreConfig()
     out_dir = Path(out_dir)
@@ -185,19 +186,22 @@ def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLik
     config = _resolve_new_tokens(sampler, task, rationales, config)
     chunks = chunk_by_question(rationales, config.chunk_size)
     settings = _settings(model, config, chunks)
-    manifest = load_manifest(shard_dir / MANIFEST, settings, MANIFEST_FORMAT, force, "explore")
-    done = {i for i in manifest.get("done", []) if (shard_dir / _shard_name(i)).is_file()}
-    if done:
-        log.info("explore: resuming, %d of %d chunks already done", len(done), len(chunks))
-    for i, chunk in enumerate(chunks):
-        if i in done:
-            continue
-        records = find_first_pits(chunk, sampler, task, config, chunk_index=i)
-        write_jsonl(shard_dir / _shard_name(i), records)
-        done.add(i)
-        write_json(shard_dir / MANIFEST, {"format": MANIFEST_FORMAT, "config": settings,
-                                          "num_chunks": len(chunks), "done": sorted(done)})
-        log.info("explore: chunk %d/%d done (%d rationales)", i + 1, len(chunks), len(chunk))
+    folder = ShardFolder(shard_dir, "explore", settings, MANIFEST_FORMAT, workers or Workers(), _shard_name, abort)
+    folder.open(force, {"num_chunks": len(chunks)})
+    mine = folder.todo(len(chunks))
+    if len(mine) < sum(folder.workers.owns(i) for i in range(len(chunks))):
+        log.info("explore: resuming, %d of this rank's chunks left", len(mine))
+    try:
+        for i in mine:
+            records = find_first_pits(chunks[i], sampler, task, config, chunk_index=i)
+            folder.write(i, records, {"rationales": len(chunks[i])})
+            log.info("explore: chunk %d/%d done (%d rationales)", i + 1, len(chunks), len(chunks[i]))
+    except BaseException as error:
+        folder.fail(error)
+        raise
+    if not folder.workers.is_main:
+        return None  # rank 0 merges; the pipeline's other ranks take its recorded result
+    folder.wait_all(len(chunks))
     records = [rec for i in range(len(chunks)) for rec in read_jsonl(shard_dir / _shard_name(i))]
     _check_completions(records, config, getattr(sampler, "context", None), shard_dir)
     pairs = build_granular_pairs(records, config.rejected_mode, round_index=config.round)

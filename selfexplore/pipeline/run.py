@@ -33,9 +33,11 @@ from selfexplore.pipeline.console import Console, TrainingBar, console_session
 from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.lock import RunLock
 from selfexplore.pipeline.report import write_report
+from selfexplore.pipeline.layout import RunLayout
 from selfexplore.pipeline.state import RunState, is_rank_zero
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
+from selfexplore.shards import Workers
 from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
 from selfexplore.training.sft import SFTModule
@@ -67,6 +69,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, force: bool = False) -> None:
         self.cfg = config
         self.root = Path(config.run_dir)
+        self.layout = RunLayout(config.run_dir)
         self.rank_zero = is_rank_zero()
         self.force = force
         # Task, data and splits are checked before anything is written, so a mistake in them
@@ -232,34 +235,49 @@ class Pipeline:
 
     def sample(self, name: str, policy: str, problems: list, greedy: bool = False,
                n: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
-        """Graded samples of `policy` (`n`, default sampling.n, per question; one greedy answer when `greedy`)."""
+        """Graded samples of `policy` (`n`, default sampling.n, per question; one greedy answer when `greedy`).
+
+        Data-parallel: every rank samples its shards with its own engine, rank 0 merges.
+        """
         def work() -> dict[str, Any]:
             s = self.cfg.sampling
             count, temperature = (1, 0.0) if greedy else (n or s.n, s.temperature)
             max_new = max_new_tokens or (self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens)
-            sampler = get_sampler(s, policy, cache_dir=str(self.root / "cache"))
-            try:
-                config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self.cfg.seed)
+            config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self._seed(s.seed))
+            workers = self._workers()
+            with get_sampler(s, policy, cache_dir=str(self.layout.cache), local_rank=workers.local_rank) as sampler:
                 stats = run_sample_stage(sampler, self.task, problems, self.root / name, config,
                                          model=self._relative(policy), settings={"batch_size": s.batch_size},
                                          force=self.force, progress=self.cfg.trainer.enable_progress_bar,
-                                         prompt=self.prompt)
-            finally:
-                getattr(sampler, "close", lambda: None)()
-            return {"path": str(self.root / name), **stats.to_dict()}
-        return self.unit(name, work)
+                                         prompt=self.prompt, workers=workers, abort=self._abort(name))
+            return {} if stats is None else {"path": str(self.root / name), **stats.to_dict()}
+        return self.unit(name, work, collective=True)
+
+    def _seed(self, stage_seed: int | None) -> int:
+        """A stage's own seed when it sets one, else the pipeline's."""
+        return self.cfg.seed if stage_seed is None else stage_seed
+
+    def _workers(self) -> Workers:
+        """The ranks that share a data-parallel unit now (Lightning's launcher starts its extra
+        ranks only at the first fit: units before it run on rank 0 alone)."""
+        return Workers.from_environment(int(self.cfg.trainer.devices) if str(self.cfg.trainer.devices).isdigit()
+                                        else None)
+
+    def _abort(self, name: str) -> Callable[[], None] | None:
+        """What a rank other than 0 checks while it waits inside a data-parallel unit."""
+        return None if self.rank_zero else (lambda: self.state.check_rank_zero(name))
 
     def evaluate(self, stage_dir: str, policy: str) -> dict[str, Any]:
         result = self.sample(f"{stage_dir}/eval.jsonl", policy, self.eval_problems, greedy=True)
-        metrics = {"accuracy": result["pass_rate_mean"], "num_eval": result["questions"]}
+        metrics = {"accuracy": result.get("pass_rate_mean"), "num_eval": result.get("questions")}
         if self.cfg.eval_samples:
             sampled = self.sample(f"{stage_dir}/eval_sampled.jsonl", policy, self.eval_problems,
                                   n=self.cfg.eval_samples, max_new_tokens=self.cfg.eval_max_new_tokens)
-            metrics["sampled_accuracy"] = sampled["pass_rate_mean"]
+            metrics["sampled_accuracy"] = sampled.get("pass_rate_mean")
         return metrics
 
-    def build_rft_data(self, round_: int, samples_path: str) -> Path:
-        out = self.root / f"round_{round_}" / "rft.jsonl"
+    def build_rft_data(self, round_index: int, samples_path: str) -> Path:
+        out = self.root / f"round_{round_index}" / "rft.jsonl"
 
         def work() -> dict[str, Any]:
             records = build_rft_set(read_samples(samples_path), max_per_question=self.cfg.rft_max_per_question)
@@ -268,7 +286,7 @@ class Pipeline:
                              "meta": {"question_id": p.id, "sample_id": "gold"}}
                             for p in self.gold_problems]
             return {"path": str(out), "records": write_jsonl(out, records)}
-        self.unit(f"round_{round_}/rft_data", work)
+        self.unit(f"round_{round_index}/rft_data", work)
         return out
 
     def _gold_sample(self, problem: Problem) -> dict[str, Any]:
@@ -276,37 +294,39 @@ class Pipeline:
         return {"id": f"{problem.id}:gold", "question_id": problem.id, "prompt": self.prompt(problem),
                 "completion": problem.solution, "correct": True}
 
-    def prepare_round(self, round_: int, explorer: str) -> Path:
+    def prepare_round(self, round_index: int, explorer: str) -> Path:
         """Samples of `explorer` -> outcome pairs -> first-pit exploration -> granular pairs."""
-        rd = f"round_{round_}"
+        rd = f"round_{round_index}"
         samples = self.sample(f"{rd}/explorer_samples.jsonl", explorer, self.train_problems)
 
         def pairs_work() -> dict[str, Any]:
             records = read_samples(samples["path"])
             candidates = records + [self._gold_sample(p) for p in self.train_problems] \
                 if self.cfg.pairs_include_gold else records
-            pairs = build_outcome_pairs(candidates, round_index=round_, max_per_question=self.cfg.rft_max_per_question)
+            pairs = build_outcome_pairs(candidates, round_index=round_index, max_per_question=self.cfg.rft_max_per_question)
             return {"path": str(self.root / rd / "pairs.jsonl"), "pairs": write_jsonl(self.root / rd / "pairs.jsonl", pairs),
                     **sample_stats(records)}
         pairs = self.unit(f"{rd}/pairs", pairs_work)
         self._require_pairs(Path(pairs["path"]), "outcome pairs")  # nothing to explore without them
 
         def explore_work() -> dict[str, Any]:
-            sampler = get_sampler(self.cfg.sampling, explorer, cache_dir=str(self.root / "cache"))
-            try:
-                config = replace(self.cfg.explore, round=round_, seed=self.cfg.seed + round_)
+            e = self.cfg.explore
+            config = replace(e, round=round_index, seed=self._seed(e.seed) + round_index)
+            workers = self._workers()
+            with get_sampler(self.cfg.sampling, explorer, cache_dir=str(self.layout.cache),
+                             local_rank=workers.local_rank) as sampler:
                 stats = run_explore_stage(sampler, self.task, pairs["path"], self.problems_by_id,
-                                          self.root / rd / "explore", config.inherit_stop(self.cfg.sampling.stop),
-                                          model=self._relative(explorer), force=self.force, prompt=self.prompt)
-            finally:
-                getattr(sampler, "close", lambda: None)()
-            return {"path": str(self.root / rd / "explore" / "gpairs.jsonl"), **stats}
-        return Path(self.unit(f"{rd}/explore", explore_work)["path"])
+                                          self.layout.explore_dir(round_index),
+                                          config.inherit_stop(self.cfg.sampling.stop), model=self._relative(explorer),
+                                          force=self.force, prompt=self.prompt, workers=workers,
+                                          abort=self._abort(f"{rd}/explore"))
+            return {} if stats is None else {"path": str(self.layout.gpairs(round_index)), **stats}
+        return Path(self.unit(f"{rd}/explore", explore_work, collective=True)["path"])
 
-    def finish_self_explore_round(self, round_: int, module: StepDPOModule | None,
+    def finish_self_explore_round(self, round_index: int, module: StepDPOModule | None,
                                   seconds: float = 0.0) -> tuple[str, dict[str, float]]:
-        """Export (once) and evaluate the policy trained in round `round_` (the callback, every rank)."""
-        name = f"round_{round_}/self_explore"
+        """Export (once) and evaluate the policy trained in round `round_index` (the callback, every rank)."""
+        name = f"round_{round_index}/self_explore"
 
         def export() -> dict[str, Any]:
             if module is None:
@@ -315,8 +335,8 @@ class Pipeline:
             module.export(str(self.root / name / "policy"))
             return {"policy": str(self.root / name / "policy"), "seconds": seconds}
         policy = self.unit(name, export, collective=True)["policy"]
-        metrics = self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
-        return policy, {"accuracy": metrics["accuracy"], "round": float(round_)}
+        metrics = self.unit(f"{name}/eval", lambda: self.evaluate(name, policy), collective=True)
+        return policy, {"accuracy": metrics["accuracy"], "round": float(round_index)}
 
     # ----- the whole run ---------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -324,11 +344,11 @@ class Pipeline:
         cfg = self.cfg
         base = self.build_base()["policy"]
         sft = self.train_sft("round_0/sft", base, cfg.sft)
-        self.unit("round_0/sft/eval", lambda: self.evaluate("round_0/sft", sft))
+        self.unit("round_0/sft/eval", lambda: self.evaluate("round_0/sft", sft), collective=True)
         samples = self.sample("round_1/samples.jsonl", sft, self.train_problems)
         rft_init = base if cfg.rft_init == "base" else sft
         rft = self.train_sft("round_1/rft", rft_init, cfg.rft, self.build_rft_data(1, samples["path"]))
-        self.unit("round_1/rft/eval", lambda: self.evaluate("round_1/rft", rft))
+        self.unit("round_1/rft/eval", lambda: self.evaluate("round_1/rft", rft), collective=True)
         gpairs = self.prepare_round(1, explorer=rft)
         if "outcome_dpo" in cfg.baselines:
             self.train_outcome_dpo(rft)
@@ -375,7 +395,7 @@ class Pipeline:
             module.export(str(self.root / name / "policy"))
             return {"policy": str(self.root / name / "policy")}
         policy = self.unit(name, work, collective=True)["policy"]
-        self.unit(f"{name}/eval", lambda: self.evaluate(name, policy))
+        self.unit(f"{name}/eval", lambda: self.evaluate(name, policy), collective=True)
 
     def train_self_explore(self, rft: str, gpairs: Path) -> None:
         """Round after round of step-level DPO; the callback prepares each next round."""

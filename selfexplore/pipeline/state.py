@@ -159,17 +159,22 @@ class RunState:
         """
         delay, max_delay = POLL_SECONDS
         while True:
-            failed = self._load().get("failed")
+            self.check_rank_zero(unit)
             if unit in self.units:
                 return self.units[unit]
-            if failed and self.attempt is not None and failed.get("attempt") == self.attempt:
-                raise RankZeroFailed(f"rank 0 failed in {failed['unit']} while this rank waited for {unit}: "
-                                     f"{failed['error']}")
-            if os.getppid() != self._launcher:
-                raise RankZeroFailed(f"the launching process (pid {self._launcher}) exited while this rank "
-                                     f"waited for {unit}; see rank 0's output")
             time.sleep(delay)
             delay = min(2 * delay, max_delay)
+
+    def check_rank_zero(self, waiting_for: str) -> None:
+        """Raise RankZeroFailed if rank 0 recorded a failure in this attempt or this rank's
+        launcher exited (called by every wait of a rank other than 0; reloads the state)."""
+        failed = self._load().get("failed")
+        if failed and self.attempt is not None and failed.get("attempt") == self.attempt:
+            raise RankZeroFailed(f"rank 0 failed in {failed['unit']} while this rank waited for {waiting_for}: "
+                                 f"{failed['error']}")
+        if os.getppid() != self._launcher:
+            raise RankZeroFailed(f"the launching process (pid {self._launcher}) exited while this rank "
+                                 f"waited for {waiting_for}; see rank 0's output")
 
     def _save(self, failed: dict[str, Any] | None = None) -> None:
         if not self.writer:

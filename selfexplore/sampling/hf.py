@@ -133,11 +133,11 @@ class HFSampler(SamplerBase):
     @classmethod
     def from_pretrained(cls, model_path: str | Path, adapter_path: str | Path | None = None, *,
                         batch_size: int = 64, overlong_prompts: OverlongMode = "skip",
-                        max_model_len: int | None = None, dtype: str = "auto") -> HFSampler:
-        """Load a model folder (+ LoRA adapter, merged for speed) on GPU if available, else CPU."""
+                        max_model_len: int | None = None, dtype: str = "auto", local_rank: int = 0) -> HFSampler:
+        """Load a model folder (+ LoRA adapter, merged for speed) on the rank's GPU if any, else CPU."""
         from selfexplore.models import ModelSpec, load_model, load_tokenizer
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype = "float32" if device == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
         spec = ModelSpec(path=str(model_path), dtype=dtype,

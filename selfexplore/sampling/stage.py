@@ -2,8 +2,9 @@
 
 Sampling is the most expensive stage (paper: N=100 per train question), so a killed run
 must resume where it stopped. Problems are sorted by id and cut into fixed shards; shard i
-is sampled with a seed derived from (seed, i) and written atomically, then recorded in
-`manifest.json`. A rerun skips recorded shards, so the assembled `samples.jsonl` is
+is sampled with a seed derived from (seed, i) and written atomically with a meta file beside
+it (`selfexplore.shards.ShardFolder`: each rank writes its own shards, rank 0 merges). A rerun
+skips finished shards, whatever the world size, so the assembled `samples.jsonl` is
 byte-identical to that of an uninterrupted run, with no duplicates or gaps. The manifest
 carries the config fingerprint; resuming with another model, n, seed, problem set, ... is
 refused rather than silently mixing samples. Each record says whether its completion was
@@ -25,14 +26,14 @@ from tqdm.auto import tqdm
 
 from selfexplore.completion import is_finished
 from selfexplore.hashing import text_sha256
-from selfexplore.io import atomic_open, iter_jsonl, write_json, write_jsonl
+from selfexplore.io import atomic_open, iter_jsonl
 from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend
-from selfexplore.shards import load_manifest
+from selfexplore.shards import ShardFolder, Workers
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
     from selfexplore.tasks.base import Problem, Task
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: shard meta files beside the shards (any rank may write one)
 
 
 @dataclass
@@ -69,7 +70,8 @@ def shard_dir_for(out_path: str | Path) -> Path:
 def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], out_path: str | Path,
                      config: SamplingConfig, *, shard_size: int = 64, backend_name: str | None = None,
                      model: str = "", settings: Mapping[str, Any] | None = None, force: bool = False,
-                     progress: bool = True, prompt: Callable[[Problem], str] | None = None) -> SampleStats:
+                     progress: bool = True, prompt: Callable[[Problem], str] | None = None,
+                     workers: Workers | None = None, abort: Callable[[], None] | None = None) -> SampleStats | None:
     """Sample `config.n` completions per problem, grade them with `task`, write `out_path` (JSONL).
 
     `config` gives n, temperature, top_p, max_new_tokens, stop and seed (its engine fields
@@ -84,6 +86,11 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     that identifies it (e.g. an adapter path); both go into the config fingerprint that
     guards resumption, with every sampling argument. `force=True` discards shards written
     under another config. Returns totals; `progress` shows a tqdm bar.
+
+    `workers` (default: this process alone) makes the stage data-parallel: each rank samples
+    the shards it owns with the seeds of those shards, rank 0 waits for the rest and merges, so
+    the output is byte-identical for any world size. Other ranks return None. `abort` is called
+    while waiting and raises to stop (e.g. when rank 0 recorded a failure).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -102,40 +109,42 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
         "seed": seed, "shard_size": shard_size, "settings": dict(settings or {}), "num_problems": len(ordered),
         "problems_sha256": _problems_hash(ordered, prompts),
     }
-    shard_dir = shard_dir_for(out_path)
-    manifest_path = shard_dir / "manifest.json"
-    done = dict(load_manifest(manifest_path, fingerprint, MANIFEST_FORMAT, force, "sample").get("shards", {}))
-    done = {k: v for k, v in done.items() if _shard_complete(shard_dir, int(k), done)}
-    resumed = len(done)
-    write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": fingerprint, "shards": done})
-
+    folder = ShardFolder(shard_dir_for(out_path), "sample", fingerprint, MANIFEST_FORMAT, workers or Workers(),
+                         _shard_name, abort)
+    folder.open(force)
     starts = range(0, len(ordered), shard_size)
+    mine = folder.todo(len(starts))
+    resumed = sum(folder.done(i) for i in range(len(starts)))
     backend_seconds = 0.0
-    bar = tqdm(total=len(ordered), unit="q", desc="sample", disable=not progress)
-    for i, first in enumerate(starts):
-        shard = ordered[first:first + shard_size]
-        if str(i) in done:
+    bar = tqdm(total=sum(len(ordered[starts[i]:starts[i] + shard_size]) for i in mine), unit="q", desc="sample",
+               disable=not progress)
+    try:
+        for i in mine:
+            first = starts[i]
+            shard = ordered[first:first + shard_size]
+            tokens_before = sampler.generated_tokens
+            t0 = time.perf_counter()
+            completions = sampler.generate(prompts[first:first + shard_size], n=n, temperature=config.temperature,
+                                           top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop,
+                                           seed=derive_seed(seed, "shard", i))
+            seconds = time.perf_counter() - t0
+            backend_seconds += seconds
+            records = _grade(task, shard, prompts[first:first + shard_size], completions, n, backend_name, seed)
+            folder.write(i, records, {"questions": len(shard), "generated_tokens": sampler.generated_tokens - tokens_before,
+                                      "backend_seconds": round(seconds, 3)})
             bar.update(len(shard))
-            continue
-        tokens_before = sampler.generated_tokens
-        t0 = time.perf_counter()
-        completions = sampler.generate(prompts[first:first + shard_size], n=n, temperature=config.temperature,
-                                       top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop,
-                                       seed=derive_seed(seed, "shard", i))
-        seconds = time.perf_counter() - t0
-        backend_seconds += seconds
-        records = _grade(task, shard, prompts[first:first + shard_size], completions, n, backend_name, seed)
-        write_jsonl(shard_dir / _shard_name(i), records)
-        done[str(i)] = {"records": len(records), "questions": len(shard),
-                        "generated_tokens": sampler.generated_tokens - tokens_before,
-                        "backend_seconds": round(seconds, 3)}
-        write_json(manifest_path, {"format": MANIFEST_FORMAT, "config": fingerprint, "shards": done})
-        bar.update(len(shard))
-    bar.close()
-
-    shard_paths = [shard_dir / _shard_name(i) for i in range(len(starts))]
+    except BaseException as error:
+        folder.fail(error)
+        raise
+    finally:
+        bar.close()
+    if not folder.workers.is_main:
+        return None  # rank 0 merges; the pipeline's other ranks take its recorded result
+    folder.wait_all(len(starts))
+    shard_paths = [folder.path(i) for i in range(len(starts))]
     _concatenate_atomically(shard_paths, out_path)
-    return _stats(shard_paths, ordered, done, resumed, backend_seconds, time.perf_counter() - start)
+    metas = [folder.meta(i) for i in range(len(starts))]
+    return _stats(shard_paths, ordered, metas, resumed, backend_seconds, time.perf_counter() - start)
 
 
 def _grade(task: Task, shard: Sequence[Problem], prompts: Sequence[str], completions: list[list[str]],
@@ -168,16 +177,6 @@ def _shard_name(index: int) -> str:
     return f"{index:05d}.jsonl"
 
 
-def _shard_complete(shard_dir: Path, index: int, done: Mapping[str, Mapping[str, Any]]) -> bool:
-    """A shard counts as done only if the manifest lists it and its file holds that many records."""
-    entry = done.get(str(index))
-    path = shard_dir / _shard_name(index)
-    if entry is None or not path.is_file():
-        return False
-    with path.open("r", encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip()) == entry.get("records")
-
-
 def _concatenate_atomically(parts: Sequence[Path], out_path: Path) -> None:
     """Stream the shard files into `out_path` so readers never see a partial file (no full copy in RAM)."""
     with atomic_open(out_path, "wb") as out:
@@ -186,7 +185,7 @@ def _concatenate_atomically(parts: Sequence[Path], out_path: Path) -> None:
                 shutil.copyfileobj(f, out)
 
 
-def _stats(shard_paths: Sequence[Path], problems: Sequence[Problem], done: Mapping[str, Mapping[str, Any]],
+def _stats(shard_paths: Sequence[Path], problems: Sequence[Problem], metas: Sequence[Mapping[str, Any]],
            resumed: int, backend_seconds: float, total_seconds: float) -> SampleStats:
     """Totals over every shard, streamed record by record (outputs can hold millions of samples)."""
     per_question: dict[str, list[int]] = {p.id: [0, 0] for p in problems}  # [samples, correct]
@@ -201,7 +200,7 @@ def _stats(shard_paths: Sequence[Path], problems: Sequence[Problem], done: Mappi
         pass_rate_mean=sum(c / k for k, c in sampled) / len(sampled) if sampled else 0.0,
         pass_at_n=sum(c > 0 for _, c in sampled) / len(sampled) if sampled else 0.0,
         questions_without_samples=len(problems) - len(sampled),
-        generated_tokens=sum(int(v.get("generated_tokens", 0)) for v in done.values()),
-        shards=len(done), resumed_shards=resumed,
+        generated_tokens=sum(int(m.get("generated_tokens", 0)) for m in metas),
+        shards=len(metas), resumed_shards=resumed,
         backend_seconds=backend_seconds, total_seconds=total_seconds,
     )
