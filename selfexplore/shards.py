@@ -70,15 +70,18 @@ class Workers:
     since: float = field(default_factory=time.time)
 
     @classmethod
-    def from_environment(cls, devices_per_node: int | None = None) -> Workers:
+    def from_environment(cls, devices_per_node: int | None = None, num_nodes: int = 1) -> Workers:
+        """This process's rank from its launcher's variables. Under Lightning's own launcher
+        (LOCAL_RANK / NODE_RANK, set from its first fit on; it removes WORLD_SIZE after every
+        fit) the world is `devices_per_node` x `num_nodes`."""
         env = os.environ
         if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
             rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun
             rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        elif "WORLD_SIZE" in env and "LOCAL_RANK" in env:  # Lightning's launcher, after its first fit
-            world = int(env["WORLD_SIZE"])
-            per_node = devices_per_node or world // max(1, int(env.get("NUM_NODES", "1")))
+        elif "LOCAL_RANK" in env and (devices_per_node or "WORLD_SIZE" in env):  # Lightning's launcher
+            per_node = devices_per_node or int(env["WORLD_SIZE"]) // num_nodes
+            world = per_node * num_nodes
             rank = int(env.get("NODE_RANK", "0")) * per_node + int(env["LOCAL_RANK"])
         else:
             rank, world = 0, 1

@@ -1,4 +1,4 @@
-"""The one-command pipeline with 2 processes on CPU (gloo): each unit once, rounds shared by ranks.
+"""The one-command pipeline with 2 processes on CPU (gloo): each unit once, shared by the ranks.
 
 The test runs this file as the command: Lightning reruns the command once per extra rank, so
 the scripted sampler of `test_pipeline` installed by `_rank_main` reaches every rank (a pytest
@@ -135,16 +135,21 @@ def test_two_process_pipeline_runs_each_unit_once(tmp_path: Path, monkeypatch: p
     from test_pipeline import ARTIFACTS, ScriptedSampler, _config, _read
 
     import selfexplore.pipeline.run as pipeline_run
+    from selfexplore.explore.config import ExploreConfig
     from selfexplore.pipeline.config import TrainerSettings
+    from selfexplore.sampling.base import SamplingConfig
 
+    # Small shards and chunks, so both ranks get work in every data-parallel unit.
+    shards = {"sampling": SamplingConfig(n=4, max_new_tokens=48, shard_size=3),
+              "explore": ExploreConfig(k=2, max_new_tokens=48, chunk_size=3)}
     monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ScriptedSampler(policy))
-    pipeline_run.run_pipeline(_config(tmp_path / "single"))
+    pipeline_run.run_pipeline(_config(tmp_path / "single", **shards))
     expected_units = set(json.loads((tmp_path / "single" / "state.json").read_text())["units"])
 
     run = tmp_path / "run"
     trainer = TrainerSettings(accelerator="cpu", devices=2, strategy=strategy, enable_progress_bar=False)
     config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump({"pipeline": asdict(_config(run, trainer=trainer))}))
+    config.write_text(yaml.safe_dump({"pipeline": asdict(_config(run, trainer=trainer, **shards))}))
     out = subprocess.run([sys.executable, __file__, "pipeline", "--config", str(config)], check=False,
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=600)
@@ -157,7 +162,13 @@ def test_two_process_pipeline_runs_each_unit_once(tmp_path: Path, monkeypatch: p
         lines = (run / name).read_text().splitlines()
         assert len(lines) == len(set(lines)), f"{name} has duplicated lines"
     events = _events(out.stdout)
-    assert {e["rank"] for e in events if e["event"] == "sampler"} == {0}, "only rank 0 samples"
+    assert {e["rank"] for e in events if e["event"] == "sampler"} == {0, 1}, "every rank samples"
+    # Lightning starts rank 1 at the first fit: units before it are rank 0's alone, every later
+    # sample / explore / eval unit is shared, and each rank wrote only the shards it owns.
+    metas = [(int(p.name.split(".")[0].rsplit("_", 1)[-1]), json.loads(p.read_text())["rank"])
+             for p in run.rglob("*.meta.json")]
+    assert {rank for _, rank in metas} == {0, 1}
+    assert all(rank == 0 or index % 2 == 1 for index, rank in metas)
     rft, explored = str(run / "round_1/rft/policy"), str(run / "round_{}/explore/gpairs.jsonl")
     for rank in (0, 1):
         fits = [(e["train_path"], e["reference"]) for e in events if e["event"] == "self_explore_fit" and e["rank"] == rank]

@@ -234,3 +234,13 @@ def test_a_stage_given_in_part_keeps_its_own_defaults(tmp_path: Path) -> None:
         "--pipeline.run_dir", str(tmp_path), "--pipeline.dpo.optimizer.lr", "1e-4"])).pipeline
     assert (cfg.dpo.optimizer.name, cfg.dpo.optimizer.lr, cfg.dpo.scheduler.warmup_ratio) == ("rmsprop", 1e-4, 0.1)
     assert (cfg.sft.optimizer.name, cfg.sft.optimizer.lr) == ("adamw", 1e-5)
+
+
+def test_a_rank_that_does_not_share_the_run_directory_says_so(tmp_path: Path, monkeypatch) -> None:
+    import selfexplore.pipeline.run as pipeline_run
+
+    monkeypatch.setattr(pipeline_run, "SHARED_RUN_DIR_SECONDS", 1.0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PipelineError, match="sees no recent state.json from rank 0.*every rank of every node shares"):
+        Pipeline(_config(tmp_path / "run", **SHORT))

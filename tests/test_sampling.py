@@ -282,8 +282,8 @@ class _Arith(Task):
 
 PROBLEMS = [Problem(id=f"q{i:02d}", question=f"Tom has {a} apples and buys {b} more.", solution="", answer=str(a + b))
             for i, (a, b) in enumerate([(3, 7), (6, 2), (9, 12), (12, 2), (15, 7), (21, 17), (24, 22)])]
-SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=7)
-STAGE = {"shard_size": 2, "model": "tiny", "progress": False}
+SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=7, shard_size=2)
+STAGE = {"model": "tiny", "progress": False}
 
 
 class _Killed(RuntimeError):

@@ -40,7 +40,8 @@ class ExploreConfig:
     max_steps: steps explored per rationale at most; longer rationales without a pit in the
       first `max_steps` steps count as "no_pit".
     chunk_size: rationales per resumable shard (whole questions are kept in one chunk).
-    seed: base of every sampler seed (derived per chunk, wave and wave size).
+    seed: base of every sampler seed (derived per chunk, wave and wave size); None: the
+      pipeline's seed plus the round index (0 for the stand-alone `explore`).
     rejected_mode: granular rejected text, the pit step only ("pit_step", the paper) or the pit
       step to the end of the rationale ("pit_to_end").
     round: the self-improvement round written into the pairs' metadata.
@@ -55,7 +56,7 @@ class ExploreConfig:
     waves: tuple[int, ...] | None = None
     max_steps: int = 20
     chunk_size: int = 256
-    seed: int = 0
+    seed: int | None = None
     rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step"
     round: int = 1
 

@@ -169,7 +169,7 @@ class _Search:
                 break
             draws = [(p, min(self.waves[min(p.waves, len(self.waves) - 1)], self.config.k - len(p.completions)))
                      for p in pending.values()]
-            self._draw(draws, derive_seed(self.config.seed, self.chunk, wave, bits=31))
+            self._draw(draws, derive_seed(self.config.seed or 0, self.chunk, wave, bits=31))
             wave += 1
         return [self._record(job) for job in self.jobs]
 

@@ -32,6 +32,8 @@ def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedToken
     `state_dict` (the gathered full state of a sharded `model`, same keys) is saved in place of
     the model's own tensors, so a sharded policy needs no second full model to be exported.
     """
+    if state_dict is not None:
+        state_dict = _without_tied_copies(model, state_dict)
     with atomic_dir(out_dir) as tmp:
         if _is_peft(model) and merge:
             _merged_copy(model, state_dict).save_pretrained(tmp)
@@ -39,6 +41,19 @@ def export_policy(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedToken
             model.save_pretrained(tmp, state_dict=state_dict)
         save_tokenizer(tokenizer, tmp)
     return Path(out_dir)
+
+
+def _without_tied_copies(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gathered state without the second name of a tied parameter (lm_head.weight when the
+    embeddings are tied): gathering gives each name its own tensor, so `save_pretrained` can no
+    longer see that they are one and would save both, a checkpoint the base model does not have."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        first.setdefault(id(param), name)
+    return {k: v for k, v in state_dict.items() if k not in tied}
 
 
 def _is_peft(model: object) -> bool:

@@ -29,6 +29,8 @@ class TrainerSettings:
 
     strategy: a Lightning strategy name ('auto', 'ddp', 'fsdp' ...), or 'fsdp2' for FSDP2
         sharding over `devices` (ModelParallelStrategy); with `devices` > 1 see `pipeline.run`.
+    num_nodes: machines of `devices` GPUs each; the world size is devices x num_nodes (start
+        every rank with torchrun or srun: see README, multi-GPU and multi-node).
     logger: any Lightning logger as `fit` takes one (`class_path`, `init_args`; a bare class name
         is one of `lightning.pytorch.loggers`): CSV by default, TensorBoardLogger, WandbLogger,
         MLFlowLogger ... One run per training unit plus a `pipeline` run with the report's
@@ -37,6 +39,7 @@ class TrainerSettings:
 
     accelerator: str = "auto"
     devices: int | str = 1
+    num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
     gradient_clip_val: float | None = 1.0
@@ -74,6 +77,7 @@ class TrainerSettings:
         if self.precision not in get_args(_PRECISION_INPUT_STR):
             problems.append(f"trainer.precision {self.precision!r} is not one of {list(get_args(_PRECISION_INPUT_STR))}")
         at_least(problems, "trainer.log_every_n_steps", self.log_every_n_steps, 1)
+        at_least(problems, "trainer.num_nodes", self.num_nodes, 1)
         return problems
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -45,6 +46,9 @@ from selfexplore.training.sft import SFTModule
 
 log = logging.getLogger(__name__)
 
+# How long a rank other than 0 waits to see rank 0's state.json before it calls the run
+# directory unshared (torchrun and srun start every rank at once; rank 0 may still be loading).
+SHARED_RUN_DIR_SECONDS = 120.0
 # Result fields that hold a path written by the unit (recorded relative to the run directory).
 PATH_KEYS = ("policy", "path")
 
@@ -88,6 +92,8 @@ class Pipeline:
             raise ValueError(f"eval_split {config.eval_split!r} has no questions to evaluate")
         self.problems_by_id = {p.id: p for p in self.train_problems}
         self._prompt: Callable[[Problem], str] | None = None
+        if not self.rank_zero:
+            self._check_run_dir_is_shared()
         self.lock = RunLock(self.root).acquire() if self.rank_zero else None
         self.state = RunState(self.root, config.fingerprint_dict(), force=force, writer=self.rank_zero)
         self.console = Console(config, self.state, {"gold": len(self.gold_problems), "train": len(self.train_problems),
@@ -95,6 +101,19 @@ class Pipeline:
         if self.state.redone:
             log.warning("--force: the changed settings invalidate %d completed units, which are redone: %s",
                         len(self.state.redone), ", ".join(self.state.redone))
+
+    def _check_run_dir_is_shared(self) -> None:
+        """A rank other than 0 must see the state.json rank 0 writes at its start and at every
+        unit's: without it the rank would wait for units forever on a directory only it sees."""
+        path, deadline = self.layout.state, time.time() + SHARED_RUN_DIR_SECONDS
+        while time.time() < deadline:
+            if path.is_file() and path.stat().st_mtime >= time.time() - SHARED_RUN_DIR_SECONDS:
+                return
+            time.sleep(0.5)
+        raise PipelineError(
+            f"{self.root}: this rank ({socket.gethostname()}) sees no recent state.json from rank 0 after "
+            f"{SHARED_RUN_DIR_SECONDS:.0f} s; the run directory must be on a file system every rank of every "
+            "node shares (e.g. a network file system), and every rank must be started with the same run_dir")
 
     def close(self) -> None:
         """Release the run directory (also released when this process ends, however it ends)."""
@@ -163,7 +182,8 @@ class Pipeline:
                  callbacks: list[Callback] | None = None) -> Trainer:
         s = self.cfg.trainer
         trainer = Trainer(
-            accelerator=s.accelerator, devices=s.devices, strategy=self._strategy(), precision=s.precision,
+            accelerator=s.accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=self._strategy(),
+            precision=s.precision,
             max_epochs=stage.epochs, accumulate_grad_batches=stage.accumulate_grad_batches,
             gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
             logger=build_logger(s.logger, self.root, self._relative(str(out_dir))), default_root_dir=out_dir, enable_checkpointing=False,
@@ -178,7 +198,7 @@ class Pipeline:
         s = self.cfg.trainer
         if s.strategy != "fsdp2":
             return s.strategy
-        return ModelParallelStrategy(data_parallel_size=int(s.devices), tensor_parallel_size=1)
+        return ModelParallelStrategy(data_parallel_size=int(s.devices) * s.num_nodes, tensor_parallel_size=1)
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path,
              stage: SFTStage | DPOStage, callbacks: list[Callback] | None = None) -> None:
@@ -260,8 +280,8 @@ class Pipeline:
     def _workers(self) -> Workers:
         """The ranks that share a data-parallel unit now (Lightning's launcher starts its extra
         ranks only at the first fit: units before it run on rank 0 alone)."""
-        return Workers.from_environment(int(self.cfg.trainer.devices) if str(self.cfg.trainer.devices).isdigit()
-                                        else None)
+        s = self.cfg.trainer
+        return Workers.from_environment(int(s.devices) if str(s.devices).isdigit() else None, s.num_nodes)
 
     def _abort(self, name: str) -> Callable[[], None] | None:
         """What a rank other than 0 checks while it waits inside a data-parallel unit."""

@@ -77,7 +77,10 @@ class SamplerBase:
 class SamplingConfig:
     """How to sample; defaults follow the paper (T=0.7, top_p=1, 512 new tokens, N=100).
 
+    `seed`: None takes the pipeline's seed (`pipeline.seed`; 0 for the stand-alone `sample`).
     `batch_size` is the number of sequences per HF `generate` call (vLLM schedules itself).
+    `shard_size`: questions per resumable shard, the unit of work the ranks of a multi-GPU run
+    share (each rank samples shards r, r + W, ...); the seed of a shard is derived from its index.
     `overlong_prompts` decides what happens when prompt tokens + `max_new_tokens` exceed the
     context (`max_model_len`, else the model's `max_position_embeddings`): "truncate" keeps
     the end of the prompt, "skip" returns no completions for it, "error" raises.
@@ -101,8 +104,9 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 512
     stop: list[str] | None = None
-    seed: int = 0
+    seed: int | None = None
     batch_size: int = 64
+    shard_size: int = 64
     overlong_prompts: OverlongMode = "skip"
     gpu_memory_utilization: float | Literal["auto"] = 0.9
     enable_prefix_caching: bool = True
@@ -114,6 +118,8 @@ class SamplingConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_backend_args(self.batch_size, self.overlong_prompts)
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.gpu_memory_utilization != "auto" and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be 'auto' or in (0, 1], got {self.gpu_memory_utilization!r}")
         check_sampling_args(self.n, self.temperature, self.top_p, self.max_new_tokens)

@@ -68,13 +68,13 @@ def shard_dir_for(out_path: str | Path) -> Path:
 
 
 def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], out_path: str | Path,
-                     config: SamplingConfig, *, shard_size: int = 64, backend_name: str | None = None,
+                     config: SamplingConfig, *, backend_name: str | None = None,
                      model: str = "", settings: Mapping[str, Any] | None = None, force: bool = False,
                      progress: bool = True, prompt: Callable[[Problem], str] | None = None,
                      workers: Workers | None = None, abort: Callable[[], None] | None = None) -> SampleStats | None:
     """Sample `config.n` completions per problem, grade them with `task`, write `out_path` (JSONL).
 
-    `config` gives n, temperature, top_p, max_new_tokens, stop and seed (its engine fields
+    `config` gives n, temperature, top_p, max_new_tokens, stop, seed and shard_size (its engine fields
     belong to the sampler, already built); `backend_name` is the backend recorded with each
     sample (default: `config.backend`, resolved).
 
@@ -92,8 +92,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     the output is byte-identical for any world size. Other ranks return None. `abort` is called
     while waiting and raises to stop (e.g. when rank 0 recorded a failure).
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shard_size = config.shard_size
     start = time.perf_counter()
     out_path = Path(out_path)
     ordered = sorted(problems, key=lambda p: p.id)
@@ -101,7 +100,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     if duplicates:
         raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
     prompts = [(prompt or task.prompt)(p) for p in ordered]
-    n, seed, stop = config.n, config.seed, config.stop
+    n, seed, stop = config.n, config.seed or 0, config.stop
     backend_name = backend_name or resolve_backend(config.backend)
     fingerprint = {
         "model": model, "backend": backend_name, "task": task.name, "n": n, "temperature": config.temperature,
