@@ -169,9 +169,9 @@ def main() -> None:
         for r in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
                 sampling = SamplingConfig(n=args.n, temperature=args.temperature,
-                                          max_new_tokens=args.max_new_tokens, seed=r)
+                                          max_new_tokens=args.max_new_tokens, seed=r, shard_size=8)
                 stats = run_sample_stage(hf, task, problems, Path(tmp) / "samples.jsonl", sampling,
-                                         shard_size=8, model=str(args.model_dir), progress=False)
+                                         model=str(args.model_dir), progress=False)
             overheads.append(stats.overhead_fraction)
             stage_seconds.append(stats.total_seconds)
         emit(bench="sample_stage", backend="hf", **common, shard_size=8,

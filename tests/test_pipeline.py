@@ -263,3 +263,32 @@ def test_eval_samples_reports_sampled_accuracy_next_to_greedy(scripted, tmp_path
     assert "sampled_accuracy" in header
     with pytest.raises(ValueError, match="eval_samples"):
         _config(tmp_path / "other", eval_samples=-1)
+
+
+def test_one_engine_per_policy_and_none_open_while_a_fit_trains(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    started: list[str] = []
+    live: list[ScriptedSampler] = []
+
+    class Counted(ScriptedSampler):
+        def close(self) -> None:
+            live.remove(self)
+
+    def factory(config, policy, **kwargs):
+        started.append(str(Path(policy).relative_to(run)))
+        live.append(Counted(policy))
+        return live[-1]
+
+    fit = pipeline_run.Trainer.fit
+
+    def checked_fit(self, *args, **kwargs):
+        assert not live, "an engine is open while a fit trains"
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_run, "get_sampler", factory)
+    monkeypatch.setattr(pipeline_run.Trainer, "fit", checked_fit)
+    run_pipeline(_config(run))
+    # 10 sampling units (4 evaluations, 4 sample sets, 2 explorations) on 5 policies: 5 engine starts
+    assert started == ["round_0/sft/policy", "round_1/rft/policy", "round_1/outcome_dpo/policy",
+                       "round_1/self_explore/policy", "round_2/self_explore/policy"]
+    assert not live, "the last engine is closed when the run ends"

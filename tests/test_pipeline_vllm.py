@@ -5,7 +5,7 @@ moment and generates with it; the texts the units then grade are those of `test_
 ScriptedSampler for the same prompts, so pairs and first pits exist by construction on every
 CPU (what a briefly trained tiny model writes does not). The test spies on engine start /
 close and on every training fit: no engine may be alive when a fit starts. Engine starts are
-counted: each costs seconds on CPU.
+counted (each costs seconds on CPU): one per policy, kept across that policy's units.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.vllm_backend import VLLMSampler
 from selfexplore.training.optim import OptimizerConfig
 
+# One engine per policy, kept across its consecutive units (evaluation, samples, exploration).
+ENGINE_UNITS = ["round_0/sft/eval.jsonl", "round_1/rft/eval.jsonl", "round_1/self_explore/eval.jsonl",
+                "round_2/self_explore/eval.jsonl"]
 SAMPLING_UNITS = ["round_0/sft/eval.jsonl", "round_1/samples.jsonl", "round_1/rft/eval.jsonl",
-                  "round_1/explorer_samples.jsonl", "round_1/explore", "round_1/self_explore/eval.jsonl",
-                  "round_2/explorer_samples.jsonl", "round_2/explore", "round_2/self_explore/eval.jsonl"]
+                  "round_1/explorer_samples.jsonl", "round_1/self_explore/eval.jsonl",
+                  "round_2/explorer_samples.jsonl", "round_2/self_explore/eval.jsonl"]
 
 
 @pytest.mark.slow
@@ -56,7 +59,7 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
 
     def spy_close(self) -> None:
         if self.llm is not None:
-            events.append(("close", units[-1]))
+            events.append(("close", units[-1] if units else "end"))
         close(self)
 
     def scripted_generate(self, prompts, **kwargs):
@@ -97,13 +100,15 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
 
     assert report is not None and "| Self-Explore | 2 |" in report.read_text()
     starts = [u for kind, u in events if kind == "start"]
-    assert starts == SAMPLING_UNITS, "one engine per sampling unit, each on vLLM"
-    for i, (kind, name) in enumerate(events):  # every engine closed within its unit, before anything else
+    assert starts == ENGINE_UNITS, "one engine per policy, each on vLLM"
+    kinds = [kind for kind, _ in events if kind != "fit"]
+    assert kinds == ["start", "close"] * len(ENGINE_UNITS), "each engine closed before the next starts"
+    for i, (kind, _) in enumerate(events):  # and before any training starts
         if kind == "start":
-            assert events[i + 1] == ("close", name), events
+            assert events[i + 1][0] == "close", events
     assert [name for kind, name in events if kind == "fit"] == [
         "round_0/sft", "round_1/rft", "round_1/self_explore", "round_2/self_explore"]
-    assert len(engines) == 2 * len(SAMPLING_UNITS) and not live_engines()
+    assert len(engines) == 2 * len(ENGINE_UNITS) and not live_engines()
     for name in SAMPLING_UNITS:
         if name.endswith(".jsonl"):
             records = [json.loads(line) for line in (run / name).read_text().splitlines()]

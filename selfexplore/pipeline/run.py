@@ -36,6 +36,7 @@ from selfexplore.pipeline.lock import RunLock
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.layout import RunLayout
 from selfexplore.pipeline.state import RunState, is_rank_zero
+from selfexplore.sampling.base import Sampler
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.shards import Workers
@@ -92,6 +93,7 @@ class Pipeline:
             raise ValueError(f"eval_split {config.eval_split!r} has no questions to evaluate")
         self.problems_by_id = {p.id: p for p in self.train_problems}
         self._prompt: Callable[[Problem], str] | None = None
+        self._engine: tuple[str, Sampler] | None = None  # (policy, its open sampler)
         if not self.rank_zero:
             self._check_run_dir_is_shared()
         self.lock = RunLock(self.root).acquire() if self.rank_zero else None
@@ -116,7 +118,8 @@ class Pipeline:
             "node shares (e.g. a network file system), and every rank must be started with the same run_dir")
 
     def close(self) -> None:
-        """Release the run directory (also released when this process ends, however it ends)."""
+        """Close the engine and release the run directory (released anyway when this process ends)."""
+        self.close_engine()
         if self.lock is not None:
             self.lock.release()
 
@@ -202,6 +205,7 @@ class Pipeline:
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path,
              stage: SFTStage | DPOStage, callbacks: list[Callback] | None = None) -> None:
+        self.close_engine()  # an engine never holds the accelerator while a fit trains
         seed_everything(self.cfg.seed, workers=True)
         self._trainer(out_dir, stage, callbacks).fit(module, datamodule=data)
 
@@ -265,13 +269,30 @@ class Pipeline:
             max_new = max_new_tokens or (self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens)
             config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self._seed(s.seed))
             workers = self._workers()
-            with get_sampler(s, policy, cache_dir=str(self.layout.cache), local_rank=workers.local_rank) as sampler:
-                stats = run_sample_stage(sampler, self.task, problems, self.root / name, config,
-                                         model=self._relative(policy), settings={"batch_size": s.batch_size},
-                                         force=self.force, progress=self.cfg.trainer.enable_progress_bar,
-                                         prompt=self.prompt, workers=workers, abort=self._abort(name))
+            stats = run_sample_stage(self._sampler(policy, workers), self.task, problems, self.root / name, config,
+                                     model=self._relative(policy), settings={"batch_size": s.batch_size},
+                                     force=self.force, progress=self.cfg.trainer.enable_progress_bar,
+                                     prompt=self.prompt, workers=workers, abort=self._abort(name))
             return {} if stats is None else {"path": str(self.root / name), **stats.to_dict()}
         return self.unit(name, work, collective=True)
+
+    def _sampler(self, policy: str, workers: Workers) -> Sampler:
+        """The engine for `policy`, kept open across consecutive units of that policy (its
+        evaluation, samples and exploration: one engine start instead of three); any other
+        policy, and every fit, closes it first (`close_engine`)."""
+        if self._engine is not None and self._engine[0] == policy:
+            return self._engine[1]
+        self.close_engine()
+        sampler = get_sampler(self.cfg.sampling, policy, cache_dir=str(self.layout.cache),
+                              local_rank=workers.local_rank)
+        self._engine = (policy, sampler)
+        return sampler
+
+    def close_engine(self) -> None:
+        """Close the open engine (before a fit: training and vLLM never hold the GPU together)."""
+        if self._engine is not None:
+            engine, self._engine = self._engine[1], None
+            engine.close()
 
     def _seed(self, stage_seed: int | None) -> int:
         """A stage's own seed when it sets one, else the pipeline's."""
@@ -333,13 +354,11 @@ class Pipeline:
             e = self.cfg.explore
             config = replace(e, round=round_index, seed=self._seed(e.seed) + round_index)
             workers = self._workers()
-            with get_sampler(self.cfg.sampling, explorer, cache_dir=str(self.layout.cache),
-                             local_rank=workers.local_rank) as sampler:
-                stats = run_explore_stage(sampler, self.task, pairs["path"], self.problems_by_id,
-                                          self.layout.explore_dir(round_index),
-                                          config.inherit_stop(self.cfg.sampling.stop), model=self._relative(explorer),
-                                          force=self.force, prompt=self.prompt, workers=workers,
-                                          abort=self._abort(f"{rd}/explore"))
+            stats = run_explore_stage(self._sampler(explorer, workers), self.task, pairs["path"], self.problems_by_id,
+                                      self.layout.explore_dir(round_index),
+                                      config.inherit_stop(self.cfg.sampling.stop), model=self._relative(explorer),
+                                      force=self.force, prompt=self.prompt, workers=workers,
+                                      abort=self._abort(f"{rd}/explore"))
             return {} if stats is None else {"path": str(self.layout.gpairs(round_index)), **stats}
         return Path(self.unit(f"{rd}/explore", explore_work, collective=True)["path"])
 
