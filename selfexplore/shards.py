@@ -51,7 +51,7 @@ def load_manifest(path: Path, settings: dict[str, Any], manifest_format: int, fo
 # ----------------------------------------------------------------- data-parallel shard folders
 # Launchers name a process's rank in these (torchrun: RANK/WORLD_SIZE; srun: SLURM_*;
 # Lightning's launcher: NODE_RANK/LOCAL_RANK/WORLD_SIZE, set only once its first fit started).
-POLL_SECONDS = (0.05, 2.0)  # fast at first (most waits are short), then spare a shared file system
+POLL_SECONDS = (0.02, 0.5)  # fast at first (most waits are short), then at most twice a second
 STALE_SLACK_SECONDS = 5.0  # a failure record older than the session (minus clock skew) is a past run's
 
 
