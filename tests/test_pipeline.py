@@ -292,3 +292,16 @@ def test_one_engine_per_policy_and_none_open_while_a_fit_trains(tmp_path: Path, 
     assert started == ["round_0/sft/policy", "round_1/rft/policy", "round_1/outcome_dpo/policy",
                        "round_1/self_explore/policy", "round_2/self_explore/policy"]
     assert not live, "the last engine is closed when the run ends"
+
+
+def test_two_runs_of_one_config_on_one_machine_write_identical_files(tmp_path: Path) -> None:
+    """Same seed, machine and library versions: byte-identical artifacts, sampled for real (HF)."""
+    cfg = {"baselines": [], "rounds": 1, "train_questions": 6, "sampling": SamplingConfig(n=2, max_new_tokens=24),
+           "explore": ExploreConfig(k=2, max_new_tokens=24), "eval_max_new_tokens": 24, "pairs_include_gold": True}
+    for name in ("a", "b"):
+        run_pipeline(_config(tmp_path / name, **cfg))
+    files = ["round_0/sft/eval.jsonl", "round_1/samples.jsonl", "round_1/rft.jsonl", "round_1/rft/eval.jsonl",
+             "round_1/pairs.jsonl", "round_1/explore/explore.jsonl", "round_1/explore/gpairs.jsonl",
+             "round_0/sft/policy/model.safetensors", "round_1/rft/policy/model.safetensors", "base/tokenizer.json"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
