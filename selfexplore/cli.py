@@ -173,6 +173,18 @@ def _root_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_config_files(args: list[str]) -> None:
+    """Name the file of a YAML syntax error (the parsers report only a line of "<unicode string>")."""
+    import yaml
+
+    for flag, value in zip(args, args[1:]):
+        if flag.startswith("--") and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            except yaml.YAMLError as error:
+                raise SystemExit(f"{value}: not valid YAML ({flag}): {error}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """`selfexplore COMMAND ...`: only the command that runs imports what it needs."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -181,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help(sys.stderr)
         raise SystemExit(2)
     command = parser.parse_args(args[:1]).command
+    _check_config_files(args[1:])
     if command in STAGE_COMMANDS:
         from jsonargparse import CLI
 

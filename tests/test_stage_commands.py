@@ -130,3 +130,13 @@ def test_explore_help_lists_the_explore_options(capsys):
             cli.main(["explore", *args])
         help_text = capsys.readouterr().out
         assert exit_info.value.code == 0 and all(option in help_text for option in shown), help_text
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path) -> None:
+    from selfexplore.cli import main
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("pipeline:\n  run_dir: [unclosed\n")
+    for command in ("pipeline", "fit"):
+        with pytest.raises(SystemExit, match=r"broken\.yaml: not valid YAML \(--config\)"):
+            main([command, "--config", str(bad)])
