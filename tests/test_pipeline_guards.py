@@ -244,3 +244,17 @@ def test_a_rank_that_does_not_share_the_run_directory_says_so(tmp_path: Path, mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(PipelineError, match="sees no recent state.json from rank 0.*every rank of every node shares"):
         Pipeline(_config(tmp_path / "run", **SHORT))
+
+
+def test_engine_knobs_and_logging_do_not_make_another_configuration(scripted, tmp_path: Path) -> None:
+    from selfexplore.sampling.base import SamplingConfig
+
+    run = tmp_path / "run"
+    first = Pipeline(_config(run, **SHORT))
+    first.build_base()
+    first.close()
+    engine = SamplingConfig(n=4, max_new_tokens=48, gpu_memory_utilization=0.5, enforce_eager=True)
+    trainer = TrainerSettings(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
+    again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer))
+    assert again.state.done("base") and not again.state.redone
+    again.close()

@@ -21,6 +21,8 @@ BASELINES: tuple[str, ...] = get_args(Baseline)
 IN_FIT_LAUNCHERS = ("ddp_spawn", "ddp_fork", "ddp_notebook", "xla")
 # Trainer settings that change how a run is shown or logged, never what it computes.
 UNFINGERPRINTED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "logger")
+# vLLM engine knobs that size or speed the engine without changing what it samples.
+UNFINGERPRINTED_ENGINE_KEYS = ("gpu_memory_utilization", "enable_prefix_caching", "enforce_eager")
 
 
 @dataclass
@@ -263,6 +265,8 @@ class PipelineConfig:
         d.pop("run_dir")
         for key in UNFINGERPRINTED_TRAINER_KEYS:
             d["trainer"].pop(key, None)
+        for key in UNFINGERPRINTED_ENGINE_KEYS:
+            d["sampling"].pop(key, None)
         model = Path(d["model"]["path"])
         run_dir = Path(self.run_dir)
         if model == run_dir or run_dir in model.parents:

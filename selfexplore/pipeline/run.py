@@ -170,13 +170,11 @@ class Pipeline:
 
     def _relative(self, path: str) -> str:
         """A path inside the run directory as recorded: relative to it, so a moved run still works."""
-        p = Path(path)
-        return p.relative_to(self.root).as_posix() if p == self.root or self.root in p.parents else path
+        return self.layout.relative(path)
 
     def _resolved(self, result: dict[str, Any]) -> dict[str, Any]:
         """A recorded result with its paths usable again (relative ones are under the run directory)."""
-        return {k: str(self.root / v) if k in PATH_KEYS and not Path(v).is_absolute() else v
-                for k, v in result.items()}
+        return {k: str(self.layout.resolve(v)) if k in PATH_KEYS else v for k, v in result.items()}
 
     def _missing_outputs(self, result: dict[str, Any]) -> list[str]:
         return [path for k, path in self._resolved(result).items() if k in PATH_KEYS and not Path(path).exists()]
@@ -250,7 +248,7 @@ class Pipeline:
         return StepDPOModule(
             replace(self.cfg.model, path=init), loss=stage.loss, reference=stage.reference,
             reference_path=None if stage.reference == "adapter" else reference,
-            reference_cache_dir=str(self.root / "reference_cache"), optimizer=stage.optimizer, scheduler=stage.scheduler)
+            reference_cache_dir=str(self.layout.reference_cache), optimizer=stage.optimizer, scheduler=stage.scheduler)
 
     def _preference_data(self, pairs: Path, stage: DPOStage) -> PreferenceDataModule:
         return PreferenceDataModule(train_path=str(pairs), max_length=stage.max_length,

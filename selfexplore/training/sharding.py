@@ -54,11 +54,6 @@ def shard_with_fsdp2(model: torch.nn.Module, mesh: Any, mp_policy: Any = None) -
         managed._is_fsdp_managed_module = True
 
 
-def wrap_decoder_layers(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    """FSDP1 (`FSDPStrategy(auto_wrap_policy=...)`) policy: one unit per HF `*DecoderLayer` block."""
-    return recurse or type(module).__name__.endswith("DecoderLayer")
-
-
 def load_sharded(spec: ModelSpec, mesh: Any, for_training: bool, mp_policy: Any = None) -> torch.nn.Module:
     """`load_model(spec)` sharded over `mesh`, with the checkpoint read by rank 0 alone.
 
