@@ -18,7 +18,7 @@ def test_paths_of_a_run() -> None:
     assert layout.pairs(2) == Path("runs/q/round_2/pairs.jsonl")
     assert layout.gpairs(2) == Path("runs/q/round_2/explore/gpairs.jsonl")
     assert layout.policy("round_2/self_explore") == Path("runs/q/round_2/self_explore/policy")
-    assert layout.eval("round_0/sft") == Path("runs/q/round_0/sft/eval.jsonl")
+    assert layout.greedy_eval("round_0/sft") == Path("runs/q/round_0/sft/eval.jsonl")
     assert layout.eval_sampled("round_0/sft") == Path("runs/q/round_0/sft/eval_sampled.jsonl")
     assert (layout.cache, layout.reference_cache, layout.logs, layout.base) == tuple(
         Path("runs/q") / name for name in ("cache", "reference_cache", "logs", "base"))

@@ -115,7 +115,7 @@ class RunLayout:
         """The exported policy of a stage."""
         return self.stage(stage_dir) / "policy"
 
-    def eval(self, stage_dir: str) -> Path:
+    def greedy_eval(self, stage_dir: str) -> Path:
         """The greedy evaluation samples of a stage's policy."""
         return self.stage(stage_dir) / "eval.jsonl"
 

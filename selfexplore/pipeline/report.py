@@ -47,7 +47,7 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
 def changes(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[str, PairedChange]:
     """Per row unit: test questions fixed and broken against the policy it builds on (both evaluated)."""
     def graded(unit: str) -> dict[str, bool] | None:
-        path = RunLayout(run_dir).eval(unit)
+        path = RunLayout(run_dir).greedy_eval(unit)
         return correct_by_question(path) if path.is_file() else None
 
     out = {}
