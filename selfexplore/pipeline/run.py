@@ -292,6 +292,16 @@ class Pipeline:
             engine, self._engine = self._engine[1], None
             engine.close()
 
+    def _warn_if_ranks_start_late(self) -> None:
+        """Lightning's own launcher starts the other ranks at the first fit: say what that costs."""
+        s = self.cfg.trainer
+        planned = (int(s.devices) if str(s.devices).isdigit() else 1) * s.num_nodes
+        if self.rank_zero and planned > 1 and self._workers().world_size == 1:
+            log.warning("%d ranks are configured but this process was not started by torchrun or srun: "
+                        "Lightning starts the other ranks at the first fit, so the units before it (on a "
+                        "resumed run, possibly all sampling of a round) run on this rank alone. Start every "
+                        "rank with torchrun or srun to share them (README, multi-GPU and multi-node).", planned)
+
     def _seed(self, stage_seed: int | None) -> int:
         """A stage's own seed when it sets one, else the pipeline's."""
         return self.cfg.seed if stage_seed is None else stage_seed
@@ -379,6 +389,7 @@ class Pipeline:
     def run(self) -> Path | None:
         """The whole method; returns `report.md` (rank 0; other ranks write nothing and return None)."""
         cfg = self.cfg
+        self._warn_if_ranks_start_late()
         base = self.build_base()["policy"]
         sft = self.train_sft("round_0/sft", base, cfg.sft)
         self.unit("round_0/sft/eval", lambda: self.evaluate("round_0/sft", sft), collective=True)
