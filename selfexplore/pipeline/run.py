@@ -3,7 +3,8 @@
 Every unit of work writes plain files under `run_dir` (layout: `selfexplore.pipeline.layout`)
 and is then marked complete in `state.json`, so rerunning the same command continues where it
 stopped. Under DDP / FSDP every rank walks the same units: training units are collective,
-every other unit runs on rank 0 alone while the others wait for it in `state.json`.
+sampling, exploration and evaluation are data-parallel (each rank its shards, rank 0 merges),
+and the small rest runs on rank 0 while the others wait for it in `state.json`.
 
 Design notes: docs/design.md#pipeline
 """
@@ -127,7 +128,9 @@ class Pipeline:
     def unit(self, name: str, work: Callable[[], dict[str, Any]], collective: bool = False) -> dict[str, Any]:
         """Run `work` unless `name` is already complete; record its result and wall time.
 
-        A `collective` unit (training, export) runs on every rank, any other on rank 0 alone.
+        A `collective` unit (training, export, and the data-parallel sampling, exploration and
+        evaluation, whose stages split the work over `Workers`) runs on every rank, any other on
+        rank 0 alone.
         Rank 0 records the result (or, if `work` raises, the failure); the other ranks wait for
         that record and return it, so all ranks continue from the same result. `work` may report
         `seconds` spent before the unit started (a Self-Explore round's training); the unit's
