@@ -21,6 +21,7 @@ from test_pipeline import TASK_OPTIONS, ScriptedSampler, _config, dpo_stage
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.pipeline.config import SFTStage
+import selfexplore.pipeline.run as pipeline_run
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.vllm_backend import VLLMSampler
@@ -46,6 +47,7 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
     set_num_threads = torch.set_num_threads
     start, close, generate = VLLMSampler.__init__, VLLMSampler.close, VLLMSampler.generate
     unit, fit = Pipeline.unit, Pipeline._fit
+    trainer_fit = pipeline_run.Trainer.fit
 
     def live_engines() -> int:
         gc.collect()  # (vLLM freezes an engine's objects, so gc.get_objects() would not list them)
@@ -77,18 +79,22 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
         return unit(self, name, traced, collective)
 
     def spy_fit(self, module, data, out_dir, stage, callbacks=None):
-        assert not live_engines(), f"a vLLM engine is alive when {out_dir} starts training"
-        assert torch.set_num_threads is set_num_threads, "close() must undo vLLM's torch.set_num_threads patch"
-        events.append(("fit", str(Path(out_dir).relative_to(tmp_path / "run"))))
         if callbacks:  # Self-Explore rounds
             self_explore_data.append(data.train_path)
         return fit(self, module, data, out_dir, stage, callbacks)
+
+    def checked_trainer_fit(trainer, *args, **kwargs):  # training itself starts here
+        assert not live_engines(), f"a vLLM engine is alive when {trainer.default_root_dir} starts training"
+        assert torch.set_num_threads is set_num_threads, "close() must undo vLLM's torch.set_num_threads patch"
+        events.append(("fit", str(Path(trainer.default_root_dir).relative_to(tmp_path / "run"))))
+        return trainer_fit(trainer, *args, **kwargs)
 
     monkeypatch.setattr(VLLMSampler, "__init__", spy_start)
     monkeypatch.setattr(VLLMSampler, "close", spy_close)
     monkeypatch.setattr(VLLMSampler, "generate", scripted_generate)
     monkeypatch.setattr(Pipeline, "unit", spy_unit)
     monkeypatch.setattr(Pipeline, "_fit", spy_fit)
+    monkeypatch.setattr(pipeline_run.Trainer, "fit", checked_trainer_fit)
     run = tmp_path / "run"
     report = run_pipeline(_config(
         run, task_options=TASK_OPTIONS, baselines=["self_explore"], rft_init="sft",
