@@ -66,11 +66,14 @@ def worker(model: str, out: str, shard_size: int) -> None:
         busy = time.process_time()
         run_sample_stage(sampler, task, train, run / "samples.jsonl", sampling, model="tiny", progress=False,
                          workers=workers)
-        if workers.is_main:  # pairs: gold chosen, a sampled completion rejected (an untrained model is wrong)
+        if workers.is_main:  # pairs: gold chosen; rejected: the gold steps with a wrong final answer
             gold = {p.id: p for p in train}
-            pairs = [{"prompt": r["prompt"], "chosen": gold[r["question_id"]].solution, "rejected": r["completion"],
-                      "meta": {"question_id": r["question_id"], "rejected_id": r["id"], "chosen_id": "gold"}}
-                     for r in read_jsonl(run / "samples.jsonl") if r["completion"].strip()]
+            pairs = []
+            for r in read_jsonl(run / "samples.jsonl"):
+                problem = gold[r["question_id"]]
+                wrong = problem.solution.rsplit(" ", 1)[0] + f" {int(problem.answer) + 1 + int(r['id'][-1])}"
+                pairs.append({"prompt": r["prompt"], "chosen": problem.solution, "rejected": wrong,
+                              "meta": {"question_id": r["question_id"], "rejected_id": r["id"], "chosen_id": "gold"}})
             write_jsonl(run / "pairs.jsonl", pairs)
         else:
             while not (run / "pairs.jsonl").is_file():
