@@ -187,7 +187,7 @@ def quickstart_config(run_dir: Path, args: argparse.Namespace) -> Any:
     """configs/quickstart.yaml as a PipelineConfig, on this device in bf16-mixed."""
     from selfexplore.explore.config import ExploreConfig
     from selfexplore.models import TinyLlamaConfig
-    from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage, TrainerSettings
+    from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig, TrainerConfig
     from selfexplore.sampling.base import SamplingConfig
     from selfexplore.training.losses import DPOLossConfig
     from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
@@ -202,9 +202,9 @@ def quickstart_config(run_dir: Path, args: argparse.Namespace) -> Any:
         return cls(**fields, **built)
 
     d.update(run_dir=str(run_dir), from_scratch=TinyLlamaConfig(**d["from_scratch"]),
-             trainer=TrainerSettings(**{**d["trainer"], "accelerator": args.accelerator, "precision": args.precision,
+             trainer=TrainerConfig(**{**d["trainer"], "accelerator": args.accelerator, "precision": args.precision,
                                         "enable_progress_bar": False}),
-             sft=stage(SFTStage, d["sft"]), rft=stage(SFTStage, d["rft"]), dpo=stage(DPOStage, d["dpo"]),
+             sft=stage(SFTStageConfig, d["sft"]), rft=stage(SFTStageConfig, d["rft"]), dpo=stage(DPOStageConfig, d["dpo"]),
              sampling=SamplingConfig(**d["sampling"]), explore=ExploreConfig(**d["explore"]))
     return PipelineConfig(**d)
 

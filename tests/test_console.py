@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from selfexplore.cli import LIGHTNING_SUBCOMMANDS, STAGE_COMMANDS, SelfExploreCLI, main
-from selfexplore.pipeline.config import TrainerSettings
+from selfexplore.pipeline.config import TrainerConfig
 from selfexplore.pipeline.plan import planned_units
 from selfexplore.pipeline.run import run_pipeline
 from selfexplore.pipeline.status import render_status
@@ -195,7 +195,7 @@ def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_logger_gets_each_unit_and_the_per_round_metrics(scripted, tmp_path: Path) -> None:
     pytest.importorskip("tensorboardX", reason="TensorBoardLogger needs tensorboard or tensorboardX (test extra)")
     run = tmp_path / "run"
-    trainer = TrainerSettings(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1,
+    trainer = TrainerConfig(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1,
                               logger={"class_path": "TensorBoardLogger"})
     run_pipeline(_config(run, trainer=trainer))
     units = json.loads((run / "state.json").read_text())["units"]
@@ -213,13 +213,13 @@ def test_tensorboard_logger_gets_each_unit_and_the_per_round_metrics(scripted, t
 
 def test_csv_is_the_default_logger_and_a_bad_class_path_is_refused(scripted, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    trainer = TrainerSettings(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
+    trainer = TrainerConfig(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
     run_pipeline(_config(run, rounds=1, baselines=[], trainer=trainer))
     header, *rows = (run / "logs/pipeline/metrics.csv").read_text().splitlines()
     assert "rft/accuracy" in header.split(",") and len(rows) == 2  # SFT at round 0, RFT at round 1
     assert "train/loss" in (run / "logs/round_0/sft/metrics.csv").read_text().splitlines()[0]
     with pytest.raises(ValueError, match="trainer.logger.class_path 'NoSuchLogger'"):
-        _config(run, trainer=TrainerSettings(logger={"class_path": "NoSuchLogger"}))
+        _config(run, trainer=TrainerConfig(logger={"class_path": "NoSuchLogger"}))
 
 
 def _rows() -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 
 import selfexplore.pipeline.run as pipeline_run
 from selfexplore.models import ModelSpec, TinyLlamaConfig
-from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage, TrainerSettings
+from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig, TrainerConfig
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.pipeline.state import RunStateError
 from selfexplore.explore.config import ExploreConfig
@@ -72,10 +72,10 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline_run, "get_sampler", lambda config, policy, **kw: ScriptedSampler(policy))
 
 
-def dpo_stage(lr: float, optimizer: str = "rmsprop", **overrides) -> DPOStage:
+def dpo_stage(lr: float, optimizer: str = "rmsprop", **overrides) -> DPOStageConfig:
     """The miniature's DPO stage (one epoch, short sequences) at learning rate `lr`."""
     fields = dict(epochs=1, batch_size=8, max_length=128, max_prompt_length=96)
-    return DPOStage(**{**fields, **overrides}, optimizer=OptimizerConfig(name=optimizer, lr=lr))
+    return DPOStageConfig(**{**fields, **overrides}, optimizer=OptimizerConfig(name=optimizer, lr=lr))
 
 
 def _config(run_dir: Path, **overrides) -> PipelineConfig:
@@ -83,9 +83,9 @@ def _config(run_dir: Path, **overrides) -> PipelineConfig:
         run_dir=str(run_dir), task="arith", task_options=TASK_OPTIONS,
         from_scratch=TinyLlamaConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                                      intermediate_size=128, vocab_size=300, max_position_embeddings=256),
-        trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
-        sft=SFTStage(epochs=1, batch_size=16, max_length=128, optimizer=OptimizerConfig(lr=3e-3)),
-        rft=SFTStage(epochs=1, batch_size=16, max_length=128, optimizer=OptimizerConfig(lr=3e-3)),
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        sft=SFTStageConfig(epochs=1, batch_size=16, max_length=128, optimizer=OptimizerConfig(lr=3e-3)),
+        rft=SFTStageConfig(epochs=1, batch_size=16, max_length=128, optimizer=OptimizerConfig(lr=3e-3)),
         dpo=dpo_stage(1e-4),
         sampling=SamplingConfig(n=4, max_new_tokens=48),
         explore=ExploreConfig(k=2, max_new_tokens=48),

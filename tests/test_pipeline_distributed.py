@@ -120,9 +120,9 @@ def test_waiting_rank_raises_when_its_launcher_exits(tmp_path: Path, monkeypatch
 def test_strategies_the_pipeline_cannot_run_are_refused(tmp_path: Path, strategy, devices, match) -> None:
     from test_pipeline import _config
 
-    from selfexplore.pipeline.config import TrainerSettings
+    from selfexplore.pipeline.config import TrainerConfig
 
-    trainer = TrainerSettings(accelerator="cpu", devices=devices, strategy=strategy, enable_progress_bar=False)
+    trainer = TrainerConfig(accelerator="cpu", devices=devices, strategy=strategy, enable_progress_bar=False)
     with pytest.raises(ValueError, match=match):  # when the config is read, before anything is written
         _config(tmp_path / "run", trainer=trainer)
     assert not (tmp_path / "run").exists()
@@ -136,7 +136,7 @@ def test_two_process_pipeline_runs_each_unit_once(tmp_path: Path, monkeypatch: p
 
     import selfexplore.pipeline.run as pipeline_run
     from selfexplore.explore.config import ExploreConfig
-    from selfexplore.pipeline.config import TrainerSettings
+    from selfexplore.pipeline.config import TrainerConfig
     from selfexplore.sampling.base import SamplingConfig
 
     # Small shards and chunks, so both ranks get work in every data-parallel unit.
@@ -147,7 +147,7 @@ def test_two_process_pipeline_runs_each_unit_once(tmp_path: Path, monkeypatch: p
     expected_units = set(json.loads((tmp_path / "single" / "state.json").read_text())["units"])
 
     run = tmp_path / "run"
-    trainer = TrainerSettings(accelerator="cpu", devices=2, strategy=strategy, enable_progress_bar=False)
+    trainer = TrainerConfig(accelerator="cpu", devices=2, strategy=strategy, enable_progress_bar=False)
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"pipeline": asdict(_config(run, trainer=trainer, **shards))}))
     out = subprocess.run([sys.executable, __file__, "pipeline", "--config", str(config)], check=False,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_pipeline import ARTIFACTS, _config, dpo_stage, scripted  # noqa: F401 (a fixture)
 
-from selfexplore.pipeline.config import DPOStage, SFTStage, TrainerSettings
+from selfexplore.pipeline.config import DPOStageConfig, SFTStageConfig, TrainerConfig
 from selfexplore.training.losses import DPOLossConfig
 from selfexplore.training.optim import OptimizerConfig
 from selfexplore.configdiff import config_diff
@@ -76,9 +76,9 @@ def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_
 
 def test_every_bad_value_is_listed_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as caught:
-        _config(tmp_path / "run", eval_limit=0, train_questions=0, sft=SFTStage(epochs=0, batch_size=0),
-                dpo=DPOStage(optimizer=OptimizerConfig(lr=-1.0), loss=DPOLossConfig(beta=0.0)),
-                trainer=TrainerSettings(strategy="dpp", precision="bf15"))
+        _config(tmp_path / "run", eval_limit=0, train_questions=0, sft=SFTStageConfig(epochs=0, batch_size=0),
+                dpo=DPOStageConfig(optimizer=OptimizerConfig(lr=-1.0), loss=DPOLossConfig(beta=0.0)),
+                trainer=TrainerConfig(strategy="dpp", precision="bf15"))
     message = str(caught.value)
     for expected in ("eval_limit must be >= 1", "train_questions must be >= 1", "sft.epochs must be >= 1",
                      "sft.batch_size must be >= 1", "dpo.optimizer.lr must be > 0", "dpo.loss: beta must be > 0",
@@ -254,7 +254,7 @@ def test_engine_knobs_and_logging_do_not_make_another_configuration(scripted, tm
     first.build_base()
     first.close()
     engine = SamplingConfig(n=4, max_new_tokens=48, gpu_memory_utilization=0.5, enforce_eager=True)
-    trainer = TrainerSettings(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
+    trainer = TrainerConfig(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
     again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer))
     assert again.state.done("base") and not again.state.redone
     again.close()

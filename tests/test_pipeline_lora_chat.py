@@ -18,10 +18,10 @@ from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import LoraSpec, ModelSpec, build_tiny_llama, load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import (
-    DPOStage,
+    DPOStageConfig,
     PipelineConfig,
-    SFTStage,
-    TrainerSettings,
+    SFTStageConfig,
+    TrainerConfig,
 )
 from selfexplore.pipeline.run import run_pipeline
 from selfexplore.sampling.base import SamplerBase, SamplingConfig
@@ -114,10 +114,10 @@ def _setup(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sli
         run_dir=str(tmp_path / "run"), task="gsm8k", data_dir=str(data),
         model=ModelSpec(path=str(chat_base), lora=LoraSpec(r=4, alpha=8)),
         prompt_format=PromptFormat(chat_template=True),
-        trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False),
-        sft=SFTStage(epochs=1, batch_size=4, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
-        rft=SFTStage(epochs=1, batch_size=4, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
-        dpo=DPOStage(epochs=1, batch_size=4, max_length=192, max_prompt_length=128, reference="adapter",
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        sft=SFTStageConfig(epochs=1, batch_size=4, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
+        rft=SFTStageConfig(epochs=1, batch_size=4, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
+        dpo=DPOStageConfig(epochs=1, batch_size=4, max_length=192, max_prompt_length=128, reference="adapter",
                      optimizer=OptimizerConfig(name="adamw", lr=1e-4)),
         sampling=SamplingConfig(n=4, max_new_tokens=32), explore=ExploreConfig(k=2, max_new_tokens=32),
         sft_questions=6, train_questions=8, rounds=1, baselines=["self_explore"],

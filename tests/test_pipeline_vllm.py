@@ -20,7 +20,7 @@ import torch
 from test_pipeline import TASK_OPTIONS, ScriptedSampler, _config, dpo_stage
 
 from selfexplore.explore.config import ExploreConfig
-from selfexplore.pipeline.config import SFTStage
+from selfexplore.pipeline.config import SFTStageConfig
 import selfexplore.pipeline.run as pipeline_run
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.sampling.base import SamplingConfig
@@ -98,8 +98,8 @@ def test_pipeline_samples_with_vllm_and_never_trains_beside_an_engine(tmp_path: 
     run = tmp_path / "run"
     report = run_pipeline(_config(
         run, task_options=TASK_OPTIONS, baselines=["self_explore"], rft_init="sft",
-        sft=SFTStage(epochs=1, batch_size=16, max_length=160, optimizer=OptimizerConfig(lr=3e-3)),
-        rft=SFTStage(epochs=1, batch_size=16, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
+        sft=SFTStageConfig(epochs=1, batch_size=16, max_length=160, optimizer=OptimizerConfig(lr=3e-3)),
+        rft=SFTStageConfig(epochs=1, batch_size=16, max_length=160, optimizer=OptimizerConfig(lr=1e-3)),
         dpo=dpo_stage(1e-4, max_length=160, max_prompt_length=110),
         sampling=SamplingConfig(backend="vllm", n=8, max_new_tokens=48),
         explore=ExploreConfig(k=4, max_new_tokens=48), train_questions=24, eval_limit=8))

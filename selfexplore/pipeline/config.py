@@ -26,7 +26,7 @@ UNFINGERPRINTED_ENGINE_KEYS = ("gpu_memory_utilization", "enable_prefix_caching"
 
 
 @dataclass
-class TrainerSettings:
+class TrainerConfig:
     """Lightning Trainer settings shared by every training stage of the pipeline.
 
     strategy: a Lightning strategy name ('auto', 'ddp', 'fsdp' ...), or 'fsdp2' for FSDP2
@@ -92,7 +92,7 @@ def at_least(problems: list[str], name: str, value: int | float | None, low: int
         problems.append(f"{name} must be >= {low}{' (or null for all)' if optional else ''}, got {value!r}")
 
 
-def _budget_problems(stage: SFTStage | DPOStage, prefix: str) -> list[str]:
+def _budget_problems(stage: SFTStageConfig | DPOStageConfig, prefix: str) -> list[str]:
     """What is wrong with the budget and optimizer of a training stage."""
     problems: list[str] = []
     for name in ("epochs", "batch_size", "accumulate_grad_batches", "max_length"):
@@ -101,7 +101,7 @@ def _budget_problems(stage: SFTStage | DPOStage, prefix: str) -> list[str]:
 
 
 @dataclass
-class SFTStage:
+class SFTStageConfig:
     """Budget and optimizer of an SFT-style stage (SFT on gold rationales, RFT on samples).
 
     batch_size is per device: an optimizer step sees batch_size x accumulate_grad_batches x
@@ -123,7 +123,7 @@ class SFTStage:
 
 
 @dataclass
-class DPOStage:
+class DPOStageConfig:
     """Budget and loss of a DPO stage (outcome-level baseline and every Self-Explore round).
 
     batch_size (pairs) is per device: an optimizer step sees batch_size x accumulate_grad_batches
@@ -197,10 +197,10 @@ class PipelineConfig:
     from_scratch: TinyLlamaConfig | None = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     seed: int = 0
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    sft: SFTStage = field(default_factory=SFTStage)
-    rft: SFTStage = field(default_factory=SFTStage)
-    dpo: DPOStage = field(default_factory=DPOStage)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    rft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     sft_questions: int | None = None

@@ -30,7 +30,7 @@ from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import remove_stale_temporaries, write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
 from selfexplore.pipeline.callback import SelfExploreCallback
-from selfexplore.pipeline.config import DPOStage, PipelineConfig, SFTStage
+from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
 from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.lock import RunLock
@@ -182,7 +182,7 @@ class Pipeline:
     def _missing_outputs(self, result: dict[str, Any]) -> list[str]:
         return [path for k, path in self._resolved(result).items() if k in PATH_KEYS and not Path(path).exists()]
 
-    def _trainer(self, out_dir: Path, stage: SFTStage | DPOStage,
+    def _trainer(self, out_dir: Path, stage: SFTStageConfig | DPOStageConfig,
                  callbacks: list[Callback] | None = None) -> Trainer:
         s = self.cfg.trainer
         trainer = Trainer(
@@ -205,7 +205,7 @@ class Pipeline:
         return ModelParallelStrategy(data_parallel_size=int(s.devices) * s.num_nodes, tensor_parallel_size=1)
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path,
-             stage: SFTStage | DPOStage, callbacks: list[Callback] | None = None) -> None:
+             stage: SFTStageConfig | DPOStageConfig, callbacks: list[Callback] | None = None) -> None:
         self.close_engine()  # an engine never holds the accelerator while a fit trains
         seed_everything(self.cfg.seed, workers=True)
         self._trainer(out_dir, stage, callbacks).fit(module, datamodule=data)
@@ -231,7 +231,7 @@ class Pipeline:
     def _data(self, split: str) -> Path | None:
         return Path(self.cfg.data_dir) / f"{split}.jsonl" if self.cfg.data_dir else None
 
-    def train_sft(self, name: str, init: str, stage: SFTStage, train_path: Path | None = None) -> str:
+    def train_sft(self, name: str, init: str, stage: SFTStageConfig, train_path: Path | None = None) -> str:
         out = self.root / name
 
         def work() -> dict[str, Any]:
@@ -247,13 +247,13 @@ class Pipeline:
             return {"policy": str(out / "policy"), "data": data.stats}
         return self.unit(name, work, collective=True)["policy"]
 
-    def _dpo_module(self, init: str, reference: str, stage: DPOStage) -> StepDPOModule:
+    def _dpo_module(self, init: str, reference: str, stage: DPOStageConfig) -> StepDPOModule:
         return StepDPOModule(
             replace(self.cfg.model, path=init), loss=stage.loss, reference=stage.reference,
             reference_path=None if stage.reference == "adapter" else reference,
             reference_cache_dir=str(self.layout.reference_cache), optimizer=stage.optimizer, scheduler=stage.scheduler)
 
-    def _preference_data(self, pairs: Path, stage: DPOStage) -> PreferenceDataModule:
+    def _preference_data(self, pairs: Path, stage: DPOStageConfig) -> PreferenceDataModule:
         return PreferenceDataModule(train_path=str(pairs), max_length=stage.max_length,
                                     max_prompt_length=stage.max_prompt_length, batch_size=stage.batch_size,
                                     seed=self.cfg.seed)
