@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from selfexplore.hashing import update_with_file
+from selfexplore.io import atomic_open
 from selfexplore.models.files import local_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
@@ -39,9 +41,7 @@ def checkpoint_fingerprint(*paths: str | None) -> str:
             h.update(f"id:{path}".encode())
         for file in files:
             h.update(str(file.relative_to(folder)).encode())
-            with file.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            update_with_file(h, file)
     return h.hexdigest()
 
 
@@ -62,10 +62,8 @@ def read_table(path: Path, rows: int) -> torch.Tensor | None:
 
 def write_table(path: Path, table: torch.Tensor) -> None:
     """Write atomically: a reader never sees half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(table, tmp)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as f:
+        torch.save(table, f)
 
 
 def rank_batches(lengths: Sequence[int], batch_size: int, rank: int, world: int) -> list[tuple[list[int], bool]]:
