@@ -10,14 +10,17 @@ class Completion(str):
     A cut text is not a whole response: it must not be trained on as one (RFT, a chosen side),
     and as a rejected side it gets no end token (the policy never stopped there). It is a `str`,
     so code that only needs the text is unaffected; a plain `str` from another sampler counts
-    as finished.
+    as finished. `tokens` is how many tokens the model generated for it (end or stop token
+    included), so a caller can charge each completion its own cost; None when unknown.
     """
 
     finished: bool
+    tokens: int | None
 
-    def __new__(cls, text: str, finished: bool = True) -> Completion:
+    def __new__(cls, text: str, finished: bool = True, tokens: int | None = None) -> Completion:
         obj = super().__new__(cls, text)
         obj.finished = finished
+        obj.tokens = tokens
         return obj
 
 

@@ -9,7 +9,7 @@ import json
 import random
 import re
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -17,13 +17,14 @@ from selfexplore.explore import (
     ExploreConfig, Rationale, build_granular_pairs, build_outcome_pairs, build_rft_set,
     explore_stats, find_first_pits, run_explore_stage, sample_stats,
 )
+from selfexplore.explore.pit import explore_chunks
 from selfexplore.explore.builders import extract_equations, levenshtein
 from selfexplore.explore.config import doubling_waves
 from selfexplore.explore.granular import pit_agreement
-from selfexplore.explore.pit import share_tokens
-from selfexplore.hashing import derive_seed
+from selfexplore.completion import Completion
 from selfexplore.io import DataError, read_jsonl, write_jsonl
-from selfexplore.sampling.base import truncate_at_stop
+from selfexplore.sampling.base import prompt_seed, truncate_at_stop
+from selfexplore.streaming import BatchedStream, SamplingParams, share_tokens
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
 
@@ -88,23 +89,26 @@ class ScriptedSampler:
 class RandomSampler:
     """A step line 'p=0.4 ...' succeeds with probability 0.4 per completion (other lines: 0).
 
-    Outputs depend only on (seed, position in the call, prompt), like a seeded real sampler.
+    Outputs depend only on (the prompt's seed, prompt), like a seeded real sampler: the call's
+    seed and the prompt's position, or the prompt's own seed (`prompt_seed`). Completions
+    carry their token counts, as both backends' do.
     """
 
     def __init__(self, gold: str = GOLD) -> None:
-        self.gold, self.generated_tokens, self.calls = gold, 0, 0
+        self.gold, self.generated_tokens, self.calls, self.rows = gold, 0, 0, []
 
     def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
         self.calls += 1
+        self.rows.append(len(prompts) * n)
         out = []
         for i, prompt in enumerate(prompts):
             last = prompt.rstrip("\n").split("\n")[-1]
             m = re.match(r"p=([\d.]+)", last)
             p = float(m.group(1)) if m else 0.0
-            rng = random.Random(f"{seed}|{i}|{prompt}")
-            out.append([f"x\nThe answer is {self.gold}" if rng.random() < p else "y\nThe answer is 999"
-                        for _ in range(n)])
-        self.generated_tokens += sum(len(c.split()) + 1 for cs in out for c in cs)
+            rng = random.Random(f"{prompt_seed(seed, i)}|{prompt}")
+            texts = [f"x\nThe answer is {self.gold}" if rng.random() < p else "y\nThe answer is 999" for _ in range(n)]
+            out.append([Completion(x, True, len(x.split()) + 1) for x in texts])
+        self.generated_tokens += sum(c.tokens for cs in out for c in cs)
         return out
 
 
@@ -277,16 +281,75 @@ def test_adaptive_and_exhaustive_give_the_paper_pit_distribution():
     assert tokens["adaptive"] < 0.75 * tokens["exhaustive"]
 
 
-def test_seeds_are_deterministic_and_depend_on_chunk_and_wave():
+def test_every_draw_has_its_own_seed_a_function_of_the_seed_and_the_prefix():
     script = {prefix(1): [BAD, OK], prefix(2): [BAD] * 4}
     _, s1 = explore([rationale()], dict(script), seed=5)
     _, s2 = explore([rationale()], dict(script), seed=5)
-    seeds = [seed for _, _, seed in s1.calls]
-    assert seeds == [seed for _, _, seed in s2.calls] and len(set(seeds)) == len(seeds)
-    assert seeds[0] == derive_seed(5, 0, 0, bits=31)
-    other = ScriptedSampler(script)
-    (rec,) = find_first_pits([rationale()], other, TASK, ExploreConfig(seed=5), chunk_index=1)
-    assert rec["pit"] == 2 and not set(seeds) & {seed for _, _, seed in other.calls}
+    seeds = [seed for _, _, call_seeds in s1.calls for seed in call_seeds]
+    assert seeds == [seed for _, _, call_seeds in s2.calls for seed in call_seeds]
+    assert len(seeds) == 2 + 4 and len(set(seeds)) == len(seeds)  # one per draw, none repeated
+    _, other = explore([rationale()], dict(script), seed=6)
+    assert not set(seeds) & {seed for _, _, call_seeds in other.calls for seed in call_seeds}
+
+
+def random_rationales(num_questions=6, per_question=3, seed=2):
+    """Rationales whose steps succeed with known probabilities (RandomSampler), a shared first step per question."""
+    rng = random.Random(seed)
+    rats = []
+    for qi in range(num_questions):
+        shared = [f"p={rng.choice([0.5, 0.7])} q{qi} base"]
+        for j in range(per_question):
+            steps = shared + [f"p={rng.choice([0.2, 0.5, 0.8])} q{qi} s{j} t{t}" for t in range(rng.randint(1, 4))]
+            rats.append(rationale("\n".join(steps + ["The answer is 3"]), sid=f"q{qi}:{j}", qid=f"q{qi}", q=f"Q{qi}?\n"))
+    return rats
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "exhaustive"])
+def test_records_do_not_depend_on_the_schedule_the_batching_or_the_order_draws_come_back(mode):
+    rats = random_rationales()
+    config = ExploreConfig(mode=mode, seed=4)
+    waves = find_first_pits(rats, RandomSampler(), TASK, replace(config, schedule="waves"))
+    assert len({r["pit"] for r in waves}) >= 3  # pits at several steps: the rationales move apart
+    assert find_first_pits(rats, RandomSampler(), TASK, config) == waves
+    for capacity in (1, 3, 1000):  # one row per call, a few, everything at once
+        stream = BatchedStream(RandomSampler(), SamplingParams(0.7, 1.0, 512), capacity)
+        ((_, records),) = explore_chunks([(0, rats)], None, TASK, config, stream=stream)
+        assert records == waves
+    shuffled = ShuffledStream(RandomSampler(), SamplingParams(0.7, 1.0, 512), 8)
+    ((_, records),) = explore_chunks([(0, rats)], None, TASK, config, stream=shuffled)
+    assert records == waves and shuffled.reordered
+    # Explored alone, a rationale draws what it drew beside the others (only who pays for a
+    # prefix shared within a question changes).
+    def drawn(records):
+        return [{k: v for k, v in r.items() if k != "tokens_generated"} for r in records]
+    alone = [find_first_pits([r], RandomSampler(), TASK, config)[0] for r in rats]
+    assert drawn(alone) == drawn(waves)
+
+
+class ShuffledStream(BatchedStream):
+    """Returns finished requests last first, as an engine that finishes short completions first may."""
+
+    reordered = False
+
+    def collect(self):
+        done = super().collect()
+        self.reordered |= len(done) > 1
+        return done[::-1]
+
+
+def test_the_stream_schedule_keeps_calls_full_where_waves_leave_them_part_empty():
+    rats = random_rationales(num_questions=12)
+    calls = {}
+    for schedule in ("waves", "stream"):
+        sampler = RandomSampler()
+        sampler.batch_size = 8
+        stream = BatchedStream(sampler, SamplingParams(0.7, 1.0, 512))
+        chunks = [(i, rats[i * 6:(i + 1) * 6]) for i in range(6)]
+        results = dict(explore_chunks(chunks, sampler, TASK, ExploreConfig(seed=4, schedule=schedule), stream=stream))
+        calls[schedule] = (stream.counters, results)
+    waves, stream = calls["waves"][0], calls["stream"][0]
+    assert calls["waves"][1] == calls["stream"][1] and waves.rows == stream.rows
+    assert stream.calls < waves.calls and stream.occupancy > waves.occupancy
 
 
 def test_token_shares_add_up_exactly():
@@ -568,14 +631,14 @@ class FakeProblem:
 
 
 class KilledSampler(RandomSampler):
-    """Dies (like a killed process) on its `kill_at`-th call."""
+    """Dies (like a killed process) on the first call after `shard_dir` holds a finished chunk."""
 
-    def __init__(self, kill_at: int) -> None:
+    def __init__(self, shard_dir) -> None:
         super().__init__()
-        self.kill_at = kill_at
+        self.shard_dir = shard_dir
 
     def generate(self, *args, **kwargs):
-        if self.calls + 1 >= self.kill_at:
+        if list(self.shard_dir.glob("chunk_*.meta.json")):
             raise KeyboardInterrupt
         return super().generate(*args, **kwargs)
 
@@ -596,9 +659,10 @@ def write_pairs(path, num_questions=5, per_question=3):
     return {f"q{qi}": FakeProblem(f"Q{qi}?", "10") for qi in range(num_questions)}
 
 
-def test_stage_resume_after_kill_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("schedule", ["stream", "waves"])
+def test_stage_resume_after_kill_equals_uninterrupted(tmp_path, schedule):
     problems = write_pairs(tmp_path / "pairs.jsonl")
-    config = ExploreConfig(chunk_size=4, seed=11)
+    config = ExploreConfig(chunk_size=4, seed=11, schedule=schedule)
     full = RandomSampler()
     stats = run_explore_stage(full, TASK, tmp_path / "pairs.jsonl", problems, tmp_path / "full", config)
     explore_full = (tmp_path / "full" / "explore.jsonl").read_text()
@@ -611,15 +675,14 @@ def test_stage_resume_after_kill_equals_uninterrupted(tmp_path):
 
     run = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run_explore_stage(KilledSampler(kill_at=full.calls // 2), TASK, tmp_path / "pairs.jsonl",
-                          problems, run, config)
+        run_explore_stage(KilledSampler(run / "explore_shards"), TASK, tmp_path / "pairs.jsonl", problems, run, config)
     done = list((run / "explore_shards").glob("chunk_*.meta.json"))
-    assert 0 < len(done) < 3 and not (run / "explore.jsonl").exists()
+    assert 0 < len(done) < 4 and not (run / "explore.jsonl").exists()
     resumed = RandomSampler()
     run_explore_stage(resumed, TASK, tmp_path / "pairs.jsonl", problems, run, config)
     assert (run / "explore.jsonl").read_text() == explore_full
     assert (run / "gpairs.jsonl").read_text() == gpairs_full
-    assert 0 < resumed.calls < full.calls
+    assert 0 < sum(resumed.rows) < sum(full.rows)  # only the chunks the kill lost are drawn again
 
     again = RandomSampler()  # everything done: nothing is sampled again
     run_explore_stage(again, TASK, tmp_path / "pairs.jsonl", problems, run, config)

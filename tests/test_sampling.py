@@ -32,6 +32,7 @@ from selfexplore.sampling import (
     run_sample_stage,
     truncate_at_stop,
 )
+from selfexplore.streaming import SamplingParams
 from selfexplore.tasks.base import Problem, Task
 
 TEXTS = [f"Tom has {a} apples and buys {b} more.\n{a} + {b} = {a + b}\nThe answer is {a + b}\n"
@@ -108,6 +109,18 @@ def test_hf_samples_do_not_depend_on_batching(loaded) -> None:
     large = HFSampler(*loaded, batch_size=64, segment_tokens=64).generate(PROMPTS, **kwargs)
     assert small == large
     assert HFSampler(*loaded).generate(PROMPTS[1:2], **kwargs) != small[1:2], "the index in the call keys a stream"
+
+
+def test_hf_per_prompt_seeds_draw_the_same_completion_in_any_call(hf: HFSampler) -> None:
+    kwargs = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
+    together = hf.generate(PROMPTS, seed=[7, 8, 9], **kwargs)
+    alone = [hf.generate([p], seed=[s], **kwargs)[0] for p, s in zip(PROMPTS, (7, 8, 9))]
+    assert together == alone
+    assert hf.generate(PROMPTS[::-1], seed=[9, 8, 7], **kwargs) == together[::-1]
+    assert hf.generate(PROMPTS, seed=[7, 8, 10], **kwargs)[:2] == together[:2]
+    assert all(c.tokens is not None and c.tokens > 0 for cs in together for c in cs)
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        hf.generate(PROMPTS, seed=[1, 2], **kwargs)
 
 
 def test_hf_counts_generated_tokens_without_padding(hf: HFSampler, loaded) -> None:
@@ -418,6 +431,26 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
         assert sum(len(tokenizer(p)["input_ids"]) for p in many) > 4096
         assert sampler.generate(many, n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=3) == \
             sampler.generate(many, n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=3)
+
+        # Per-prompt seeds: one completion per seed whatever the call, and the engine stream
+        # (requests added while others run) draws exactly what `generate` does.
+        one = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
+        together = sampler.generate(PROMPTS, seed=[7, 8, 9], **one)
+        assert [sampler.generate([p], seed=[s], **one)[0] for p, s in zip(PROMPTS, (7, 8, 9))] == together
+        stream = sampler.open_stream(SamplingParams(1.0, 1.0, 24))
+        stream.submit("a", PROMPTS[0], [7, 7])
+        first_done = stream.collect()
+        stream.submit("b", PROMPTS[1], [8])
+        stream.submit("c", PROMPTS[2], [9])
+        done = {d.key: d for d in first_done}
+        while stream.pending_rows:
+            done.update({d.key: d for d in stream.collect()})
+        assert done["a"].completions == together[0] * 2 and done["b"].completions == together[1]
+        assert done["c"].completions == together[2] and done["c"].tokens == together[2][0].tokens
+        assert stream.counters.calls > 0 and 0 < stream.counters.occupancy <= 1
+        stream.submit("d", PROMPTS[0], [1])
+        stream.close()  # aborted: a later generate does not receive it
+        assert sampler.generate(PROMPTS, seed=[7, 8, 9], **one) == together
 
         stopped = sampler.generate(PROMPTS, stop=["\n"], seed=1, **kwargs)
         assert stopped == [[truncate_at_stop(c, ["\n"]) for c in cs] for cs in first]

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 MODES = ("adaptive", "exhaustive")
+SCHEDULES = ("stream", "waves")
 REJECTED_MODES = ("pit_step", "pit_to_end")
 PAPER_MAX_NEW_TOKENS = 512
 
@@ -39,9 +40,16 @@ class ExploreConfig:
       see `selfexplore.explore.pit`).
     max_steps: steps explored per rationale at most; longer rationales without a pit in the
       first `max_steps` steps count as "no_pit".
-    chunk_size: rationales per resumable shard (whole questions are kept in one chunk).
-    seed: base of every sampler seed (derived per chunk, wave and wave size); None: the
-      pipeline's seed plus the round index (0 for the stand-alone `explore`).
+    chunk_size: rationales per resumable shard (whole questions are kept in one chunk); the
+      unit of work the ranks share. It does not change which completions are drawn.
+    schedule: "stream" (default) sends each draw to the engine as soon as the search knows it
+      and keeps several chunks in flight, so the engine never idles at the end of a wave;
+      "waves" waits for every wave of draws and explores one chunk at a time (the former
+      schedule, kept for measurement: bench/bench_explore_schedule.py). Both draw the same
+      completions (every draw has its own seed), so it is not part of the resume fingerprint.
+    seed: base of every draw's seed (derived per question in adaptive mode or per rationale
+      in exhaustive mode, prefix and draw number); None: the pipeline's seed plus the round
+      index (0 for the stand-alone `explore`).
     rejected_mode: granular rejected text, the pit step only ("pit_step", the paper) or the pit
       step to the end of the rationale ("pit_to_end").
     round: the self-improvement round written into the pairs' metadata.
@@ -56,6 +64,7 @@ class ExploreConfig:
     waves: tuple[int, ...] | None = None
     max_steps: int = 20
     chunk_size: int = 256
+    schedule: Literal["stream", "waves"] = "stream"
     seed: int | None = None
     rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step"
     round: int = 1
@@ -65,6 +74,8 @@ class ExploreConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.rejected_mode not in REJECTED_MODES:
             raise ValueError(f"rejected_mode must be one of {REJECTED_MODES}, got {self.rejected_mode!r}")
         if self.max_steps < 1 or self.chunk_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
@@ -95,7 +106,7 @@ class ExploreConfig:
     def search_fingerprint(self) -> dict[str, Any]:
         """The settings that change which completions are drawn (resume must match on these)."""
         d = asdict(self)
-        for key in ("rejected_mode", "round"):
+        for key in ("rejected_mode", "round", "schedule"):
             d.pop(key)
         d["waves"] = list(self.wave_sizes())
         return d

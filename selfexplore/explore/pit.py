@@ -11,20 +11,19 @@ Design notes: docs/design.md#first-pit-search
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from selfexplore.completion import is_finished
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.hashing import derive_seed
+from selfexplore.streaming import CompletionStream, Finished, SamplingParams, open_stream
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
     from selfexplore.sampling import Sampler
     from selfexplore.tasks.base import Task
-
-log = logging.getLogger(__name__)
 
 STEP_SEP = "\n"
 
@@ -47,38 +46,22 @@ def steps_prefix(steps: Sequence[str], t: int) -> str:
     return STEP_SEP.join(steps[:t]) + STEP_SEP
 
 
-def _is_one_text(row: object) -> bool:
-    return isinstance(row, list) and len(row) == 1 and isinstance(row[0], str)
-
-
-def share_tokens(total: int, weights: Sequence[int]) -> list[int]:
-    """Split `total` proportionally to `weights` into integers that add up to `total`."""
-    if not weights:
-        return []
-    wsum = sum(weights)
-    if wsum <= 0:
-        weights, wsum = [1] * len(weights), len(weights)
-    exact = [total * w / wsum for w in weights]
-    shares = [int(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in order[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
-
-
-@dataclass
+@dataclass(eq=False)  # identity-hashed: a prefix is its own stream key
 class _Prefix:
-    """One explored prefix: its draws so far and who pays for them."""
+    """One explored prefix: its draws so far, who pays for them, and the jobs waiting on it."""
 
     prompt: str
     steps_text: str
     gold: str
     owner: int
+    scope: str  # what its draw seeds are keyed by besides the prompt: question (adaptive) or sample
     completions: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     waves: int = 0
     tokens: int = 0
     failure: str | None = None
+    in_flight: bool = False
+    waiters: list[_Job] = field(default_factory=list)
 
 
 @dataclass
@@ -108,19 +91,71 @@ def check_rationale(task: Task, r: Rationale) -> tuple[list[str], str | None]:
     return steps, None
 
 
-class _Search:
-    """State of one chunk's search: jobs, the prefix cache and the sampler calls."""
+class _ChunkSearch:
+    """One chunk's search as events: `start` and `deliver` return the prefixes that need a draw.
 
-    def __init__(self, rationales: Sequence[Rationale], sampler: Sampler, task: Task,
-                 config: ExploreConfig, chunk_index: int) -> None:
-        self.sampler, self.task, self.config, self.chunk = sampler, task, config, chunk_index
+    A job waits on its current prefix; when the prefix is decided (a success, k failures, or a
+    sampler failure) every job waiting on it moves on, in input order. Each draw's seed is a
+    function of (seed, scope, prefix, draw number) only, so the records do not depend on the
+    order in which an engine returns the draws, nor on chunking or world size.
+    """
+
+    def __init__(self, rationales: Sequence[Rationale], task: Task, config: ExploreConfig) -> None:
+        self.task, self.config = task, config
         self.waves = config.wave_sizes()
         self.adaptive = config.mode == "adaptive"
-        self.cache: dict[tuple[Any, str], _Prefix] = {}
+        self.cache: dict[tuple[str, str], _Prefix] = {}
+        self.in_flight = 0
         self.jobs: list[_Job] = []
         for i, r in enumerate(rationales):
             steps, reason = check_rationale(task, r)
             self.jobs.append(_Job(i, r, steps, status=reason))
+
+    @property
+    def finished(self) -> bool:
+        return self.in_flight == 0
+
+    def start(self) -> list[_Prefix]:
+        return [p for job in self.jobs for p in self._wait(job)]
+
+    def draw(self, p: _Prefix) -> list[int]:
+        """Seeds of the prefix's next wave of draws (one completion per seed)."""
+        size = self.waves[min(p.waves, len(self.waves) - 1)]
+        first = len(p.completions)
+        return [derive_seed(self.config.seed or 0, "draw", p.scope, p.prompt, j, bits=31)
+                for j in range(first, min(first + size, self.config.k))]
+
+    def deliver(self, p: _Prefix, done: Finished) -> list[_Prefix]:
+        """Take a wave's completions (or its failure); return the prefixes that now need a draw."""
+        self.in_flight -= 1
+        p.in_flight = False
+        p.tokens += done.tokens
+        if done.completions is None:
+            p.failure = done.failure or "no_completions"
+        else:
+            p.waves += 1
+            p.completions.extend(done.completions)
+            p.correct.extend(self.task.is_correct(p.steps_text + x, p.gold) for x in done.completions)
+        if not self._done(p):
+            return self._send(p)
+        waiters, p.waiters = p.waiters, []
+        return [q for job in waiters for q in self._wait(job)]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [self._record(job) for job in self.jobs]
+
+    def _send(self, p: _Prefix) -> list[_Prefix]:
+        p.in_flight = True
+        self.in_flight += 1
+        return [p]
+
+    def _wait(self, job: _Job) -> list[_Prefix]:
+        """Move the job on; the prefix it now waits on when that needs a draw ([] otherwise)."""
+        p = self._advance(job)
+        if p is None:
+            return []
+        p.waiters.append(job)
+        return [] if p.in_flight else self._send(p)
 
     def _done(self, p: _Prefix) -> bool:
         return (p.failure is not None or len(p.completions) >= self.config.k
@@ -130,11 +165,11 @@ class _Search:
         """The job's current prefix, shared within a question in adaptive mode."""
         steps_text = steps_prefix(job.steps, job.t)
         prompt = job.rationale.prompt + steps_text
-        key = (job.rationale.question_id if self.adaptive else job.index, prompt)
-        p = self.cache.get(key)
+        scope = job.rationale.question_id if self.adaptive else job.rationale.sample_id
+        p = self.cache.get((scope, prompt))
         if p is None:
-            p = _Prefix(prompt, steps_text, job.rationale.gold, job.index)
-            self.cache[key] = p
+            p = _Prefix(prompt, steps_text, job.rationale.gold, job.index, scope)
+            self.cache[(scope, prompt)] = p
         if len(job.visited) < job.t:
             job.visited.append(p)
         return p
@@ -157,63 +192,6 @@ class _Search:
                 job.status, job.pit = "pit", job.t
         return None
 
-    def run(self) -> list[dict[str, Any]]:
-        wave = 0
-        while True:
-            pending: dict[int, _Prefix] = {}
-            for job in self.jobs:
-                p = self._advance(job)
-                if p is not None:
-                    pending.setdefault(id(p), p)
-            if not pending:
-                break
-            draws = [(p, min(self.waves[min(p.waves, len(self.waves) - 1)], self.config.k - len(p.completions)))
-                     for p in pending.values()]
-            self._draw(draws, derive_seed(self.config.seed or 0, self.chunk, wave, bits=31))
-            wave += 1
-        return [self._record(job) for job in self.jobs]
-
-    def _call(self, prompts: list[str], seed: int) -> tuple[list[list[str]] | None, int, str]:
-        """One generate call, n=1: (outputs or None on failure, tokens it cost, failure reason)."""
-        before = self.sampler.generated_tokens
-        c = self.config
-        try:
-            out = self.sampler.generate(prompts, n=1, temperature=c.temperature, top_p=c.top_p,
-                                        max_new_tokens=c.new_tokens(), stop=c.stop, seed=seed)
-        except Exception as err:  # the sampler's failure becomes a counted status (module doc)
-            log.warning("sampler failed on %d prompt(s): %s: %s", len(prompts), type(err).__name__, err)
-            return None, self.sampler.generated_tokens - before, "sampler_error"
-        tokens = self.sampler.generated_tokens - before
-        if not isinstance(out, list) or len(out) != len(prompts):
-            return None, tokens, "no_completions"
-        return out, tokens, ""
-
-    def _draw(self, draws: list[tuple[_Prefix, int]], seed: int) -> None:
-        """Draw `count` more completions for each prefix, all in one call (prompt repeated)."""
-        prompts = [p.prompt for p, count in draws for _ in range(count)]
-        out, tokens, reason = self._call(prompts, seed)
-        if out is None:
-            for (p, _), share in zip(draws, share_tokens(tokens, [count for _, count in draws])):
-                p.tokens += share
-            if len(draws) == 1:
-                draws[0][0].failure = reason
-                return
-            for i, draw in enumerate(draws):
-                self._draw([draw], derive_seed(seed, "retry", i, bits=31))
-            return
-        rows = iter(out)
-        got = [[next(rows) for _ in range(count)] for _, count in draws]
-        texts = [[row[0] for row in block] if all(_is_one_text(row) for row in block) else None for block in got]
-        weights = [sum(len(x) + 1 for x in block) if block is not None else 0 for block in texts]
-        for (p, _), block, share in zip(draws, texts, share_tokens(tokens, weights)):
-            p.tokens += share
-            p.waves += 1
-            if block is None:
-                p.failure = "no_completions"
-                continue
-            p.completions.extend(block)
-            p.correct.extend(self.task.is_correct(p.steps_text + x, p.gold) for x in block)
-
     def _record(self, job: _Job) -> dict[str, Any]:
         r = job.rationale
         return {
@@ -228,10 +206,62 @@ class _Search:
         }
 
 
-def find_first_pits(rationales: Sequence[Rationale], sampler: Sampler, task: Task,
-                    config: ExploreConfig | None = None, chunk_index: int = 0) -> list[dict[str, Any]]:
-    """Explore rationales (one batch, e.g. a stage chunk) and return one explore record each.
+def explore_chunks(chunks: Sequence[tuple[int, Sequence[Rationale]]], sampler: Sampler, task: Task,
+                   config: ExploreConfig, stream: CompletionStream | None = None
+                   ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Search chunks (index, rationales) and yield (index, records) as each chunk finishes.
 
-    Records follow the `explore.jsonl` schema, in input order; `chunk_index` enters every seed.
+    `config.schedule="stream"` submits every draw as soon as it is known and opens the next
+    chunk while fewer than two engine-loads of rows are pending, so the engine stays full
+    across steps and chunks; "waves" waits for each wave of draws to come back before sending
+    the next and explores one chunk at a time (the former schedule, kept to measure against:
+    bench/bench_explore_schedule.py). Both draw the same completions.
     """
-    return _Search(rationales, sampler, task, config or ExploreConfig(), chunk_index).run()
+    own_stream = stream is None
+    stream = stream or open_stream(sampler, SamplingParams(config.temperature, config.top_p, config.new_tokens(),
+                                                           config.stop))
+    streaming = config.schedule == "stream"
+    todo = deque(chunks)
+    searches: dict[int, _ChunkSearch] = {}
+    held: list[tuple[int, _Prefix]] = []
+
+    def send(index: int, prefixes: list[_Prefix]) -> None:
+        for p in prefixes:
+            stream.submit((index, p), p.prompt, searches[index].draw(p))
+
+    try:
+        while todo or searches:
+            while todo and (not searches or (streaming and stream.pending_rows < 2 * stream.capacity)):
+                index, rationales = todo.popleft()
+                searches[index] = _ChunkSearch(rationales, task, config)
+                send(index, searches[index].start())
+            for index in [i for i, search in searches.items() if search.finished]:
+                yield index, searches.pop(index).records()
+            if not searches:
+                continue
+            if held and not stream.pending_rows:  # "waves": the wave is back, send the next one
+                for index, p in held:
+                    send(index, [p])
+                held = []
+            if not stream.pending_rows:
+                raise RuntimeError("explore: prefixes wait on draws that were never sent (a bug)")
+            for done in stream.collect():
+                index, p = done.key
+                follow = searches[index].deliver(p, done)
+                if streaming:
+                    send(index, follow)
+                else:
+                    held.extend((index, q) for q in follow)
+    finally:
+        if own_stream:
+            stream.close()
+
+
+def find_first_pits(rationales: Sequence[Rationale], sampler: Sampler, task: Task,
+                    config: ExploreConfig | None = None) -> list[dict[str, Any]]:
+    """Explore rationales (one batch) and return one explore record each.
+
+    Records follow the `explore.jsonl` schema, in input order.
+    """
+    ((_, records),) = explore_chunks([(0, rationales)], sampler, task, config or ExploreConfig())
+    return records

@@ -3,8 +3,9 @@
 Resumable: rationales are cut into chunks of whole questions (about `chunk_size` rationales,
 so prefixes shared within a question stay in one cache); each chunk's records are written
 atomically as a shard under `explore_shards/` and then marked done in its manifest. A rerun
-skips done chunks. Every sampler seed is derived from (seed, chunk, wave), so an interrupted
-and resumed run writes exactly what an uninterrupted one does (given the same sampler model).
+skips done chunks. Every draw's seed is derived from (seed, question, prefix, draw number), so an
+interrupted and resumed run writes exactly what an uninterrupted one does (given the same sampler
+model), whatever the world size and the order in which the engine returns the draws.
 The manifest records the explorer, the search settings and a hash of the input; a rerun with
 any of them changed is refused with a per-key diff unless `force` (see `selfexplore.shards`),
 so a finished exploration is never silently replaced.
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.granular import build_granular_pairs, explore_stats, pit_agreement
-from selfexplore.explore.pit import Rationale, find_first_pits, steps_prefix
+from selfexplore.explore.pit import Rationale, explore_chunks, steps_prefix
 from selfexplore.hashing import text_sha256
 from selfexplore.io import DataError, iter_jsonl, read_jsonl, require_str, write_json, write_jsonl
 from selfexplore.shards import ShardFolder, Workers
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # typing only: importing them would pull torch and the grader
 log = logging.getLogger(__name__)
 
 SHARD_DIR = "explore_shards"
-MANIFEST_FORMAT = 3  # 3: a meta file beside each chunk (any rank may write one)
+MANIFEST_FORMAT = 4  # 3: a meta file beside each chunk (any rank may write one); 4: a seed per draw
 # Statuses of rationales the sampler gave nothing for (e.g. every prompt over its context).
 NO_COMPLETIONS = ("skipped:no_completions", "skipped:sampler_error")
 
@@ -192,8 +193,7 @@ def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLik
     if len(mine) < sum(folder.workers.owns(i) for i in range(len(chunks))):
         log.info("explore: resuming, %d of this rank's chunks left", len(mine))
     try:
-        for i in mine:
-            records = find_first_pits(chunks[i], sampler, task, config, chunk_index=i)
+        for i, records in explore_chunks([(i, chunks[i]) for i in mine], sampler, task, config):
             folder.write(i, records, {"rationales": len(chunks[i])})
             log.info("explore: chunk %d/%d done (%d rationales)", i + 1, len(chunks), len(chunks[i]))
     except BaseException as error:

@@ -23,6 +23,8 @@ IN_FIT_LAUNCHERS = ("ddp_spawn", "ddp_fork", "ddp_notebook", "xla")
 UNFINGERPRINTED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "logger")
 # vLLM engine knobs that size or speed the engine without changing what it samples.
 UNFINGERPRINTED_ENGINE_KEYS = ("gpu_memory_utilization", "enable_prefix_caching", "enforce_eager")
+# Exploration settings that change when completions are drawn, never which (ExploreConfig.schedule).
+UNFINGERPRINTED_EXPLORE_KEYS = ("schedule",)
 
 
 @dataclass
@@ -267,6 +269,8 @@ class PipelineConfig:
             d["trainer"].pop(key, None)
         for key in UNFINGERPRINTED_ENGINE_KEYS:
             d["sampling"].pop(key, None)
+        for key in UNFINGERPRINTED_EXPLORE_KEYS:
+            d["explore"].pop(key, None)
         model = Path(d["model"]["path"])
         run_dir = Path(self.run_dir)
         if model == run_dir or run_dir in model.parents:

