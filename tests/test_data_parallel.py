@@ -2,14 +2,20 @@
 
 Ranks here are threads of one process, each with its own `Workers` (rank, world size) and its
 own sampler: they coordinate only through the shard folder, as processes on several nodes do,
-without paying a process start per rank. `test_pipeline_distributed` runs real processes.
+without paying a process start per rank. The killed-rank test runs real processes (this file
+is their entry point), as does `test_pipeline_distributed` for the whole pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -171,3 +177,56 @@ def test_each_ranks_vllm_engine_sees_only_its_own_gpu(tiny_arith_model: Path, fa
     import os
 
     assert seen == ["4", "5", "7"] and os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+
+
+class _KilledRankSampler(SeededSampler):
+    """Kills its own process (SIGKILL: no failure record, no cleanup) at call `dies_after`."""
+
+    def generate(self, *args, **kwargs):
+        if self.dies_after is not None and len(self.seeds) == self.dies_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().generate(*args, **kwargs)
+
+
+def _rank_process(out: Path, dies_after: int | None, log: Path) -> None:
+    """One rank started as torchrun starts it (RANK / WORLD_SIZE): sample, then log its seeds."""
+    sampler = _KilledRankSampler(dies_after)
+    _sample(out, Workers.from_environment(), sampler)
+    log.write_text(json.dumps(sampler.seeds))
+
+
+def _start_rank(rank: int, out: Path, dies_after: int | None, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, __file__, str(out), str(-1 if dies_after is None else dies_after), str(log)],
+                            env=env, cwd=Path(__file__).parent)
+
+
+@pytest.mark.slow
+def test_a_rank_process_killed_mid_unit_and_a_rerun_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run" / "samples.jsonl"
+    logs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    # Rank 1 owns shards 1 and 3 of 5: it writes shard 1 and is killed on shard 3.
+    ranks = [_start_rank(0, out, None, logs[0]), _start_rank(1, out, 1, logs[1])]
+    assert ranks[1].wait(timeout=120) == -signal.SIGKILL
+    deadline = time.monotonic() + 60  # rank 0 finishes its own shards, then waits for shard 3
+    while not all((out.parent / "samples.shards" / f"{i:05d}.meta.json").exists() for i in (0, 2, 4)):
+        assert time.monotonic() < deadline and ranks[0].poll() is None, "rank 0 stopped or hung"
+        time.sleep(0.1)
+    assert ranks[0].poll() is None  # still waiting: a dead rank writes no failure record
+    ranks[0].kill()  # what torchrun does to the other workers when one dies
+    ranks[0].wait(timeout=30)
+    shards = out.parent / "samples.shards"
+    assert not out.exists() and sorted(p.name for p in shards.glob("*.meta.json")) == [
+        f"{i:05d}.meta.json" for i in (0, 1, 2, 4)]
+
+    rerun = [_start_rank(r, out, None, logs[r]) for r in range(2)]
+    assert [p.wait(timeout=120) for p in rerun] == [0, 0]
+    assert [len(json.loads(log.read_text())) for log in logs] == [0, 1]  # only the lost shard is drawn again
+    _sample(tmp_path / "ref" / "samples.jsonl", Workers())
+    assert out.read_bytes() == (tmp_path / "ref" / "samples.jsonl").read_bytes()
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == len(PROBLEMS) * SAMPLING.n
+
+
+if __name__ == "__main__":  # a rank of the killed-rank test
+    _rank_process(Path(sys.argv[1]), None if sys.argv[2] == "-1" else int(sys.argv[2]), Path(sys.argv[3]))
