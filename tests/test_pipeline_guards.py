@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_pipeline import ARTIFACTS, _config, dpo_stage, scripted  # noqa: F401 (a fixture)
 
+from selfexplore.explore.config import ExploreConfig
 from selfexplore.pipeline.config import DPOStageConfig, SFTStageConfig, TrainerConfig
 from selfexplore.training.losses import DPOLossConfig
 from selfexplore.training.optim import OptimizerConfig
@@ -246,7 +247,7 @@ def test_a_rank_that_does_not_share_the_run_directory_says_so(tmp_path: Path, mo
         Pipeline(_config(tmp_path / "run", **SHORT))
 
 
-def test_engine_knobs_and_logging_do_not_make_another_configuration(scripted, tmp_path: Path) -> None:
+def test_engine_knobs_the_explore_schedule_and_logging_do_not_make_another_configuration(scripted, tmp_path: Path) -> None:
     from selfexplore.sampling.base import SamplingConfig
 
     run = tmp_path / "run"
@@ -255,6 +256,7 @@ def test_engine_knobs_and_logging_do_not_make_another_configuration(scripted, tm
     first.close()
     engine = SamplingConfig(n=4, max_new_tokens=48, gpu_memory_utilization=0.5, enforce_eager=True)
     trainer = TrainerConfig(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
-    again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer))
+    schedule = ExploreConfig(k=2, max_new_tokens=48, schedule="waves")  # when draws are made, not which
+    again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer, explore=schedule))
     assert again.state.done("base") and not again.state.redone
     again.close()
