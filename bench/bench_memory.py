@@ -2,6 +2,7 @@
 
     python bench/bench_memory.py                       # both parts, 3 alternated repeats each
     python bench/bench_memory.py --skip-fsdp           # log-prob part only (a minute)
+    python bench/bench_memory.py --skip-logps --model-size 205m   # fsdp part on a 205M Llama
 
 1. logps: peak RSS increase of forward + backward of the DPO sequence log-probs over bf16
    logits [rows, length, vocab], in a fresh subprocess per measurement: "full" is the former
@@ -10,10 +11,15 @@
    DPO batch (8 pairs x 96 tokens x 300) and a realistic one (2 rows x 1024 x 102400, MATH
    with DeepSeek-Math's vocabulary; 16 rows in a real batch scale it 8x).
 2. fsdp: tests/fsdp_dpo_worker.py (2 gloo processes, FSDP2, reference = the start weights,
-   2 steps, export) on a 42M-parameter Llama (168 MB fp32), run from this tree ("after") and
-   from a git worktree of `--before` (default 97e304b, the commit before issue 19), order
-   alternated. Per rank: peak RSS after loading + sharding, and peak RSS of the whole fit, and
-   the reference table's max difference to a 1-process precompute of the same data.
+   2 steps, export) on a random-init Llama (`--model-size`: 42m, 168 MB fp32, or 205m, 820 MB,
+   where the weights and their states outweigh the ~400 MiB of imports), run from this tree
+   ("after") and from a git worktree of `--before` (default 97e304b, the commit before issue
+   19), order alternated. Per rank: the peak RSS (high-water mark) after loading + sharding,
+   after the reference pass, after the steps and of the whole fit (after the export), and the
+   reference table's max difference to a 1-process precompute of the same data.
+   glibc's malloc keeps much of what the fit frees (its mmap threshold grows to the largest
+   freed block, up to 32 MiB, after which such blocks come from the heap and stay there); the
+   environment is passed on, so `MALLOC_MMAP_THRESHOLD_=1048576` measures without that.
 One JSON line per figure; medians over the repeats.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,8 +37,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": (16, 96, 300), "realistic": (2, 1024, 102400)}
-BIG_MODEL = {"hidden_size": 768, "num_layers": 6, "num_heads": 12, "num_kv_heads": 12,
-             "intermediate_size": 2048, "max_position_embeddings": 256, "vocab_size": 300}
+MODELS = {  # --model-size: Llama shapes for the fsdp part (vocabulary: the arith tokenizer's ~300)
+    "42m": {"hidden_size": 768, "num_layers": 6, "num_heads": 12, "num_kv_heads": 12,
+            "intermediate_size": 2048, "max_position_embeddings": 256, "vocab_size": 300},
+    "205m": {"hidden_size": 1024, "num_layers": 16, "num_heads": 16, "num_kv_heads": 16,
+             "intermediate_size": 2816, "max_position_embeddings": 256, "vocab_size": 300},
+}
+PHASES = ("load_peak_rss_mib", "reference_peak_rss_mib", "train_peak_rss_mib", "peak_rss_mib")
 
 
 def emit(**fields: object) -> None:
@@ -103,7 +115,7 @@ def run_logps(repeats: int) -> None:
              repeats=repeats, samples=results)
 
 
-def prepare_fsdp(work: Path) -> tuple[Path, Path]:
+def prepare_fsdp(work: Path, size: str) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_dpo import _pairs
 
@@ -112,7 +124,7 @@ def prepare_fsdp(work: Path) -> tuple[Path, Path]:
 
     task = get_task("arith", train_size=400, validation_size=50, test_size=50)
     texts = [task.prompt(p) + p.solution for p in task.load("train")]
-    model = build_tiny_llama(texts, work / "model", TinyLlamaConfig(**BIG_MODEL))
+    model = build_tiny_llama(texts, work / "model", TinyLlamaConfig(**MODELS[size]))
     return model, _pairs(work / "pairs.jsonl", n=16)
 
 
@@ -133,10 +145,16 @@ def one_process_table(model: Path, pairs: Path, work: Path):
     return module.precompute_reference(data.train_dataset, data)
 
 
-def run_fsdp(repeats: int, before: str, work: Path) -> None:
+def run_fsdp(repeats: int, before: str, work: Path, size: str) -> None:
     import torch
+    from safetensors import safe_open
 
-    model, pairs = prepare_fsdp(work)
+    model, pairs = prepare_fsdp(work, size)
+    params = 0
+    for file in model.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     single = one_process_table(model, pairs, work)
     tree = work / "before"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True,
@@ -155,13 +173,14 @@ def run_fsdp(repeats: int, before: str, work: Path) -> None:
                 [cached] = (out / "reference_cache").glob("*.pt")
                 diff = float((torch.load(cached) - single).abs().max())
                 results[name].append({"ranks": ranks, "table_max_abs_diff_vs_1_process": diff})
-        for key in ("load_peak_rss_mib", "peak_rss_mib"):
+        for key in PHASES:
             for rank in (0, 1):
                 values = {n: statistics.median(run["ranks"][rank].get(key, float("nan")) for run in results[n])
                           for n in results}
                 emit(bench="fsdp2_dpo_rss", figure=key, rank=rank, before_mib=round(values["before"], 1),
                      after_mib=round(values["after"], 1), ratio=round(values["after"] / values["before"], 3),
-                     model_params_m=42, repeats=repeats)
+                     model_size=size, model_params_m=round(params / 1e6, 1), malloc_env=malloc_env, repeats=repeats,
+                     samples={n: [run["ranks"][rank].get(key) for run in results[n]] for n in results})
         for name in results:
             emit(bench="fsdp2_reference_table", tree=name, max_abs_diff_vs_1_process=max(
                 run["table_max_abs_diff_vs_1_process"] for run in results[name]),
@@ -174,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before", default="97e304b", help="the commit measured as 'before'")
+    parser.add_argument("--model-size", choices=sorted(MODELS), default="42m", help="the fsdp part's Llama")
     parser.add_argument("--skip-fsdp", action="store_true")
     parser.add_argument("--skip-logps", action="store_true")
     parser.add_argument("--logps-worker", nargs=3, help=argparse.SUPPRESS)
@@ -185,7 +205,7 @@ def main() -> None:
         run_logps(args.repeats)
     if not args.skip_fsdp:
         with tempfile.TemporaryDirectory() as work:
-            run_fsdp(args.repeats, args.before, Path(work))
+            run_fsdp(args.repeats, args.before, Path(work), args.model_size)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 Run by tests/test_dpo.py and bench/bench_memory.py (which also runs it against an older
 checkout). Lightning restarts this script for rank 1, so the counters below exist on both
 ranks. Writes OUT/rank{r}.json: checkpoint reads (`from_pretrained`), meta builds
-(`from_config`), peak RSS in MiB once the model is loaded and sharded (before the reference
-pass) and at the end; the reference table lands in OUT/reference_cache.
+(`from_config`), and the peak RSS in MiB (the process's high-water mark, so each figure
+includes the earlier ones) once the model is loaded and sharded, after the reference pass,
+after the last step (before the export) and at the end; the reference table lands in
+OUT/reference_cache.
 """
 
 from __future__ import annotations
@@ -42,11 +44,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class LoadPeak(Callback):
-    """Peak RSS after the model is built and sharded: callbacks' on_fit_start runs before the module's."""
+class PhasePeaks(Callback):
+    """Peak RSS so far at the ends of the fit's phases. Callbacks' hooks run before the module's:
+    on_fit_start before the reference pass, on_train_end before the export."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
 
     def on_fit_start(self, trainer: Trainer, pl_module: object) -> None:
-        self.peak = peak_rss_mib()
+        self.peaks["load_peak_rss_mib"] = peak_rss_mib()
+
+    def on_train_start(self, trainer: Trainer, pl_module: object) -> None:
+        self.peaks["reference_peak_rss_mib"] = peak_rss_mib()
+
+    def on_train_end(self, trainer: Trainer, pl_module: object) -> None:
+        self.peaks["train_peak_rss_mib"] = peak_rss_mib()
 
 
 def main() -> None:
@@ -70,10 +82,10 @@ def main() -> None:
     trainer = Trainer(accelerator="cpu", devices=2, precision=args.precision, max_steps=args.steps,
                       strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=str(out), callbacks=[load := LoadPeak()])
+                      enable_model_summary=False, default_root_dir=str(out), callbacks=[phases := PhasePeaks()])
     trainer.fit(module, datamodule=data)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-        {**COUNTS, "load_peak_rss_mib": load.peak, "peak_rss_mib": peak_rss_mib(), "pid": os.getpid()}))
+        {**COUNTS, **phases.peaks, "peak_rss_mib": peak_rss_mib(), "pid": os.getpid()}))
 
 
 if __name__ == "__main__":
