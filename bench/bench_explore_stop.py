@@ -22,7 +22,7 @@ from pathlib import Path
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, write_jsonl
-from selfexplore.sampling.base import SamplerBase, truncate_at_stop
+from selfexplore.sampling.base import SamplerBase, Seeds, prompt_seed, truncate_at_stop
 from selfexplore.tasks import get_task
 
 TASK = get_task("arith", train_size=200, validation_size=8, test_size=8, min_steps=3, max_steps=5,
@@ -39,7 +39,7 @@ class RunOnExplorer(SamplerBase):
         self.generated_tokens = 0
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+                 stop: Sequence[str] | None, seed: Seeds) -> list[list[str]]:
         out = []
         for i, prompt in enumerate(prompts):
             question = next(q for q in self.by_prompt if prompt.startswith(q))
@@ -49,7 +49,7 @@ class RunOnExplorer(SamplerBase):
             rest = gold[len(done):]
             if slipped:
                 rest = rest[:-1] + [f"The answer is {int(problem.answer) + 1}"]
-            other = random.Random(seed + i).choice(self.problems)
+            other = random.Random(str(prompt_seed(seed, i))).choice(self.problems)
             text = "\n".join(rest) + f"\nProblem: {other.question}\n{other.solution}"
             texts = [truncate_at_stop(text, stop) for _ in range(n)]
             self.generated_tokens += sum(len(t.split()) for t in texts)
