@@ -63,9 +63,18 @@ class StreamCounters:
 
 @runtime_checkable
 class CompletionStream(Protocol):
-    """Requests in at any time, finished requests out in the order they finish."""
+    """Requests in at any time, finished requests out in the order they finish.
+
+    `reproducible_batches`: whether the engine's batches are a function of what was submitted
+    (a `generate` call per batch) rather than of its timing and state (continuous batching).
+    Batch composition moves logits by float rounding (padding, kernel shapes), so where it is
+    reproducible the search keeps each batch within one chunk, and a chunk's records are then
+    byte-identical whatever else the rank explores (any world size, any resume); where it is
+    not, chunks overlap to keep the engine full.
+    """
 
     counters: StreamCounters
+    reproducible_batches: bool
 
     @property
     def capacity(self) -> int:
@@ -124,6 +133,8 @@ class BatchedStream:
     Tokens: exact per request when the sampler's completions carry `tokens` (both backends),
     else the call's `generated_tokens` shared by text length.
     """
+
+    reproducible_batches = True  # a call holds what was queued, in order: a function of the requests
 
     def __init__(self, sampler: Sampler, params: SamplingParams, capacity: int | None = None) -> None:
         self.sampler, self.params = sampler, params

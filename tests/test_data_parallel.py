@@ -30,7 +30,7 @@ from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_json
 from selfexplore.models import load_tokenizer
 from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
-from selfexplore.sampling.base import SamplerBase
+from selfexplore.sampling.base import SamplerBase, prompt_seed
 from selfexplore.shards import Workers
 from selfexplore.tasks.base import Problem, Task
 
@@ -137,12 +137,23 @@ def test_a_world_size_that_does_not_divide_the_shards_and_a_resume_with_another(
     assert out.read_bytes() == (tmp_path / "ref" / "samples.jsonl").read_bytes()
 
 
-def test_exploration_on_two_ranks_equals_one(tmp_path: Path) -> None:
+class BatchVariantSampler(RandomSampler):
+    """Like a real engine, a draw also depends on what shares its call (padding, kernel shapes and
+    float rounding), here on the call's size: only equal calls give equal draws."""
+
+    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+        size = len(prompts)
+        return super().generate(prompts, n, temperature, top_p, max_new_tokens, stop,
+                                [hash((s, size)) & 0xFFFFFFFF for s in (prompt_seed(seed, i)[0] for i in range(size))])
+
+
+@pytest.mark.parametrize("sampler", [RandomSampler, BatchVariantSampler])
+def test_exploration_on_two_ranks_equals_one(tmp_path: Path, sampler: type) -> None:
     problems = write_pairs(tmp_path / "pairs.jsonl")
     config = ExploreConfig(chunk_size=2, seed=11)
 
     def explore(out: Path, workers: Workers) -> object:
-        return run_explore_stage(RandomSampler(), EXPLORE_TASK, tmp_path / "pairs.jsonl", problems, out, config,
+        return run_explore_stage(sampler(), EXPLORE_TASK, tmp_path / "pairs.jsonl", problems, out, config,
                                  workers=workers)
 
     explore(tmp_path / "one", Workers())

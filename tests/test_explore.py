@@ -337,19 +337,28 @@ class ShuffledStream(BatchedStream):
         return done[::-1]
 
 
+class EngineLikeStream(BatchedStream):
+    """A stream whose batches, like continuous batching's, are not reproducible: chunks may overlap."""
+
+    reproducible_batches = False
+
+
 def test_the_stream_schedule_keeps_calls_full_where_waves_leave_them_part_empty():
     rats = random_rationales(num_questions=12)
-    calls = {}
-    for schedule in ("waves", "stream"):
+    runs = {}
+    for name, schedule, stream_type in (("waves", "waves", BatchedStream), ("stream", "stream", BatchedStream),
+                                        ("engine", "stream", EngineLikeStream)):
         sampler = RandomSampler()
         sampler.batch_size = 8
-        stream = BatchedStream(sampler, SamplingParams(0.7, 1.0, 512))
+        stream = stream_type(sampler, SamplingParams(0.7, 1.0, 512))
         chunks = [(i, rats[i * 6:(i + 1) * 6]) for i in range(6)]
         results = dict(explore_chunks(chunks, sampler, TASK, ExploreConfig(seed=4, schedule=schedule), stream=stream))
-        calls[schedule] = (stream.counters, results)
-    waves, stream = calls["waves"][0], calls["stream"][0]
-    assert calls["waves"][1] == calls["stream"][1] and waves.rows == stream.rows
+        runs[name] = (stream.counters, results)
+    waves, stream, engine = (runs[name][0] for name in ("waves", "stream", "engine"))
+    assert runs["waves"][1] == runs["stream"][1] == runs["engine"][1] and waves.rows == stream.rows == engine.rows
     assert stream.calls < waves.calls and stream.occupancy > waves.occupancy
+    # Over generate calls chunks go one at a time (see the data-parallel tests); an engine overlaps them.
+    assert engine.calls < stream.calls and engine.occupancy > stream.occupancy
 
 
 def test_token_shares_add_up_exactly():

@@ -41,12 +41,13 @@ class ExploreConfig:
     max_steps: steps explored per rationale at most; longer rationales without a pit in the
       first `max_steps` steps count as "no_pit".
     chunk_size: rationales per resumable shard (whole questions are kept in one chunk); the
-      unit of work the ranks share. It does not change which completions are drawn.
+      unit of work the ranks share. It does not change the draws' seeds.
     schedule: "stream" (default) sends each draw to the engine as soon as the search knows it
-      and keeps several chunks in flight, so the engine never idles at the end of a wave;
+      (on vLLM it also overlaps chunks), so the engine never idles at the end of a wave;
       "waves" waits for every wave of draws and explores one chunk at a time (the former
-      schedule, kept for measurement: bench/bench_explore_schedule.py). Both draw the same
-      completions (every draw has its own seed), so it is not part of the resume fingerprint.
+      schedule, kept for measurement: bench/bench_explore_schedule.py). Both draw with the same
+      seeds (every draw has its own), so it is not part of the resume fingerprint; only how
+      draws share a batch can move one by float rounding (measured: identical records).
     seed: base of every draw's seed (derived per question in adaptive mode or per rationale
       in exhaustive mode, prefix and draw number); None: the pipeline's seed plus the round
       index (0 for the stand-alone `explore`).

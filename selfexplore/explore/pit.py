@@ -211,16 +211,20 @@ def explore_chunks(chunks: Sequence[tuple[int, Sequence[Rationale]]], sampler: S
                    ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """Search chunks (index, rationales) and yield (index, records) as each chunk finishes.
 
-    `config.schedule="stream"` submits every draw as soon as it is known and opens the next
-    chunk while fewer than two engine-loads of rows are pending, so the engine stays full
-    across steps and chunks; "waves" waits for each wave of draws to come back before sending
-    the next and explores one chunk at a time (the former schedule, kept to measure against:
-    bench/bench_explore_schedule.py). Both draw the same completions.
+    `config.schedule="stream"` submits every draw as soon as it is known; on an engine with
+    continuous batching (`reproducible_batches` False: vLLM) it also opens the next chunk while
+    fewer than two engine-loads of rows are pending, so the engine stays full across steps and
+    chunks. Over `generate` calls (HF) chunks are explored one at a time, so no call mixes two
+    chunks and a chunk's records do not depend on which others the rank has (world size,
+    resume). "waves" waits for each wave of draws to come back before sending the next and
+    explores one chunk at a time (the former schedule, kept to measure against:
+    bench/bench_explore_schedule.py). All draw with the same seeds (one per draw).
     """
     own_stream = stream is None
     stream = stream or open_stream(sampler, SamplingParams(config.temperature, config.top_p, config.new_tokens(),
                                                            config.stop))
     streaming = config.schedule == "stream"
+    overlap = streaming and not stream.reproducible_batches
     todo = deque(chunks)
     searches: dict[int, _ChunkSearch] = {}
     held: list[tuple[int, _Prefix]] = []
@@ -231,7 +235,7 @@ def explore_chunks(chunks: Sequence[tuple[int, Sequence[Rationale]]], sampler: S
 
     try:
         while todo or searches:
-            while todo and (not searches or (streaming and stream.pending_rows < 2 * stream.capacity)):
+            while todo and (not searches or (overlap and stream.pending_rows < 2 * stream.capacity)):
                 index, rationales = todo.popleft()
                 searches[index] = _ChunkSearch(rationales, task, config)
                 send(index, searches[index].start())

@@ -232,7 +232,11 @@ class EngineStream:
     blocks between rows); `collect` steps the engine until some request has all its rows back.
     `counters.calls` counts engine steps and `counters.rows` the requests unfinished at each
     step (at most `capacity` of them run), so `occupancy` says how full the engine was kept.
+    The engine's batches follow its timing and prefix cache, not only the requests, so they are
+    not reproducible (`reproducible_batches`): the search overlaps chunks on it.
     """
+
+    reproducible_batches = False
 
     def __init__(self, sampler: VLLMSampler, params: SamplingParams) -> None:
         from vllm.sampling_params import RequestOutputKind
