@@ -35,7 +35,7 @@ from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.pit import explore_chunks
 from selfexplore.explore.stage import chunk_by_question, load_rejected
 from selfexplore.sampling import SamplingConfig, get_sampler
-from selfexplore.streaming import SamplingParams, open_stream
+from selfexplore.streaming import StreamParams, open_stream
 from selfexplore.tasks import get_task
 
 SCHEDULES = {  # name: (schedule, chunk size; None = every rationale in one chunk)
@@ -65,7 +65,7 @@ def load_workload(run_dir: Path, round_index: int) -> tuple[object, list, Explor
 def explore_once(sampler, task, rationales, config: ExploreConfig, schedule: str, chunk_size: int | None) -> dict:
     chunk_config = replace(config, schedule=schedule, chunk_size=chunk_size or len(rationales))
     chunks = chunk_by_question(rationales, chunk_config.chunk_size)
-    stream = open_stream(sampler, SamplingParams(config.temperature, config.top_p, config.new_tokens(), config.stop))
+    stream = open_stream(sampler, StreamParams(config.temperature, config.top_p, config.new_tokens(), config.stop))
     tokens, start = sampler.generated_tokens, time.perf_counter()
     try:
         results = dict(explore_chunks(list(enumerate(chunks)), sampler, task, chunk_config, stream=stream))

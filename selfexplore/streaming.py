@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class StreamParams:
     """What every request of one stream shares (each row differs only by its seed)."""
 
     temperature: float
@@ -136,7 +136,7 @@ class BatchedStream:
 
     reproducible_batches = True  # a call holds what was queued, in order: a function of the requests
 
-    def __init__(self, sampler: Sampler, params: SamplingParams, capacity: int | None = None) -> None:
+    def __init__(self, sampler: Sampler, params: StreamParams, capacity: int | None = None) -> None:
         self.sampler, self.params = sampler, params
         self._capacity = max(1, capacity if capacity is not None else int(getattr(sampler, "batch_size", 64)))
         self.queue: deque[tuple[Hashable, str, list[int]]] = deque()
@@ -193,7 +193,7 @@ class BatchedStream:
                 for (key, _, _), block, exact_tokens, share in zip(batch, texts, exact, shared)]
 
 
-def open_stream(sampler: Sampler, params: SamplingParams) -> CompletionStream:
+def open_stream(sampler: Sampler, params: StreamParams) -> CompletionStream:
     """The sampler's own stream when it has one (vLLM's engine), else `BatchedStream` over `generate`."""
     opener = getattr(sampler, "open_stream", None)
     return opener(params) if callable(opener) else BatchedStream(sampler, params)

@@ -24,7 +24,7 @@ from selfexplore.explore.granular import pit_agreement
 from selfexplore.completion import Completion
 from selfexplore.io import DataError, read_jsonl, write_jsonl
 from selfexplore.sampling.base import prompt_seed, truncate_at_stop
-from selfexplore.streaming import BatchedStream, SamplingParams, share_tokens
+from selfexplore.streaming import BatchedStream, StreamParams, share_tokens
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
 
@@ -312,10 +312,10 @@ def test_records_do_not_depend_on_the_schedule_the_batching_or_the_order_draws_c
     assert len({r["pit"] for r in waves}) >= 3  # pits at several steps: the rationales move apart
     assert find_first_pits(rats, RandomSampler(), TASK, config) == waves
     for capacity in (1, 3, 1000):  # one row per call, a few, everything at once
-        stream = BatchedStream(RandomSampler(), SamplingParams(0.7, 1.0, 512), capacity)
+        stream = BatchedStream(RandomSampler(), StreamParams(0.7, 1.0, 512), capacity)
         ((_, records),) = explore_chunks([(0, rats)], None, TASK, config, stream=stream)
         assert records == waves
-    shuffled = ShuffledStream(RandomSampler(), SamplingParams(0.7, 1.0, 512), 8)
+    shuffled = ShuffledStream(RandomSampler(), StreamParams(0.7, 1.0, 512), 8)
     ((_, records),) = explore_chunks([(0, rats)], None, TASK, config, stream=shuffled)
     assert records == waves and shuffled.reordered
     # Explored alone, a rationale draws what it drew beside the others (only who pays for a
@@ -350,7 +350,7 @@ def test_the_stream_schedule_keeps_calls_full_where_waves_leave_them_part_empty(
                                         ("engine", "stream", EngineLikeStream)):
         sampler = RandomSampler()
         sampler.batch_size = 8
-        stream = stream_type(sampler, SamplingParams(0.7, 1.0, 512))
+        stream = stream_type(sampler, StreamParams(0.7, 1.0, 512))
         chunks = [(i, rats[i * 6:(i + 1) * 6]) for i in range(6)]
         results = dict(explore_chunks(chunks, sampler, TASK, ExploreConfig(seed=4, schedule=schedule), stream=stream))
         runs[name] = (stream.counters, results)

@@ -32,7 +32,7 @@ from selfexplore.sampling import (
     run_sample_stage,
     truncate_at_stop,
 )
-from selfexplore.streaming import SamplingParams
+from selfexplore.streaming import StreamParams
 from selfexplore.tasks.base import Problem, Task
 
 TEXTS = [f"Tom has {a} apples and buys {b} more.\n{a} + {b} = {a + b}\nThe answer is {a + b}\n"
@@ -437,7 +437,7 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
         one = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
         together = sampler.generate(PROMPTS, seed=[7, 8, 9], **one)
         assert [sampler.generate([p], seed=[s], **one)[0] for p, s in zip(PROMPTS, (7, 8, 9))] == together
-        stream = sampler.open_stream(SamplingParams(1.0, 1.0, 24))
+        stream = sampler.open_stream(StreamParams(1.0, 1.0, 24))
         stream.submit("a", PROMPTS[0], [7, 7])
         first_done = stream.collect()
         stream.submit("b", PROMPTS[1], [8])

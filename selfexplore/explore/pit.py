@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from selfexplore.completion import is_finished
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.hashing import derive_seed
-from selfexplore.streaming import CompletionStream, Finished, SamplingParams, open_stream
+from selfexplore.streaming import CompletionStream, Finished, StreamParams, open_stream
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
     from selfexplore.sampling import Sampler
@@ -221,8 +221,8 @@ def explore_chunks(chunks: Sequence[tuple[int, Sequence[Rationale]]], sampler: S
     bench/bench_explore_schedule.py). All draw with the same seeds (one per draw).
     """
     own_stream = stream is None
-    stream = stream or open_stream(sampler, SamplingParams(config.temperature, config.top_p, config.new_tokens(),
-                                                           config.stop))
+    stream = stream or open_stream(sampler, StreamParams(config.temperature, config.top_p, config.new_tokens(),
+                                                         config.stop))
     streaming = config.schedule == "stream"
     overlap = streaming and not stream.reproducible_batches
     todo = deque(chunks)

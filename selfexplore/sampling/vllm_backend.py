@@ -32,7 +32,7 @@ from selfexplore.sampling.base import (
     prompt_seed,
     stop_token_ids,
 )
-from selfexplore.streaming import Finished, SamplingParams, StreamCounters
+from selfexplore.streaming import Finished, StreamCounters, StreamParams
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -162,7 +162,7 @@ class VLLMSampler:
             requests.append(request)
             # A seed per prompt: identical prompts in one call still get different samples.
             base, index = prompt_seed(seed, i)
-            params.append(self._params(SamplingParams(temperature, top_p, max_new_tokens, stop),
+            params.append(self._params(StreamParams(temperature, top_p, max_new_tokens, stop),
                                        derive_seed(base, "prompt", index), n=1 if greedy else n))
             owners.append(i)
         results: list[list[Completion]] = [[] for _ in prompts]
@@ -174,7 +174,7 @@ class VLLMSampler:
             results[i] = texts * n if greedy else texts
         return results
 
-    def open_stream(self, params: SamplingParams) -> EngineStream:
+    def open_stream(self, params: StreamParams) -> EngineStream:
         """A `CompletionStream` straight into the engine: requests join its running batch at once."""
         self._check_open()
         return EngineStream(self, params)
@@ -189,7 +189,7 @@ class VLLMSampler:
         self.overlong_count += keep != len(ids)
         return None if keep is None else self._tokens_prompt(prompt_token_ids=ids[len(ids) - keep:])
 
-    def _params(self, params: SamplingParams, seed: int, n: int = 1) -> Any:
+    def _params(self, params: StreamParams, seed: int, n: int = 1) -> Any:
         return self._sampling_params(
             n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
             stop=[s for s in params.stop if s] if params.stop else None, stop_token_ids=self.stop_token_ids,
@@ -238,7 +238,7 @@ class EngineStream:
 
     reproducible_batches = False
 
-    def __init__(self, sampler: VLLMSampler, params: SamplingParams) -> None:
+    def __init__(self, sampler: VLLMSampler, params: StreamParams) -> None:
         from vllm.sampling_params import RequestOutputKind
 
         check_sampling_args(1, params.temperature, params.top_p, params.max_new_tokens)
