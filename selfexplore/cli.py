@@ -7,6 +7,7 @@
     selfexplore sample --policy DIR --task arith --out samples.jsonl --sampling.n 8
     selfexplore pairs --samples samples.jsonl --out_dir DIR
     selfexplore explore --explorer DIR --task arith --pairs DIR/pairs.jsonl --out_dir DIR
+    selfexplore prm-data --explore DIR/explore.jsonl --samples DIR/explorer_samples.jsonl --out DIR/prm.jsonl
     selfexplore <command> --help / --print_config
 
 `python cli.py ...` in a checkout is the same entry point. Model and data classes are chosen in
@@ -33,6 +34,7 @@ from selfexplore.io import write_json, write_jsonl
 from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
+from selfexplore.prm.config import PRMDataConfig
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
@@ -146,7 +148,26 @@ def explore(explorer: str, pairs: str, out_dir: str, task: str = "arith",
     print(json.dumps(stats))
 
 
-STAGE_COMMANDS = {"pipeline": pipeline, "status": status, "sample": sample, "pairs": pairs, "explore": explore}
+def prm_data(explore: str, samples: str, out: str, task: str = "arith", task_options: dict[str, Any] | None = None,
+             data_path: str | None = None, k: int | None = None, round: int | None = None,
+             prm: PRMDataConfig | None = None) -> None:
+    """Process-reward rows (TRL stepwise supervision) from an explore file -> `out` (prm.jsonl).
+
+    `samples` is the file the exploration's pairs were made from (`round_r/explorer_samples.jsonl`):
+    its correct rationales become outcome-labelled rows, and every explored rationale must be one
+    of its samples. `task`, `task_options`, `data_path` load the problems the run used; `k` and
+    `round` default to what the exploration recorded (shard manifest, `round_N` folder).
+    """
+    from selfexplore.prm.data import write_prm_data
+
+    t, problems = _problems(task, task_options, "train", data_path, None)
+    stats = write_prm_data(explore, samples, out, t, {p.id: p for p in problems}, k=k, round_index=round,
+                           config=prm)
+    print(json.dumps(stats))
+
+
+STAGE_COMMANDS = {"pipeline": pipeline, "status": status, "sample": sample, "pairs": pairs, "explore": explore,
+                  "prm-data": prm_data}
 
 
 DESCRIPTION = ("Self-Explore for LLM math reasoning: SFT, sampling, RFT, first-pit exploration and step-level "
