@@ -20,10 +20,40 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str,
     end-of-turn token), the token the samplers stop on.
     """
     prompt_ids = list(tokenizer(prompt).input_ids)
-    completion_ids = list(tokenizer(completion, add_special_tokens=False).input_ids)
+    completion_ids = encode_continuation(tokenizer, completion)
     if end_id is not None:
         completion_ids.append(end_id)
     return prompt_ids, completion_ids
+
+
+# What a continuation is encoded after when the tokenizer marks the start of every text: a line break,
+# which every tokenizer keeps as its own token(s) and after which no word-boundary marker is added.
+_ANCHOR = "\n"
+
+
+def inserts_prefix_space(tokenizer) -> bool:
+    """Whether encoding a text on its own starts it with a word-boundary marker (SentencePiece "▁",
+    byte-level "Ġ"): the legacy Llama / Mistral tokenizers prepend "▁" to every encoded text."""
+    ids = tokenizer("1", add_special_tokens=False).input_ids
+    return bool(ids) and tokenizer.convert_ids_to_tokens(ids)[0].startswith(("\u2581", "\u0120"))
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as they follow a prompt, without special tokens.
+
+    A tokenizer that prepends a word-boundary marker to every encoded text (Llama-2, Llemma,
+    Mistral: normalizer `Prepend("▁")`) would give a completion encoded on its own a spurious
+    leading space the sampler never produced; such a completion is encoded after a line break
+    and the line break's tokens are dropped, which gives the ids it has inside "...\\n" + text.
+    """
+    if not inserts_prefix_space(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    anchor = list(tokenizer(_ANCHOR, add_special_tokens=False).input_ids)
+    joined = list(tokenizer(_ANCHOR + text, add_special_tokens=False).input_ids)
+    if joined[: len(anchor)] != anchor:
+        raise ValueError(f"the tokenizer merges a line break with the text after it ({text[:20]!r}); cannot "
+                         "encode a completion without the word-boundary space it prepends")
+    return joined[len(anchor):]
 
 
 def pad_right(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:

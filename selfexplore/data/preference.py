@@ -57,10 +57,10 @@ def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
 def special_prefix_length(tokenizer) -> int:
     """How many special tokens (BOS) the tokenizer puts before a text; rejects unusable tokenizers.
 
-    Two tokenizer behaviours would silently corrupt the prompt/completion concatenation, so they
-    are errors: special tokens appended AFTER the text (EOS between prompt and completion), and
-    a word-boundary space inserted before every encoded text (SentencePiece `add_prefix_space`,
-    which would give each completion a spurious leading space).
+    Special tokens appended AFTER the text (EOS between prompt and completion) would silently
+    corrupt the prompt/completion concatenation, so they are an error. A word-boundary space
+    inserted before every encoded text (the legacy Llama / Mistral tokenizers) is not: completions
+    are encoded without it (`selfexplore.data.batching.encode_continuation`).
     """
     probe = "12 + 7 = 19"
     full = list(tokenizer(probe).input_ids)
@@ -69,11 +69,6 @@ def special_prefix_length(tokenizer) -> int:
     if n < 0 or full[n:] != plain:
         raise ValueError("the tokenizer adds special tokens after the text (e.g. add_eos_token=True); "
                          "a prompt must end exactly where its completion starts")
-    first = tokenizer.convert_ids_to_tokens(tokenizer("1", add_special_tokens=False).input_ids)[0]
-    if first.startswith(("\u2581", "\u0120")):  # SentencePiece / byte-level marker of a space
-        raise ValueError("the tokenizer inserts a space before every encoded text (add_prefix_space); "
-                         "completions encoded on their own would start with a spurious space. "
-                         "Load or save the tokenizer with add_prefix_space=False")
     return n
 
 
