@@ -34,7 +34,7 @@ from selfexplore.io import write_json, write_jsonl
 from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
-from selfexplore.prm.config import PRMDataConfig
+from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
@@ -150,19 +150,28 @@ def explore(explorer: str, pairs: str, out_dir: str, task: str = "arith",
 
 def prm_data(explore: str, samples: str, out: str, task: str = "arith", task_options: dict[str, Any] | None = None,
              data_path: str | None = None, k: int | None = None, round: int | None = None,
-             prm: PRMDataConfig | None = None) -> None:
+             prm: PRMDataConfig | None = None, explorer: str | None = None,
+             consensus: ConsensusConfig | None = None, sampling: SamplingConfig | None = None) -> None:
     """Process-reward rows (TRL stepwise supervision) from an explore file -> `out` (prm.jsonl).
 
     `samples` is the file the exploration's pairs were made from (`round_r/explorer_samples.jsonl`):
     its correct rationales become outcome-labelled rows, and every explored rationale must be one
     of its samples. `task`, `task_options`, `data_path` load the problems the run used; `k` and
-    `round` default to what the exploration recorded (shard manifest, `round_N` folder).
+    `round` default to what the exploration recorded (shard manifest, `round_N` folder). With
+    `consensus`, `explorer` (a model folder, sampled as `sampling` says) re-explores every pit.
     """
     from selfexplore.prm.data import write_prm_data
 
     t, problems = _problems(task, task_options, "train", data_path, None)
-    stats = write_prm_data(explore, samples, out, t, {p.id: p for p in problems}, k=k, round_index=round,
-                           config=prm)
+    by_id = {p.id: p for p in problems}
+    if consensus is None:
+        stats = write_prm_data(explore, samples, out, t, by_id, k=k, round_index=round, config=prm)
+    else:
+        if explorer is None:
+            raise SystemExit("prm-data: --consensus needs --explorer (the model to draw fresh completions from)")
+        with get_sampler(sampling or SamplingConfig(), explorer, cache_dir=str(Path(out).parent / "cache")) as sampler:
+            stats = write_prm_data(explore, samples, out, t, by_id, k=k, round_index=round, config=prm,
+                                   sampler=sampler, consensus=consensus)
     print(json.dumps(stats))
 
 

@@ -36,6 +36,9 @@ class StepTask:
     def is_correct(self, text: str, gold: str) -> bool:
         return self.extract_answer(text) == gold
 
+    def first_wrong_step(self, problem, steps: list[str]) -> int | None:
+        return None  # free-form rationales (the Task default)
+
 
 class PoisonSampler:
     """A prefix that holds 'BAD' never recovers; one whose last step says 'HALF' recovers on its third

@@ -9,8 +9,6 @@
     verifier.py   the step / outcome verifier LightningModule and the prm.jsonl LightningDataModule
     implicit.py   a DPO policy's implicit step reward, beta * log(pi / pi_ref) per step
     selectors.py  majority vote, verifier best-of-N, weighted vote, pass@N; accuracy vs N
-
-Design notes: /docs/design.md#process-rewards (rules shared with the explore stage).
 """
 
 from selfexplore.prm.config import ConsensusConfig, PRMDataConfig

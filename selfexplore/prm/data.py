@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 from selfexplore.explore.builders import build_rft_set, read_samples
 from selfexplore.explore.stage import SHARD_DIR
 from selfexplore.io import DataError, iter_jsonl, read_json, require_str, write_json, write_jsonl
-from selfexplore.prm.config import PRMDataConfig
+from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
+from selfexplore.prm.consensus import check_pits, label_quality
 from selfexplore.prm.rows import build_prm_rows
 
 if TYPE_CHECKING:
+    from selfexplore.sampling import Sampler
     from selfexplore.tasks.base import Problem, Task
 
 _ROUND = re.compile(r"round_(\d+)")
@@ -114,12 +116,16 @@ def check_same_samples(records: list[dict[str, Any]], samples: list[dict[str, An
 
 def write_prm_data(explore_path: str | os.PathLike, samples_path: str | os.PathLike, out_path: str | os.PathLike,
                    task: Task, problems_by_id: Mapping[str, Problem], *, k: int | None = None,
-                   round_index: int | None = None, config: PRMDataConfig | None = None) -> dict[str, Any]:
+                   round_index: int | None = None, config: PRMDataConfig | None = None,
+                   sampler: Sampler | None = None, consensus: ConsensusConfig | None = None) -> dict[str, Any]:
     """Build `out_path` (prm.jsonl) and `prm_stats.json` beside it from an explore file and the samples
     it explored (`explorer_samples.jsonl` of the round); return the stats.
 
     `k` and `round_index` default to what the files say (the shard manifest; the `round_N` folder).
-    Nothing is written when a check fails.
+    With `consensus`, `sampler` (the explorer) re-explores every pit (`check_pits`). Where the task
+    knows each rationale's first wrong step (arith), the stats hold the labels' accuracy against it
+    (`label_quality`; `label_quality_confirmed` for the confirmed pits). Nothing is written when a
+    check fails.
     """
     config = config or PRMDataConfig()
     explore_path, samples_path, out_path = Path(explore_path), Path(samples_path), Path(out_path)
@@ -131,6 +137,22 @@ def write_prm_data(explore_path: str | os.PathLike, samples_path: str | os.PathL
     kept = {r["meta"]["sample_id"] for r in build_rft_set(samples, max(config.correct_per_question, 1))} \
         if config.correct_per_question else set()
     rows, stats = build_prm_rows(records, [s for s in samples if s["id"] in kept], task, k, round_index, config)
+    if consensus is not None:
+        if sampler is None:
+            raise ValueError("the consensus check needs a sampler (the explorer) to draw from the pits")
+        rows, checked = check_pits(rows, sampler, task, {q: p.answer for q, p in problems_by_id.items()}, consensus)
+        stats.update(checked)
+    full_steps = {r["sample_id"]: r["steps"] for r in records}
+
+    def first_wrong(r: Mapping[str, Any]) -> int | None:
+        return task.first_wrong_step(problems_by_id[r["question_id"]], full_steps[r["sample_id"]])
+
+    quality = label_quality(rows, first_wrong)
+    if quality:
+        stats["label_quality"] = quality
+    if quality and consensus is not None:
+        stats["label_quality_confirmed"] = label_quality(
+            [r for r in rows if r.get("consensus") and r["consensus"]["confirmed"]], first_wrong)
     stats.update({"round": round_index, "k": k, "explore": str(explore_path), "samples": str(samples_path)})
     write_jsonl(out_path, rows)
     write_json(out_path.with_name("prm_stats.json"), stats)
