@@ -242,14 +242,12 @@ def test_fsdp2_two_process_dpo_on_cpu(tiny_arith_model: Path, tmp_path: Path) ->
         torch.testing.assert_close(got, want, atol=1e-2, rtol=0, msg=name)  # 2 small steps from the start
 
 
-def test_reset_reference_keeps_or_reloads_a_copied_reference(tiny_arith_model: Path) -> None:
-    module = StepDPOModule(ModelSpec(path=str(tiny_arith_model)), reference="copy")
-    module.configure_model()
-    first = module.reference_model
-    module.reference_tables["train"] = ("fingerprint", torch.zeros(1, 2))
-    module.reset_reference()  # reference_update 'keep': same reference, new round's data
-    assert module.reference_model is first and not module.reference_tables
-    module.reset_reference(str(tiny_arith_model))  # 'update': the policy that starts the round
-    assert module.reference_model is None and module.reference_path == str(tiny_arith_model)
-    module.configure_model()
-    assert module.reference_model is not None and module.reference_model is not first
+def test_a_trained_policy_never_stands_in_for_its_start_as_reference(tiny_arith_model: Path, tmp_path: Path) -> None:
+    """A module trained once (an earlier fit) and asked for reference log-probs again must refuse:
+    the policy no longer holds the start weights its reference path names."""
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    module, dm = _prepared(tiny_arith_model, pairs, tmp_path)
+    module.on_before_optimizer_step(torch.optim.SGD(module.policy.parameters(), lr=0.1))
+    (tmp_path / "cache").rename(tmp_path / "old_cache")  # no cached table to reuse
+    with pytest.raises(RuntimeError, match="no longer equals its start weights"):
+        module.precompute_reference(dm.train_dataset, dm)

@@ -12,7 +12,6 @@ import torch
 
 from selfexplore.memory import GIB, auto_memory_utilization, offload_training_state
 from selfexplore.models import load_tokenizer
-from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.factory import get_sampler
 
@@ -103,18 +102,3 @@ def test_offload_moves_optimizer_state_and_drops_gradients() -> None:
     assert moves == ["cpu"] and state["exp_avg"] == "moved"
     assert state["exp_avg_sq"] is cpu_state  # already on the CPU: not copied
     assert all(p.grad is None for p in layer.parameters())
-
-
-def test_round_callback_offloads_before_the_round_samples() -> None:
-    layer = torch.nn.Linear(3, 2)
-    layer(torch.ones(1, 3)).sum().backward()
-    seen: list[bool] = []
-
-    class Runner:
-        def finish_self_explore_round(self, round_index, module, seconds=0.0):
-            seen.append(all(p.grad is None for p in module.parameters()))  # the eval starts an engine here
-            return "policy", {"accuracy": 0.0}
-
-    trainer = SimpleNamespace(optimizers=[torch.optim.SGD(layer.parameters())], logger=None)
-    SelfExploreCallback(Runner(), 1, 1).on_train_end(trainer, layer)
-    assert seen == [True]

@@ -145,23 +145,23 @@ def test_miniature_pipeline_runs_end_to_end(scripted, tmp_path: Path) -> None:
     assert cells[("SFT", "0")][header.index("change")].strip() == "-"
 
 
-def test_callback_points_data_at_next_round_and_keeps_or_updates_reference(scripted, tmp_path, monkeypatch) -> None:
+def test_each_round_trains_its_pairs_from_the_last_policy_against_the_configured_reference(
+        scripted, tmp_path, monkeypatch) -> None:
     seen = []
     original = Pipeline._fit
 
-    def spy(self, module, data, out_dir, epochs, callbacks=None):
-        if callbacks:  # Self-Explore rounds
-            seen.append((Path(data.train_path).parent.parent.name, module.reference_path))
-        return original(self, module, data, out_dir, epochs, callbacks)
+    def spy(self, module, data, out_dir, stage):
+        if Path(out_dir).name == "self_explore":
+            seen.append((Path(data.train_path).parent.parent.name, module.model_spec.path, module.reference_path))
+        return original(self, module, data, out_dir, stage)
 
     monkeypatch.setattr(Pipeline, "_fit", spy)
     for update in ("keep", "update"):
         run = tmp_path / update
         seen.clear()
         run_pipeline(_config(run, reference_update=update, baselines=["self_explore"]))
-        rft = str(run / "round_1/rft/policy")
-        expected_ref = rft if update == "keep" else str(run / "round_1/self_explore/policy")
-        assert seen == [("round_1", rft), ("round_2", expected_ref)]
+        rft, first = str(run / "round_1/rft/policy"), str(run / "round_1/self_explore/policy")
+        assert seen == [("round_1", rft, rft), ("round_2", first, rft if update == "keep" else first)]
 
 
 @pytest.mark.parametrize("rft_init", ["base", "sft"])
@@ -219,10 +219,11 @@ def test_kill_and_resume_at_stage_boundaries_gives_same_artifacts(scripted, tmp_
 
 def test_run_dir_of_another_config_is_refused(scripted, tmp_path: Path) -> None:
     cfg = _config(tmp_path / "run", baselines=[], rounds=1)
-    Pipeline(cfg).build_base()
+    Pipeline(cfg).setup().build_base()
     with pytest.raises(RunStateError, match=r"different configuration \(seed: 0 -> 7\)"):
-        Pipeline(_config(tmp_path / "run", baselines=[], rounds=1, seed=7))
-    assert Pipeline(_config(tmp_path / "run", baselines=[], rounds=1, seed=7), force=True).state.redone == ["base"]
+        Pipeline(_config(tmp_path / "run", baselines=[], rounds=1, seed=7)).setup()
+    forced = Pipeline(_config(tmp_path / "run", baselines=[], rounds=1, seed=7), force=True).setup()
+    assert forced.state.redone == ["base"]
 
 
 def test_held_out_questions_are_sampled_instead_of_the_sft_ones(scripted, tmp_path: Path) -> None:
@@ -239,7 +240,7 @@ def test_held_out_questions_are_sampled_instead_of_the_sft_ones(scripted, tmp_pa
     with pytest.raises(ValueError, match="needs sft_questions"):
         _config(tmp_path / "a", sample_questions="held_out")
     with pytest.raises(ValueError, match="none are left"):
-        Pipeline(_config(tmp_path / "b", sample_questions="held_out", sft_questions=48))
+        Pipeline(_config(tmp_path / "b", sample_questions="held_out", sft_questions=48)).setup()
 
 
 def test_unknown_baseline_is_rejected(tmp_path: Path) -> None:

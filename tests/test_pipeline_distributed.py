@@ -54,10 +54,10 @@ def _rank_main() -> None:
 
     fit = pipeline_run.Pipeline._fit
 
-    def spy(self, module, data, out_dir, epochs, callbacks=None):
-        if callbacks:  # Self-Explore rounds
+    def spy(self, module, data, out_dir, stage):
+        if Path(out_dir).name == "self_explore":
             _event(event="self_explore_fit", train_path=data.train_path, reference=module.reference_path)
-        return fit(self, module, data, out_dir, epochs, callbacks)
+        return fit(self, module, data, out_dir, stage)
 
     pipeline_run.get_sampler = get_sampler
     pipeline_run.Pipeline._fit = spy

@@ -49,6 +49,13 @@ def test_units_to_redo_follow_the_settings_each_unit_reads() -> None:
     assert units_to_redo(["baselines"], UNITS, rounds=2) == []
     assert units_to_redo(["seed"], UNITS, rounds=2) == UNITS  # unknown reach: everything
     assert units_to_redo(["reference_update"], UNITS, rounds=2) == UNITS[UNITS.index("round_2/self_explore"):]
+    # exploration settings never reach outcome DPO, which reads the outcome pairs only
+    outcome = ["round_1/outcome_dpo", "round_1/outcome_dpo/eval.jsonl", "round_1/outcome_dpo/eval"]
+    with_outcome = UNITS[:UNITS.index("round_1/self_explore")] + outcome + UNITS[UNITS.index("round_1/self_explore"):]
+    redone = units_to_redo(["explore.k"], with_outcome, rounds=2)
+    assert redone == [u for u in UNITS[UNITS.index("round_1/explore"):]] and not set(outcome) & set(redone)
+    assert units_to_redo(["dpo.beta"], with_outcome, rounds=2) == outcome + UNITS[UNITS.index("round_1/self_explore"):]
+    assert units_to_redo(["rft_init"], UNITS, rounds=2, rft_init="sft") == UNITS[UNITS.index("round_1/rft"):]
     assert config_diff({"dpo": {"optimizer": {"lr": 1e-6}, "beta": 0.1}},
                        {"dpo": {"optimizer": {"lr": 1e-3}, "beta": 0.1}}) == {"dpo.optimizer.lr": (1e-6, 1e-3)}
 
@@ -95,26 +102,26 @@ def test_every_bad_value_is_listed_before_anything_is_written(tmp_path: Path) ->
 def test_config_errors_found_late_leave_no_state_behind(scripted, tmp_path: Path, bad: dict) -> None:
     run = tmp_path / "run"
     with pytest.raises((ValueError, TypeError, KeyError, FileNotFoundError)):
-        Pipeline(_config(run, **SHORT, **bad))
+        Pipeline(_config(run, **SHORT, **bad)).setup()
     assert not (run / "state.json").exists()
     run_pipeline(_config(run, **SHORT))  # the corrected command is not refused
 
 
 def test_a_run_with_no_completed_unit_takes_any_config(scripted, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    Pipeline(_config(run, **SHORT)).close()
-    Pipeline(_config(run, **SHORT, seed=3)).close()  # nothing was computed under the first config
+    Pipeline(_config(run, **SHORT)).setup().close()
+    Pipeline(_config(run, **SHORT, seed=3)).setup().close()  # nothing was computed under the first config
 
 
 # ----------------------------------------------------------------- the run directory itself
 
 def test_a_moved_run_directory_continues_where_it_stopped(scripted, tmp_path: Path, monkeypatch) -> None:
     run_pipeline(_config(tmp_path / "reference", **SHORT))
-    original = Pipeline.prepare_round
-    monkeypatch.setattr(Pipeline, "prepare_round", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    original = Pipeline.explore
+    monkeypatch.setattr(Pipeline, "explore", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(_config(tmp_path / "first", **SHORT))
-    monkeypatch.setattr(Pipeline, "prepare_round", original)
+    monkeypatch.setattr(Pipeline, "explore", original)
     shutil.move(tmp_path / "first", tmp_path / "moved")
     assert "first" not in (tmp_path / "moved" / "state.json").read_text()  # paths are recorded relative
     monkeypatch.chdir(tmp_path)
@@ -136,11 +143,11 @@ def test_a_second_pipeline_on_a_run_directory_is_refused_until_the_first_ends(sc
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLocked, match=rf"in use by another pipeline \(.*\"pid\": {holder.pid}"):
-            Pipeline(_config(run, **SHORT))
+            Pipeline(_config(run, **SHORT)).setup()
     finally:
         holder.kill()  # a killed holder must not leave the lock behind
         holder.wait()
-    Pipeline(_config(run, **SHORT)).close()
+    Pipeline(_config(run, **SHORT)).setup().close()
     with RunLock(run), pytest.raises(RunLocked):  # also within one process
         RunLock(run).acquire()
 
@@ -244,19 +251,19 @@ def test_a_rank_that_does_not_share_the_run_directory_says_so(tmp_path: Path, mo
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(PipelineError, match="sees no recent state.json from rank 0.*every rank of every node shares"):
-        Pipeline(_config(tmp_path / "run", **SHORT))
+        Pipeline(_config(tmp_path / "run", **SHORT)).setup()
 
 
 def test_engine_knobs_the_explore_schedule_and_logging_do_not_make_another_configuration(scripted, tmp_path: Path) -> None:
     from selfexplore.sampling.base import SamplingConfig
 
     run = tmp_path / "run"
-    first = Pipeline(_config(run, **SHORT))
+    first = Pipeline(_config(run, **SHORT)).setup()
     first.build_base()
     first.close()
     engine = SamplingConfig(n=4, max_new_tokens=48, gpu_memory_utilization=0.5, enforce_eager=True)
     trainer = TrainerConfig(accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1)
     schedule = ExploreConfig(k=2, max_new_tokens=48, schedule="waves")  # when draws are made, not which
-    again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer, explore=schedule))
+    again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer, explore=schedule)).setup()
     assert again.state.done("base") and not again.state.redone
     again.close()

@@ -244,9 +244,9 @@ def test_pipeline_recipe_trains_with_a_tiny_model(recipe: Path, tiny_arith_model
         "--pipeline.dpo.epochs", "1", "--pipeline.dpo.max_length", "96", "--pipeline.dpo.max_prompt_length", "48",
         "--pipeline.sampling.backend", "hf", "--pipeline.sampling.dtype", "auto",
         "--pipeline.eval_limit", "2", "--pipeline.eval_max_new_tokens", "4")
-    run = Pipeline(config)
+    run = Pipeline(config).setup()
     sft = run.train_sft("round_0/sft", str(tiny_arith_model), config.sft)
-    _pairs(tmp_path / "run" / "round_1" / "pairs.jsonl")
-    run.train_outcome_dpo(sft)
+    pairs = _pairs(tmp_path / "run" / "round_1" / "pairs.jsonl")
+    run.evaluate("round_1/outcome_dpo", run.train_dpo("round_1/outcome_dpo", init=sft, reference=sft, pairs=pairs))
     assert (tmp_path / "run" / "round_1" / "outcome_dpo" / "policy" / "config.json").is_file()
     assert run.state.done("round_1/outcome_dpo/eval")

@@ -1,38 +1,24 @@
 """What `pipeline --force` redoes when the configuration of an existing run changed.
 
-Units run in a fixed order and each reads what the ones before it wrote, so a changed setting
-invalidates the first unit that reads it and every unit completed after that one. Evaluation
-settings are the exception: nothing reads an evaluation, so only evaluations are redone. The
-rules are pure functions of the two configs and the completed units (in completion order).
+A changed setting invalidates the units that read it, and every unit that reads (directly or
+through others) what those wrote (`plan.inputs`); nothing else. So a changed exploration
+setting retrains the Self-Explore rounds but not outcome DPO, which never reads an exploration.
+The rules are pure functions of the changed keys and the completed units.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT
+from selfexplore.pipeline.plan import RFT_DATA, inputs
 
 # Settings that only the evaluation units read.
 EVAL_KEYS = ("eval_split", "eval_limit", "eval_max_new_tokens", "eval_samples")
 # Settings that decide which baselines run, not how any unit computes (run_dir: recorded by
 # run directories made before it left the fingerprint).
 SCOPE_KEYS = ("baselines", "run_dir")
-# Top-level setting -> names of the units that read it first (the earliest of them present,
-# and everything completed after it, is redone). A setting not listed redoes every unit.
-FIRST_READERS: dict[str, tuple[str, ...]] = {
-    "sft": ("round_0/sft",),
-    "sft_questions": ("round_0/sft",),
-    "sampling": ("round_0/sft/eval.jsonl", "round_1/samples.jsonl"),
-    "train_questions": ("round_1/samples.jsonl",),
-    "sample_questions": ("round_1/samples.jsonl",),
-    "rft": ("round_1/rft_data",),
-    "rft_max_per_question": ("round_1/rft_data",),
-    "rft_include_gold": ("round_1/rft_data",),
-    "rft_init": ("round_1/rft",),
-    "pairs_include_gold": ("round_1/pairs",),
-    "explore": ("round_1/explore",),
-    "dpo": ("round_1/outcome_dpo", "round_1/self_explore"),
-    "reference_update": ("round_2/self_explore",),  # round 1's reference is the RFT policy either way
-}
 _ROUND = re.compile(r"^round_(\d+)/")
 
 
@@ -40,20 +26,52 @@ def _is_eval(unit: str) -> bool:
     return unit.rsplit("/", 1)[-1].startswith("eval")
 
 
-def units_to_redo(changed: Sequence[str], units: Sequence[str], rounds: int) -> list[str]:
+def _last(unit: str) -> str:
+    return unit.rsplit("/", 1)[-1]
+
+
+def _samples_train_questions(unit: str) -> bool:
+    return _last(unit) in ("samples.jsonl", "explorer_samples.jsonl")
+
+
+def _samples(unit: str) -> bool:
+    """Units that draw from a sampler: sampling, exploration and every evaluation."""
+    return _samples_train_questions(unit) or _last(unit) == "explore" or _is_eval(unit)
+
+
+# Top-level setting -> which units read it themselves. A setting not listed is read by every unit.
+READERS: dict[str, Callable[[str], bool]] = {
+    "sft": lambda u: u == SFT,
+    "sft_questions": lambda u: u in (SFT, RFT_DATA) or _samples_train_questions(u),  # gold set, held-out pool
+    "sampling": _samples,  # exploration inherits the stop strings and the backend
+    "train_questions": _samples_train_questions,
+    "sample_questions": _samples_train_questions,
+    "rft": lambda u: u == RFT,
+    "rft_init": lambda u: u == RFT,
+    "rft_max_per_question": lambda u: u == RFT_DATA or _last(u) == "pairs",
+    "rft_include_gold": lambda u: u == RFT_DATA,
+    "pairs_include_gold": lambda u: _last(u) == "pairs",
+    "explore": lambda u: _last(u) == "explore",
+    "dpo": lambda u: u == OUTCOME_DPO or _last(u) == "self_explore",
+    # round 1's reference is the RFT policy either way
+    "reference_update": lambda u: _last(u) == "self_explore" and not u.startswith("round_1/"),
+    **{key: _is_eval for key in EVAL_KEYS},
+}
+
+
+def units_to_redo(changed: Sequence[str], units: Sequence[str], rounds: int, rft_init: str = "base") -> list[str]:
     """The completed `units` (in completion order) that the `changed` dotted keys invalidate."""
     redo: set[str] = set()
     for key in changed:
         top = key.split(".", 1)[0]
-        if top in EVAL_KEYS:
-            redo.update(u for u in units if _is_eval(u))
-        elif top == "rounds":
+        if top == "rounds":
             redo.update(u for u in units if (m := _ROUND.match(u)) and int(m.group(1)) > rounds)
-        elif top in SCOPE_KEYS:
-            continue
-        else:
-            readers = FIRST_READERS.get(top)
-            first = next((i for i, u in enumerate(units) if readers is None or u in readers), None)
-            if first is not None:
-                redo.update(units[first:])
+        elif top not in SCOPE_KEYS:
+            reads = READERS.get(top, lambda u: True)
+            redo.update(u for u in units if reads(u))
+    grew = True
+    while grew:  # and every unit that reads a redone unit's output, transitively
+        before = len(redo)
+        redo.update(u for u in units if set(inputs(u, rft_init)) & redo)
+        grew = len(redo) > before
     return [u for u in units if u in redo]

@@ -10,6 +10,7 @@
     round_r/explore/{explore,gpairs}.jsonl           exploration records, granular pairs
     round_1/outcome_dpo/policy/                      baseline: DPO on outcome pairs
     round_r/self_explore/policy/                     step-level DPO, round r
+    round_r/self_explore/adapter/                    its LoRA adapter alone (adapter reference, keep)
     <stage>/eval.jsonl, <stage>/eval_sampled.jsonl   greedy (and sampled) evaluation of a stage
     report.md, report.png                            the report
     cache/, reference_cache/, logs/                  vLLM caches, DPO reference log-probs, loggers
@@ -27,6 +28,25 @@ from pathlib import Path
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
+# The stages (a trained policy and its evaluation), named by their directory in the run.
+SFT = "round_0/sft"
+RFT = "round_1/rft"
+OUTCOME_DPO = "round_1/outcome_dpo"
+
+
+def self_explore(round_index: int) -> str:
+    """Round `round_index`'s step-level DPO stage."""
+    return f"round_{round_index}/self_explore"
+
+
+def eval_unit(stage_dir: str) -> str:
+    """The unit that evaluates a stage's policy (its greedy and sampled answers)."""
+    return f"{stage_dir}/eval"
+
+
+def round_unit(round_index: int, name: str) -> str:
+    """A unit of round `round_index` that is not a stage: 'samples.jsonl', 'rft_data', 'pairs', ..."""
+    return f"round_{round_index}/{name}"
 
 
 @dataclass(frozen=True)
@@ -81,7 +101,7 @@ class RunLayout:
 
     # ----- rounds -----------------------------------------------------------------------------
     def round_dir(self, round_index: int) -> Path:
-        return self.root / f"round_{round_index}"
+        return self.root / round_unit(round_index, "").rstrip("/")
 
     def samples(self, round_index: int = 1) -> Path:
         """Samples of the SFT policy, from which RFT data is made (round 1)."""
@@ -114,6 +134,11 @@ class RunLayout:
     def policy(self, stage_dir: str) -> Path:
         """The exported policy of a stage."""
         return self.stage(stage_dir) / "policy"
+
+    def adapter(self, stage_dir: str) -> Path:
+        """A LoRA stage's adapter alone (beside the merged policy): what the next round continues
+        when its reference is the adapter-free base (`dpo.reference: adapter`, `reference_update: keep`)."""
+        return self.stage(stage_dir) / "adapter"
 
     def greedy_eval(self, stage_dir: str) -> Path:
         """The greedy evaluation samples of a stage's policy."""

@@ -1,10 +1,11 @@
 """The one-command pipeline: SFT -> sample -> RFT -> explore -> step-DPO, then more rounds.
 
-Every unit of work writes plain files under `run_dir` (layout: `selfexplore.pipeline.layout`)
-and is then marked complete in `state.json`, so rerunning the same command continues where it
-stopped. Under DDP / FSDP every rank walks the same units: training units are collective,
-sampling, exploration and evaluation are data-parallel (each rank its shards, rank 0 merges),
-and the small rest runs on rank 0 while the others wait for it in `state.json`.
+`Pipeline.run` is the method, round by round, as a plain loop. Every unit of work writes plain
+files under `run_dir` (`selfexplore.pipeline.layout`) and is then marked complete in
+`state.json`, so rerunning the same command continues where it stopped (`Pipeline.unit`).
+Under DDP / FSDP every rank walks the same units: training units are collective, sampling,
+exploration and evaluation are data-parallel (each rank its shards, rank 0 merges), and the
+small rest runs on rank 0 while the others wait for it in `state.json`.
 
 Design notes: docs/design.md#pipeline
 """
@@ -20,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from selfexplore.data.preference import PreferenceDataModule
@@ -29,13 +30,13 @@ from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, rea
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import remove_stale_temporaries, write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
-from selfexplore.pipeline.callback import SelfExploreCallback
 from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
 from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.lock import RunLock
 from selfexplore.pipeline.report import write_report
-from selfexplore.pipeline.layout import RunLayout
+from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT, RunLayout, eval_unit, round_unit, self_explore
+from selfexplore.pipeline.plan import BASE, RFT_DATA, SFT_SAMPLES
 from selfexplore.pipeline.state import RunState, is_rank_zero
 from selfexplore.sampling.base import Sampler
 from selfexplore.sampling.factory import get_sampler
@@ -43,6 +44,7 @@ from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.shards import Workers
 from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
+from selfexplore.training.reference import checkpoint_fingerprint
 from selfexplore.training.sft import SFTModule
 
 
@@ -70,16 +72,30 @@ def collapsed(policy: float, reference: float, uniform: float, kept: float = 0.1
 
 
 class Pipeline:
-    """Runs (or resumes) one configured run; each public step is an idempotent unit."""
+    """Runs (or resumes) one configured run: construct, `setup`, `run`, `close`.
+
+    Each public step is an idempotent unit (`unit`): done units return what they recorded, so
+    `run` states the method once and a resumed run walks the same lines.
+    """
 
     def __init__(self, config: PipelineConfig, force: bool = False) -> None:
         self.cfg = config
-        self.root = Path(config.run_dir)
-        self.layout = RunLayout(config.run_dir)
-        self.rank_zero = is_rank_zero()
         self.force = force
-        # Task, data and splits are checked before anything is written, so a mistake in them
-        # never leaves a run directory that the corrected command is refused.
+        self.layout = RunLayout(config.run_dir)
+        self.root = self.layout.root
+        self.rank_zero = is_rank_zero()
+        self._prompt: Callable[[Problem], str] | None = None
+        self._engine: tuple[str, Sampler] | None = None  # (policy, its open sampler)
+        self._weights: dict[str, str] = {}  # policy path -> content fingerprint (recorded by its unit)
+        self.lock: RunLock | None = None
+
+    def setup(self) -> Pipeline:
+        """Load the task's data, join the run directory (wait for rank 0's, or lock it) and read its state.
+
+        Task, data and splits are checked before anything is written, so a mistake in them never
+        leaves a run directory that the corrected command is refused.
+        """
+        config = self.cfg
         self.task = get_task(config.task, **config.task_options)
         train = self.task.load("train", path=self._data("train"))
         self.gold_problems = train[: config.sft_questions]
@@ -93,17 +109,16 @@ class Pipeline:
         if not self.eval_problems:
             raise ValueError(f"eval_split {config.eval_split!r} has no questions to evaluate")
         self.problems_by_id = {p.id: p for p in self.train_problems}
-        self._prompt: Callable[[Problem], str] | None = None
-        self._engine: tuple[str, Sampler] | None = None  # (policy, its open sampler)
         if not self.rank_zero:
             self._check_run_dir_is_shared()
         self.lock = RunLock(self.root).acquire() if self.rank_zero else None
-        self.state = RunState(self.root, config.fingerprint_dict(), force=force, writer=self.rank_zero)
+        self.state = RunState(self.root, config.fingerprint_dict(), force=self.force, writer=self.rank_zero)
         self.console = Console(config, self.state, {"gold": len(self.gold_problems), "train": len(self.train_problems),
                                                     "eval": len(self.eval_problems)}, enabled=self.rank_zero)
         if self.state.redone:
             log.warning("--force: the changed settings invalidate %d completed units, which are redone: %s",
                         len(self.state.redone), ", ".join(self.state.redone))
+        return self
 
     def _check_run_dir_is_shared(self) -> None:
         """A rank other than 0 must see the state.json rank 0 writes at its start and at every
@@ -118,6 +133,34 @@ class Pipeline:
             f"{SHARED_RUN_DIR_SECONDS:.0f} s; the run directory must be on a file system every rank of every "
             "node shares (e.g. a network file system), and every rank must be started with the same run_dir")
 
+    # ----- the method ------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        """The whole method; returns `report.md` (rank 0; other ranks write nothing and return None)."""
+        cfg = self.cfg
+        self._warn_if_ranks_start_late()
+        base = self.build_base()
+        sft = self.train_sft(SFT, base, cfg.sft)
+        self.evaluate(SFT, sft)
+        samples = self.sample(SFT_SAMPLES, sft, self.train_problems)
+        rft = self.train_sft(RFT, base if cfg.rft_init == "base" else sft, cfg.rft, self.build_rft_data(samples))
+        self.evaluate(RFT, rft)
+        gpairs = self.explore(1, explorer=rft)
+        if "outcome_dpo" in cfg.baselines:
+            outcome = self.train_dpo(OUTCOME_DPO, init=rft, reference=rft, pairs=self.layout.pairs(1))
+            self.evaluate(OUTCOME_DPO, outcome)
+        if "self_explore" in cfg.baselines:
+            policy = rft
+            for r in range(1, cfg.rounds + 1):
+                if r > 1:  # round r: the last round's policy explores, then trains on its own pits
+                    gpairs = self.explore(r, explorer=policy)
+                reference = rft if cfg.reference_update == "keep" else policy
+                policy = self.train_dpo(self_explore(r), init=policy, reference=reference, pairs=gpairs)
+                self.evaluate(self_explore(r), policy)
+        if not self.rank_zero:
+            return None
+        log_round_metrics(cfg.trainer.logger, self.root, self.state.units, cfg.rounds)
+        return write_report(self.root, self.state.units, cfg)
+
     def close(self) -> None:
         """Close the engine and release the run directory (released anyway when this process ends)."""
         self.close_engine()
@@ -130,11 +173,11 @@ class Pipeline:
 
         A `collective` unit (training, export, and the data-parallel sampling, exploration and
         evaluation, whose stages split the work over `Workers`) runs on every rank, any other on
-        rank 0 alone.
-        Rank 0 records the result (or, if `work` raises, the failure); the other ranks wait for
-        that record and return it, so all ranks continue from the same result. `work` may report
-        `seconds` spent before the unit started (a Self-Explore round's training); the unit's
-        own wall time is added to them.
+        rank 0 alone. Rank 0 records the result (or, if `work` raises, the failure); the other
+        ranks wait for that record and return it, so all ranks continue from the same result.
+        A result with a `policy` also records `weights`, the content fingerprint of that folder:
+        what samples and explorations of the policy are keyed by, so a retrained policy at the
+        same path never resumes its predecessor's shards.
         """
         if self.state.done(name):
             missing = self._missing_outputs(self.state.result(name)) if self.rank_zero else []
@@ -142,12 +185,14 @@ class Pipeline:
                 return self._resolved(self.state.result(name))
             if not self.force:
                 raise PipelineError(f"{missing[0]}: file missing, but state.json records unit {name!r} that wrote "
-                                    "it as complete; restore it, or rerun with --force to redo that unit")
+                                    "it as complete; restore it, or rerun with --force true to redo that unit")
             log.warning("--force: %s is missing; redoing unit %s", missing[0], name)
             self.state.forget(name)
         if not (collective or self.rank_zero):
             return self._resolved(self.state.wait_for(name))
-        self.begin(name)
+        self.console.start(name)
+        if self.rank_zero:
+            self.state.start(name)
         start = time.perf_counter()
         try:
             result = work()
@@ -158,18 +203,13 @@ class Pipeline:
             raise
         if not self.rank_zero:
             return self._resolved(self.state.wait_for(name))
-        result["seconds"] = round(result.get("seconds", 0.0) + time.perf_counter() - start, 2)
+        if "policy" in result:
+            result["weights"] = checkpoint_fingerprint(result["policy"])
+        result["seconds"] = round(time.perf_counter() - start, 2)
         stored = self.state.complete(name, {k: self._relative(v) if k in PATH_KEYS else v for k, v in result.items()})
         remove_stale_temporaries(self.root / name)
         self.console.finish(name, stored)
         return self._resolved(stored)
-
-    def begin(self, name: str) -> None:
-        """Announce unit `name` and record it as running (rank 0): in `unit`, or before the fit
-        of a Self-Explore round, whose unit only starts once training is over."""
-        self.console.start(name)
-        if self.rank_zero:
-            self.state.start(name)
 
     def _relative(self, path: str) -> str:
         """A path inside the run directory as recorded: relative to it, so a moved run still works."""
@@ -177,24 +217,31 @@ class Pipeline:
 
     def _resolved(self, result: dict[str, Any]) -> dict[str, Any]:
         """A recorded result with its paths usable again (relative ones are under the run directory)."""
-        return {k: str(self.layout.resolve(v)) if k in PATH_KEYS else v for k, v in result.items()}
+        resolved = {k: str(self.layout.resolve(v)) if k in PATH_KEYS else v for k, v in result.items()}
+        if "policy" in resolved and "weights" in resolved:
+            self._weights[resolved["policy"]] = resolved["weights"]
+        return resolved
+
+    def policy_id(self, policy: str) -> str:
+        """What a policy's samples and explorations are keyed by: the content fingerprint its unit
+        recorded (a run directory from before fingerprints were recorded: hashed now)."""
+        if policy not in self._weights:
+            self._weights[policy] = checkpoint_fingerprint(policy)
+        return self._weights[policy]
 
     def _missing_outputs(self, result: dict[str, Any]) -> list[str]:
         return [path for k, path in self._resolved(result).items() if k in PATH_KEYS and not Path(path).exists()]
 
-    def _trainer(self, out_dir: Path, stage: SFTStageConfig | DPOStageConfig,
-                 callbacks: list[Callback] | None = None) -> Trainer:
+    def _trainer(self, out_dir: Path, stage: SFTStageConfig | DPOStageConfig) -> Trainer:
         s = self.cfg.trainer
-        trainer = Trainer(
+        return Trainer(
             accelerator=s.accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=self._strategy(),
             precision=s.precision,
             max_epochs=stage.epochs, accumulate_grad_batches=stage.accumulate_grad_batches,
             gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
-            logger=build_logger(s.logger, self.root, self._relative(str(out_dir))), default_root_dir=out_dir, enable_checkpointing=False,
-            limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-            enable_progress_bar=s.enable_progress_bar,
-            callbacks=[*([TrainingBar()] if s.enable_progress_bar else []), *(callbacks or [])])
-        return trainer
+            logger=build_logger(s.logger, self.root, self._relative(str(out_dir))), default_root_dir=out_dir,
+            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+            enable_progress_bar=s.enable_progress_bar, callbacks=[TrainingBar()] if s.enable_progress_bar else [])
 
     def _strategy(self) -> str | Strategy:
         """`trainer.strategy`; 'fsdp2' (FSDP2 sharding over every device, a strategy Lightning has
@@ -205,10 +252,12 @@ class Pipeline:
         return ModelParallelStrategy(data_parallel_size=int(s.devices) * s.num_nodes, tensor_parallel_size=1)
 
     def _fit(self, module: LightningModule, data: LightningDataModule, out_dir: Path,
-             stage: SFTStageConfig | DPOStageConfig, callbacks: list[Callback] | None = None) -> None:
+             stage: SFTStageConfig | DPOStageConfig) -> None:
+        """Train `module` (Lightning's teardown moves it and its optimizer states off the accelerator,
+        so the engines that sample next find the memory free once the module is dropped)."""
         self.close_engine()  # an engine never holds the accelerator while a fit trains
         seed_everything(self.cfg.seed, workers=True)
-        self._trainer(out_dir, stage, callbacks).fit(module, datamodule=data)
+        self._trainer(out_dir, stage).fit(module, datamodule=data)
 
     def prompt(self, problem: Problem) -> str:
         """Model input for a problem under the configured prompt format (one place for every stage)."""
@@ -219,20 +268,20 @@ class Pipeline:
         return self._prompt(problem)
 
     # ----- stages ----------------------------------------------------------------------------
-    def build_base(self) -> dict[str, Any]:
+    def build_base(self) -> str:
         def work() -> dict[str, Any]:
             path = Path(self.cfg.model.path)
             if self.cfg.from_scratch is not None and not path.exists():
                 corpus = [self.task.prompt(p) + p.solution for p in self.task.load("train", path=self._data("train"))]
                 build_tiny_llama(corpus, path, self.cfg.from_scratch, seed=self.cfg.seed)
             return {"policy": str(path)}
-        return self.unit("base", work)
+        return self.unit(BASE, work)["policy"]
 
     def _data(self, split: str) -> Path | None:
         return Path(self.cfg.data_dir) / f"{split}.jsonl" if self.cfg.data_dir else None
 
-    def train_sft(self, name: str, init: str, stage: SFTStageConfig, train_path: Path | None = None) -> str:
-        out = self.root / name
+    def train_sft(self, stage_dir: str, init: str, stage: SFTStageConfig, train_path: Path | None = None) -> str:
+        out = self.layout.stage(stage_dir)
 
         def work() -> dict[str, Any]:
             module = SFTModule(replace(self.cfg.model, path=init), optimizer=stage.optimizer, scheduler=stage.scheduler)
@@ -240,18 +289,52 @@ class Pipeline:
                                  train_path=str(train_path) if train_path else None, max_length=stage.max_length,
                                  include_prompt_in_loss=stage.include_prompt_in_loss,
                                  batch_size=stage.batch_size, train_limit=self.cfg.sft_questions, val_limit=0,
-                                 seed=self.cfg.seed,
-                                 prompt_format=self.cfg.prompt_format)
+                                 seed=self.cfg.seed, prompt_format=self.cfg.prompt_format)
             self._fit(module, data, out, stage)
-            module.export(str(out / "policy"))
-            return {"policy": str(out / "policy"), "data": data.stats}
-        return self.unit(name, work, collective=True)["policy"]
+            module.export(str(self.layout.policy(stage_dir)))
+            return {"policy": str(self.layout.policy(stage_dir)), "data": data.stats}
+        return self.unit(stage_dir, work, collective=True)["policy"]
+
+    def train_dpo(self, stage_dir: str, init: str, reference: str, pairs: Path) -> str:
+        """DPO from `init` against `reference` on `pairs` (outcome pairs, or a round's granular ones)."""
+        stage = self.cfg.dpo
+        self._require_pairs(pairs, "granular pairs" if stage_dir != OUTCOME_DPO else "outcome pairs")
+
+        def work() -> dict[str, Any]:
+            module = self._dpo_module(init, reference, stage)
+            self._fit(module, self._preference_data(pairs, stage), self.layout.stage(stage_dir), stage)
+            self._check_not_collapsed(stage_dir, module)
+            result = {"policy": str(self.layout.policy(stage_dir))}
+            module.export(result["policy"])
+            if stage.reference == "adapter":  # what a next round continues under 'keep' (see _dpo_module)
+                module.export(str(self.layout.adapter(stage_dir)), merge=False)
+                result["adapter"] = str(self.layout.adapter(stage_dir))
+            return result
+        return self.unit(stage_dir, work, collective=True)["policy"]
 
     def _dpo_module(self, init: str, reference: str, stage: DPOStageConfig) -> StepDPOModule:
+        """The DPO module whose policy starts as `init` and whose reference is `reference`.
+
+        With `reference: adapter` the reference is the policy's base with its adapter disabled, so
+        a policy that does not start from its reference (a later round under 'keep') is that
+        reference plus the adapter the previous round trained, continued.
+        """
+        spec = replace(self.cfg.model, path=init)
+        if stage.reference == "adapter" and init != reference:
+            spec = replace(self.cfg.model, path=reference, lora=None, adapter_path=self._adapter_of(init))
         return StepDPOModule(
-            replace(self.cfg.model, path=init), loss=stage.loss, reference=stage.reference,
+            spec, loss=stage.loss, reference=stage.reference,
             reference_path=None if stage.reference == "adapter" else reference,
             reference_cache_dir=str(self.layout.reference_cache), optimizer=stage.optimizer, scheduler=stage.scheduler)
+
+    def _adapter_of(self, policy: str) -> str:
+        """The saved adapter of a recorded DPO policy (`train_dpo` writes it beside the merged one)."""
+        for result in self.state.units.values():
+            resolved = self._resolved(result)
+            if resolved.get("policy") == policy and "adapter" in resolved:
+                return resolved["adapter"]
+        raise PipelineError(f"{policy}: no saved adapter recorded for it, which dpo.reference 'adapter' with "
+                            "reference_update 'keep' continues in the next round; rerun with --force true")
 
     def _preference_data(self, pairs: Path, stage: DPOStageConfig) -> PreferenceDataModule:
         return PreferenceDataModule(train_path=str(pairs), max_length=stage.max_length,
@@ -260,7 +343,8 @@ class Pipeline:
 
     def sample(self, name: str, policy: str, problems: list, greedy: bool = False,
                n: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
-        """Graded samples of `policy` (`n`, default sampling.n, per question; one greedy answer when `greedy`).
+        """Graded samples of `policy` (`n`, default sampling.n, per question; one greedy answer when `greedy`)
+        in unit `name` (the samples file, relative to the run directory).
 
         Data-parallel: every rank samples its shards with its own engine, rank 0 merges.
         """
@@ -271,7 +355,7 @@ class Pipeline:
             config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self._seed(s.seed))
             workers = self._workers()
             stats = run_sample_stage(self._sampler(policy, workers), self.task, problems, self.root / name, config,
-                                     model=self._relative(policy), settings={"batch_size": s.batch_size},
+                                     model=self.policy_id(policy), settings={"batch_size": s.batch_size},
                                      force=self.force, progress=self.cfg.trainer.enable_progress_bar,
                                      prompt=self.prompt, workers=workers, abort=self._abort(name))
             return {} if stats is None else {"path": str(self.root / name), **stats.to_dict()}
@@ -320,25 +404,30 @@ class Pipeline:
         return None if self.rank_zero else (lambda: self.state.check_rank_zero(name))
 
     def evaluate(self, stage_dir: str, policy: str) -> dict[str, Any]:
-        result = self.sample(f"{stage_dir}/eval.jsonl", policy, self.eval_problems, greedy=True)
-        metrics = {"accuracy": result.get("pass_rate_mean"), "num_eval": result.get("questions")}
-        if self.cfg.eval_samples:
-            sampled = self.sample(f"{stage_dir}/eval_sampled.jsonl", policy, self.eval_problems,
-                                  n=self.cfg.eval_samples, max_new_tokens=self.cfg.eval_max_new_tokens)
-            metrics["sampled_accuracy"] = sampled.get("pass_rate_mean")
-        return metrics
+        """Greedy (and, with `eval_samples`, sampled) accuracy of a stage's policy on the eval split."""
+        def work() -> dict[str, Any]:
+            result = self.sample(self._relative(str(self.layout.greedy_eval(stage_dir))), policy, self.eval_problems,
+                                 greedy=True)
+            metrics = {"accuracy": result.get("pass_rate_mean"), "num_eval": result.get("questions")}
+            if self.cfg.eval_samples:
+                sampled = self.sample(self._relative(str(self.layout.eval_sampled(stage_dir))), policy,
+                                      self.eval_problems, n=self.cfg.eval_samples,
+                                      max_new_tokens=self.cfg.eval_max_new_tokens)
+                metrics["sampled_accuracy"] = sampled.get("pass_rate_mean")
+            return metrics
+        return self.unit(eval_unit(stage_dir), work, collective=True)
 
-    def build_rft_data(self, round_index: int, samples_path: str) -> Path:
-        out = self.root / f"round_{round_index}" / "rft.jsonl"
+    def build_rft_data(self, samples: dict[str, Any]) -> Path:
+        out = self.layout.rft()
 
         def work() -> dict[str, Any]:
-            records = build_rft_set(read_samples(samples_path), max_per_question=self.cfg.rft_max_per_question)
+            records = build_rft_set(read_samples(samples["path"]), max_per_question=self.cfg.rft_max_per_question)
             if self.cfg.rft_include_gold:
                 records += [{"prompt": self.prompt(p), "response": p.solution,
                              "meta": {"question_id": p.id, "sample_id": "gold"}}
                             for p in self.gold_problems]
             return {"path": str(out), "records": write_jsonl(out, records)}
-        self.unit(f"round_{round_index}/rft_data", work)
+        self.unit(RFT_DATA, work)
         return out
 
     def _gold_sample(self, problem: Problem) -> dict[str, Any]:
@@ -346,19 +435,20 @@ class Pipeline:
         return {"id": f"{problem.id}:gold", "question_id": problem.id, "prompt": self.prompt(problem),
                 "completion": problem.solution, "correct": True}
 
-    def prepare_round(self, round_index: int, explorer: str) -> Path:
-        """Samples of `explorer` -> outcome pairs -> first-pit exploration -> granular pairs."""
-        rd = f"round_{round_index}"
-        samples = self.sample(f"{rd}/explorer_samples.jsonl", explorer, self.train_problems)
+    def explore(self, round_index: int, explorer: str) -> Path:
+        """Samples of `explorer` -> outcome pairs -> first-pit exploration -> granular pairs (their path)."""
+        layout = self.layout
+        samples = self.sample(self._relative(str(layout.explorer_samples(round_index))), explorer,
+                              self.train_problems)
 
         def pairs_work() -> dict[str, Any]:
             records = read_samples(samples["path"])
             candidates = records + [self._gold_sample(p) for p in self.train_problems] \
                 if self.cfg.pairs_include_gold else records
             pairs = build_outcome_pairs(candidates, round_index=round_index, max_per_question=self.cfg.rft_max_per_question)
-            return {"path": str(self.root / rd / "pairs.jsonl"), "pairs": write_jsonl(self.root / rd / "pairs.jsonl", pairs),
+            return {"path": str(layout.pairs(round_index)), "pairs": write_jsonl(layout.pairs(round_index), pairs),
                     **sample_stats(records)}
-        pairs = self.unit(f"{rd}/pairs", pairs_work)
+        pairs = self.unit(round_unit(round_index, "pairs"), pairs_work)
         self._require_pairs(Path(pairs["path"]), "outcome pairs")  # nothing to explore without them
 
         def explore_work() -> dict[str, Any]:
@@ -366,51 +456,12 @@ class Pipeline:
             config = replace(e, round=round_index, seed=self._seed(e.seed) + round_index)
             workers = self._workers()
             stats = run_explore_stage(self._sampler(explorer, workers), self.task, pairs["path"], self.problems_by_id,
-                                      self.layout.explore_dir(round_index),
-                                      config.inherit_stop(self.cfg.sampling.stop), model=self._relative(explorer),
+                                      layout.explore_dir(round_index),
+                                      config.inherit_stop(self.cfg.sampling.stop), model=self.policy_id(explorer),
                                       force=self.force, prompt=self.prompt, workers=workers,
-                                      abort=self._abort(f"{rd}/explore"))
-            return {} if stats is None else {"path": str(self.layout.gpairs(round_index)), **stats}
-        return Path(self.unit(f"{rd}/explore", explore_work, collective=True)["path"])
-
-    def finish_self_explore_round(self, round_index: int, module: StepDPOModule | None,
-                                  seconds: float = 0.0) -> tuple[str, dict[str, float]]:
-        """Export (once) and evaluate the policy trained in round `round_index` (the callback, every rank)."""
-        name = f"round_{round_index}/self_explore"
-
-        def export() -> dict[str, Any]:
-            if module is None:
-                raise RuntimeError(f"{name} was never trained; nothing to evaluate")
-            self._check_not_collapsed(name, module)
-            module.export(str(self.root / name / "policy"))
-            return {"policy": str(self.root / name / "policy"), "seconds": seconds}
-        policy = self.unit(name, export, collective=True)["policy"]
-        metrics = self.unit(f"{name}/eval", lambda: self.evaluate(name, policy), collective=True)
-        return policy, {"accuracy": metrics["accuracy"], "round": float(round_index)}
-
-    # ----- the whole run ---------------------------------------------------------------------
-    def run(self) -> Path | None:
-        """The whole method; returns `report.md` (rank 0; other ranks write nothing and return None)."""
-        cfg = self.cfg
-        self._warn_if_ranks_start_late()
-        base = self.build_base()["policy"]
-        sft = self.train_sft("round_0/sft", base, cfg.sft)
-        self.unit("round_0/sft/eval", lambda: self.evaluate("round_0/sft", sft), collective=True)
-        samples = self.sample("round_1/samples.jsonl", sft, self.train_problems)
-        rft_init = base if cfg.rft_init == "base" else sft
-        rft = self.train_sft("round_1/rft", rft_init, cfg.rft, self.build_rft_data(1, samples["path"]))
-        self.unit("round_1/rft/eval", lambda: self.evaluate("round_1/rft", rft), collective=True)
-        gpairs = self.prepare_round(1, explorer=rft)
-        if "outcome_dpo" in cfg.baselines:
-            self.train_outcome_dpo(rft)
-        if "self_explore" in cfg.baselines:
-            self.train_self_explore(rft, gpairs)
-            for r in range(1, cfg.rounds + 1):  # a kill between a round's export and its eval
-                self.finish_self_explore_round(r, None)
-        if not self.rank_zero:
-            return None
-        log_round_metrics(cfg.trainer.logger, self.root, self.state.units, cfg.rounds)
-        return write_report(self.root, self.state.units, cfg)
+                                      abort=self._abort(round_unit(round_index, "explore")))
+            return {} if stats is None else {"path": str(layout.gpairs(round_index)), **stats}
+        return Path(self.unit(round_unit(round_index, "explore"), explore_work, collective=True)["path"])
 
     def _check_not_collapsed(self, name: str, module: StepDPOModule) -> None:
         """Stop at a DPO policy that training destroyed, before it is exported and evaluated
@@ -422,48 +473,18 @@ class Pipeline:
         raise PipelineError(
             f"{name}: the trained policy collapsed: it gives the chosen responses {policy:.3g} log-prob per token "
             f"(uniform guessing: {uniform:.2f}, the reference: {reference:.3g}). The step size is too large for "
-            f"this model (dpo.optimizer.lr={self.cfg.dpo.optimizer.lr}, dpo.optimizer.name={self.cfg.dpo.optimizer.name!r}): lower dpo.optimizer.lr and "
-            "rerun (completed units are kept)")
+            f"this model (dpo.optimizer.lr={self.cfg.dpo.optimizer.lr}, "
+            f"dpo.optimizer.name={self.cfg.dpo.optimizer.name!r}): lower dpo.optimizer.lr and rerun with "
+            "--force true (it redoes only the DPO units and what follows them; the rest is kept)")
 
     def _require_pairs(self, path: Path, what: str) -> None:
         if not path.is_file():
             raise PipelineError(f"{path}: file missing (the unit that writes it is complete); restore it, or "
-                                "rerun with --force to redo that unit")
+                                "rerun with --force true to redo that unit")
         if not path.stat().st_size:
             raise PipelineError(
                 f"{path}: no {what}. The policy needs questions it answers right in some samples and wrong in "
                 "others; train SFT longer, sample more (sampling.n), or make the task easier (task_options).")
-
-    def train_outcome_dpo(self, rft: str) -> None:
-        name = "round_1/outcome_dpo"
-        self._require_pairs(self.root / "round_1" / "pairs.jsonl", "outcome pairs")
-
-        def work() -> dict[str, Any]:
-            module = self._dpo_module(rft, rft, self.cfg.dpo)
-            self._fit(module, self._preference_data(self.root / "round_1" / "pairs.jsonl", self.cfg.dpo),
-                      self.root / name, self.cfg.dpo)
-            self._check_not_collapsed(name, module)
-            module.export(str(self.root / name / "policy"))
-            return {"policy": str(self.root / name / "policy")}
-        policy = self.unit(name, work, collective=True)["policy"]
-        self.unit(f"{name}/eval", lambda: self.evaluate(name, policy), collective=True)
-
-    def train_self_explore(self, rft: str, gpairs: Path) -> None:
-        """Round after round of step-level DPO; the callback prepares each next round."""
-        cfg = self.cfg
-        first = next((r for r in range(1, cfg.rounds + 1) if not self.state.done(f"round_{r}/self_explore")), None)
-        if first is None:
-            return
-        start = rft if first == 1 else self._resolved(self.state.result(f"round_{first - 1}/self_explore"))["policy"]
-        reference = rft if cfg.reference_update == "keep" else start
-        gpairs = gpairs if first == 1 else self.prepare_round(first, explorer=start)
-        self._require_pairs(gpairs, "granular pairs")
-        module = self._dpo_module(start, reference, cfg.dpo)
-        data = self._preference_data(gpairs, cfg.dpo)
-        callback = SelfExploreCallback(self, first, cfg.rounds, cfg.reference_update)
-        for r in range(first, cfg.rounds + 1):
-            self.begin(f"round_{r}/self_explore")
-            self._fit(module, data, self.root / f"round_{r}" / "self_explore", cfg.dpo, [callback])
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False, verbose: bool = False) -> Path | None:
@@ -473,7 +494,7 @@ def run_pipeline(config: PipelineConfig, force: bool = False, verbose: bool = Fa
     `pipeline.console`); rank 0 logs everything to `run_dir/pipeline.log`.
     """
     with console_session(Path(config.run_dir) / "pipeline.log" if is_rank_zero() else None, verbose):
-        pipeline = Pipeline(config, force=force)
+        pipeline = Pipeline(config, force=force).setup()
         try:
             return pipeline.run()
         finally:

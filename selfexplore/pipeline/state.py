@@ -102,7 +102,8 @@ class RunState:
             raise RunStateError(
                 f"{self.path.parent} was made by a different configuration ({format_diff(diff)}); use another "
                 "run_dir, or --force to redo the completed units these settings affect")
-        self.redone = units_to_redo(list(diff), list(self.units), int(self.config.get("rounds", 1)))
+        self.redone = units_to_redo(list(diff), list(self.units), int(self.config.get("rounds", 1)),
+                                   str(self.config.get("rft_init", "base")))
         for unit in self.redone:
             del self.units[unit]
         self.forced.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"),

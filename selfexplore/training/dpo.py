@@ -67,16 +67,11 @@ class StepDPOModule(PolicyModule):
         self.reference_model: torch.nn.Module | None = None
         # split -> (data fingerprint, [N, 2] table of chosen / rejected reference log-probs)
         self.reference_tables: dict[str, tuple[str, torch.Tensor]] = {}
+        # Once an optimizer stepped, the policy no longer holds its start weights, so it can no
+        # longer stand in for a reference that is its start (kept across fits, unlike global_step).
+        self.policy_trained = False
 
     # ----- reference -----------------------------------------------------------------------
-    def reset_reference(self, reference_path: str | None = None) -> None:
-        """Before the next `fit` (a new round): recompute the reference log-probs on its data,
-        from `reference_path` when given (reference_update 'update'), else the same reference."""
-        if reference_path is not None:
-            self.reference_path = reference_path
-            self.reference_model = None  # a 'copy' reference is reloaded from the new path
-        self.reference_tables.clear()
-
     def reference_is_start(self) -> bool:
         """Whether the reference is the policy's starting weights (the paper's first round and the
         outcome-DPO baseline), which the policy itself then provides before its first step."""
@@ -158,9 +153,9 @@ class StepDPOModule(PolicyModule):
             rank_zero_info(f"Reference log-probs: reusing {cache}")
             return table
         use_policy = self.reference_is_start()
-        if use_policy and self.global_step > 0:
-            raise RuntimeError("reference log-probs are needed after training started, when the policy no "
-                               "longer equals the reference: set reference_path")
+        if use_policy and self.policy_trained:
+            raise RuntimeError("reference log-probs are needed after this policy was trained, when it no longer "
+                               "equals its start weights, the reference: build a new module (or set reference_path)")
         model = self.policy if use_policy else self._load_reference()
         was_training = model.training
         model.eval()
@@ -177,6 +172,9 @@ class StepDPOModule(PolicyModule):
         return table
 
     # ----- steps ---------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.policy_trained = True
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         chosen, rejected = self._batch_logps(self.policy, batch)
         ref_chosen, ref_rejected = self.reference_logps(batch, "train" if stage == "train" else "val")

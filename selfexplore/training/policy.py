@@ -118,8 +118,10 @@ class PolicyModule(LightningModule):
         if self.export_dir:
             self.export(self.export_dir)
 
-    def export(self, out_dir: str) -> Path | None:
+    def export(self, out_dir: str, merge: bool | None = None) -> Path | None:
         """Save the policy as an HF folder from rank 0; returns None on the other ranks.
+
+        `merge` (default `export_merged`): fold a LoRA adapter into the weights, or save it alone.
 
         Sharded weights (FSDP2 via ModelParallelStrategy, FSDP1 via FSDPStrategy) are first
         gathered to full tensors on rank 0's CPU and saved as they are (no second model is
@@ -128,7 +130,8 @@ class PolicyModule(LightningModule):
         state = self._gather_sharded_policy()
         if self.global_rank != 0:
             return None
-        path = export_policy(self.policy, self.tokenizer, out_dir, merge=self.export_merged, state_dict=state)
+        merge = self.export_merged if merge is None else merge
+        path = export_policy(self.policy, self.tokenizer, out_dir, merge=merge, state_dict=state)
         rank_zero_info(f"Exported policy to {path}")
         return path
 
