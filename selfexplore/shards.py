@@ -10,6 +10,7 @@ records, not a collective that a long sampling unit would time out.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from selfexplore.configdiff import config_diff, format_diff
+from selfexplore.hashing import file_sha256
 from selfexplore.io import DataError, read_json, write_json, write_jsonl
 
 
@@ -47,6 +49,8 @@ def load_manifest(path: Path, settings: dict[str, Any], manifest_format: int, fo
     shutil.rmtree(path.parent)
     return {}
 
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------- data-parallel shard folders
 # Launchers name a process's rank in these (torchrun: RANK/WORLD_SIZE; srun: SLURM_*;
@@ -103,8 +107,10 @@ class ShardFolder:
 
     Rank 0 guards the folder (`load_manifest`: refuse another config unless force) and writes
     the manifest; the other ranks wait for a manifest of the same config before they write.
-    A shard is done when its records file and then its meta file (counts, the writing rank)
-    exist; each is written atomically, so a kill leaves a shard done or absent. A rank that
+    A shard is done when its records file and then its meta file (counts, the content hash, the
+    writing rank) exist and the file still has that content; each is written atomically, so a
+    kill leaves a shard done or absent, and a shard changed since (edited, truncated, records
+    duplicated) is redone, never merged. A rank that
     fails records its error; rank 0, waiting for the other ranks' shards, raises with it.
     """
 
@@ -114,6 +120,7 @@ class ShardFolder:
         self.directory, self.stage, self.settings = Path(directory), stage, settings
         self.format, self.workers, self.shard_name = manifest_format, workers, shard_name
         self.abort = abort  # raises when the waiting should stop (e.g. rank 0 recorded a failure)
+        self._verified: dict[Path, tuple[int, int]] = {}  # shard -> (size, mtime) its hash was checked at
 
     @property
     def manifest(self) -> Path:
@@ -149,20 +156,30 @@ class ShardFolder:
         return self.directory / f"failed.rank{rank}.json"
 
     def done(self, index: int) -> bool:
-        """Whether shard `index` is complete: its meta exists and its file holds that many records."""
+        """Whether shard `index` is complete: its meta exists and its file holds what the meta recorded."""
         meta, path = self._meta(index), self.path(index)
         if not (meta.is_file() and path.is_file()):
             return False
-        with path.open("r", encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip()) == read_json(meta).get("records")
+        stat = path.stat()
+        if self._verified.get(path) == (stat.st_size, stat.st_mtime_ns):
+            return True  # polled again while waiting: unchanged since its hash was checked
+        recorded = read_json(meta).get("sha256")
+        if recorded != file_sha256(path):
+            log.warning("%s: its content is not what %s recorded (changed since it was written); redoing it",
+                        path, meta.name)
+            return False
+        self._verified[path] = (stat.st_size, stat.st_mtime_ns)
+        return True
 
     def todo(self, count: int) -> list[int]:
         """This rank's shards among `count` that are not done yet."""
         return [i for i in range(count) if self.workers.owns(i) and not self.done(i)]
 
     def write(self, index: int, records: list[dict[str, Any]], meta: Mapping[str, Any]) -> None:
-        write_jsonl(self.path(index), records)
-        write_json(self._meta(index), {**meta, "records": len(records), "rank": self.workers.rank})
+        path = self.path(index)
+        write_jsonl(path, records)
+        write_json(self._meta(index), {**meta, "records": len(records), "sha256": file_sha256(path),
+                                       "rank": self.workers.rank})
 
     def meta(self, index: int) -> dict[str, Any]:
         return read_json(self._meta(index))

@@ -137,6 +137,26 @@ def test_a_world_size_that_does_not_divide_the_shards_and_a_resume_with_another(
     assert out.read_bytes() == (tmp_path / "ref" / "samples.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize("tamper", ["edit a completion", "flip a grade", "duplicate a record"])
+def test_a_shard_changed_after_it_was_written_is_redone_never_merged(tmp_path: Path, tamper: str) -> None:
+    out = tmp_path / "samples.jsonl"
+    _sample(out, Workers())
+    expected = out.read_bytes()
+    shard = tmp_path / "samples.shards" / "00001.jsonl"
+    lines = shard.read_text().splitlines()
+    first = json.loads(lines[0])
+    if tamper == "edit a completion":
+        first["completion"] = "so the answer is 999"
+    elif tamper == "flip a grade":
+        first["correct"] = not first["correct"]
+    lines = [json.dumps(first), *lines[1:]] if tamper != "duplicate a record" else [lines[0], lines[0], *lines[2:]]
+    shard.write_text("".join(line + "\n" for line in lines))  # same number of records as its meta says
+    rerun = SeededSampler()
+    stats = _sample(out, Workers(), rerun)
+    assert len(rerun.seeds) == 1 and stats.resumed_shards == 4  # the changed shard only is sampled again
+    assert out.read_bytes() == expected
+
+
 class BatchVariantSampler(RandomSampler):
     """Like a real engine, a draw also depends on what shares its call (padding, kernel shapes and
     float rounding), here on the call's size: only equal calls give equal draws."""
