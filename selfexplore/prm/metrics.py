@@ -85,3 +85,15 @@ class FirstErrorMetrics(Metric):
         acc_cor = self.cor_hit / self.cor_total.clamp_min(1)
         return {"acc_err": acc_err.float(), "acc_cor": acc_cor.float(),
                 "f1": torch.tensor(harmonic_mean(float(acc_err), float(acc_cor)))}
+
+
+def evaluate_scores(row_scores: Sequence[Sequence[float]], row_labels: Sequence[Sequence[bool]],
+                    threshold: float) -> dict[str, float]:
+    """Every metric of this module for any scorer's per-step scores (a verifier's, the implicit
+    reward's, a baseline's) against prm.jsonl labels, as plain floats."""
+    steps, first = StepMetrics(threshold), FirstErrorMetrics(threshold)
+    scores = [torch.as_tensor(s, dtype=torch.float) for s in row_scores]
+    labels = [torch.as_tensor(x, dtype=torch.bool) for x in row_labels]
+    steps.update(torch.cat(scores), torch.cat(labels))
+    first.update(scores, labels)
+    return {k: float(v) for k, v in {**steps.compute(), **first.compute()}.items()}
