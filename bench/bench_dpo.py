@@ -28,43 +28,41 @@ Definitions:
   printed; real-token throughput is what is compared.
 - peak_rss_mb: `ru_maxrss` of a fresh subprocess per configuration (imports + model + data +
   precompute + training); baseline_rss_mb is the RSS after imports, before anything else.
-- dpo_first_batch_loss: both implementations on the first `--batch-size` pairs of the file
-  (file order), policy = the base model with seeded Gaussian noise added to every weight,
-  reference = the base model (so the loss is not trivially log 2). Ours: `StepDPOModule`
-  with the reference table from its own `precompute_reference`, then its training-step loss.
-  TRL: `DPOTrainer(ref_model=base, precompute_ref_log_probs=True)`, its collator on its own
-  tokenization of the same pairs, then `compute_loss`. TRL tokenizes prompt+completion as one
-  text (EOS appended as text) and splits at the common prefix; ours tokenizes the prompt and
-  each completion separately. The bench checks that the token ids agree for every pair and
-  prints the number of mismatching pairs (0 expected: prompts end with a newline, which our
-  digit-splitting byte-level BPE never merges with the next token).
+- dpo_loss: both implementations' mean loss over every pair of the file, policy = the base
+  model with seeded Gaussian noise added to every weight, reference = the base model (so the
+  loss is not trivially log 2). Ours: `Trainer.validate` of `StepDPOModule` on the pairs (its
+  reference table precomputed as in training). TRL: `DPOTrainer(ref_model=base,
+  precompute_ref_log_probs=True)`, its collator on its own tokenization of the same pairs, then
+  `compute_loss` per batch. TRL tokenizes prompt+completion as one text (EOS appended as text)
+  and splits at the common prefix; ours tokenizes the prompt and each completion separately.
+  The bench checks that the token ids agree for every pair and prints the number of
+  mismatching pairs (0 expected: prompts end with a newline, which our digit-splitting
+  byte-level BPE never merges with the next token).
+
+Without TRL installed, only our side runs (and a `skipped` line says so); `--smoke` runs that
+in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import random
 import re
 import resource
 import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MODEL_SHAPE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 352,
-               "vocab_size": 320, "max_position_embeddings": 256}
+from _harness import bench_parser, build_arith_model, emit, median, parse_args, run_worker, serve_worker
+
+SHAPE = "small"  # selfexplore.models.tiny.TINY_SHAPES
 TASK_OPTIONS = {"min_steps": 2, "max_steps": 4, "operations": ["+", "-"], "max_operand": 9, "max_value": 30}
 EQUATION = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")
-
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 # ----- data and models (parent process) ---------------------------------------------------
@@ -121,13 +119,12 @@ def prepare(work: Path, num_pairs: int, max_length: int, max_prompt_length: int,
     import torch
 
     from selfexplore.io import write_jsonl
-    from selfexplore.models import ModelSpec, TinyLlamaConfig, build_tiny_llama, load_model, load_tokenizer
+    from selfexplore.models import ModelSpec, load_model, load_tokenizer
     from selfexplore.tasks import get_task
 
     task = get_task("arith", **TASK_OPTIONS)
     problems = task.load("train")
-    texts = [task.prompt(p) + p.solution for p in problems]
-    base = build_tiny_llama(texts, work / "base", TinyLlamaConfig(**MODEL_SHAPE))
+    base = build_arith_model(work / "base", SHAPE, TASK_OPTIONS)
     tokenizer = load_tokenizer(base)
     dropped = 0
 
@@ -173,7 +170,7 @@ def window_stats(ends: list[float], tokens: list[int], padded: list[int], warmup
         seconds.append(round(dt, 3))
         real.append(n)
     timed = slice(warmup, need)
-    return {"tokens_per_sec": round(statistics.median(rates), 1),
+    return {"tokens_per_sec": round(median(rates), 1),
             "repeat_tokens_per_sec": [round(x, 1) for x in rates], "repeat_seconds": seconds,
             "real_tokens_per_repeat": real,
             "pad_fraction": round(1 - sum(tokens[timed]) / sum(padded[timed]), 4)}
@@ -279,87 +276,80 @@ def run_trl(args: argparse.Namespace, work: Path, root: Path) -> dict[str, Any]:
 
 
 def run_loss(args: argparse.Namespace, work: Path, root: Path) -> dict[str, Any]:
-    """First-batch loss of both implementations (policy = perturbed base, reference = base)."""
+    """Mean loss over all pairs of both implementations (policy = perturbed base, reference = base)."""
     import torch
-    import trl
+    from lightning.pytorch import Trainer
 
     from selfexplore.data.preference import PreferenceDataModule
     from selfexplore.models import ModelSpec
     from selfexplore.training.dpo import StepDPOModule
     from selfexplore.training.losses import DPOLossConfig
 
-    b = args.batch_size
-    data = PreferenceDataModule(str(work / "pairs.jsonl"), tokenizer_path=str(work / "base"),
-                                max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=b)
-    data.setup("fit")
-    ours_examples = data.train_dataset.examples
+    pairs = str(work / "pairs.jsonl")
+    data = PreferenceDataModule(pairs, val_path=pairs, tokenizer_path=str(work / "base"), max_length=args.max_length,
+                                max_prompt_length=args.max_prompt_length, batch_size=args.batch_size)
     module = StepDPOModule(ModelSpec(path=str(work / "policy")), loss=DPOLossConfig(beta=args.beta),
                            reference="precomputed", reference_path=str(work / "base"),
                            reference_cache_dir=str(root / "reference_cache"))
-    module.configure_model()
-    table = module.precompute_reference(data.train_dataset, data)
-    module.reference_tables["train"] = (data.train_dataset.fingerprint(), table)
-    module.policy.train()
-    batch = data.collate([ours_examples[i] for i in range(b)])
-    with torch.no_grad():
-        ours = float(module._step(batch, "train"))
+    trainer = Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(root))
+    [metrics] = trainer.validate(module, datamodule=data, verbose=False)
+    ours = float(metrics["val/loss"])
+    examples = data.val_dataset.examples
+    result: dict[str, Any] = {"selfexplore": ours, "pairs_compared": len(examples)}
+    if importlib.util.find_spec("trl") is None:
+        return {**result, "trl": None}
+    import trl
 
-    trainer = make_trl_trainer(args, work, root, str(work / "policy"), str(work / "base"))
-    trl_rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    trl_trainer = make_trl_trainer(args, work, root, str(work / "policy"), str(work / "base"))
+    rows = [trl_trainer.train_dataset[i] for i in range(len(trl_trainer.train_dataset))]
     mismatched = sum((row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
-                     != (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"])
-                     for row, e in zip(trl_rows, ours_examples))
-    mismatched += abs(len(trl_rows) - len(ours_examples))
-    trl_batch = trainer.data_collator(trl_rows[:b])
-    trainer.model.train()
+                     != (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for row, e in zip(rows, examples))
+    mismatched += abs(len(rows) - len(examples))
+    trl_trainer.model.train()
+    total = 0.0
     with torch.no_grad():
-        theirs = float(trainer.compute_loss(trainer.model, trl_batch))
-    ref_diff = float((torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in trl_rows])
-                      - table).abs().max())
-    return {"selfexplore": ours, "trl": theirs, "abs_diff": abs(ours - theirs), "tolerance": 1e-4,
-            "agree": abs(ours - theirs) <= 1e-4, "pairs_in_batch": b,
-            "tokenization_mismatched_pairs": mismatched, "pairs_compared": len(ours_examples),
+        for start in range(0, len(rows), args.batch_size):
+            batch = rows[start:start + args.batch_size]
+            total += len(batch) * float(trl_trainer.compute_loss(trl_trainer.model, trl_trainer.data_collator(batch)))
+    theirs = total / len(rows)
+    table = module.reference_tables["val"][1]
+    ref_diff = float((torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in rows]) - table).abs().max())
+    return {**result, "trl": theirs, "abs_diff": abs(ours - theirs), "tolerance": 1e-4,
+            "agree": abs(ours - theirs) <= 1e-4, "tokenization_mismatched_pairs": mismatched,
             "max_abs_diff_ref_logps_all_pairs": ref_diff, "trl_version": trl.__version__}
 
 
-def worker(args: argparse.Namespace) -> None:
+def worker(impl: str, **options: Any) -> dict[str, Any]:
+    """One implementation's measurement in this (fresh) process, with its peak RSS."""
     import psutil
 
     baseline = psutil.Process().memory_info().rss / 2**20
     import torch
 
+    args = argparse.Namespace(**options)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    root = Path(tempfile.mkdtemp(prefix=f"{args.worker}-", dir=work))
+    root = Path(tempfile.mkdtemp(prefix=f"{impl}-", dir=work))
     os.environ["HF_DATASETS_CACHE"] = str(root / "hf_datasets")
-    run = {"selfexplore": run_selfexplore, "trl": run_trl, "loss": run_loss}[args.worker]
+    run = {"selfexplore": run_selfexplore, "trl": run_trl, "loss": run_loss}[impl]
     result = run(args, work, root)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    result["baseline_rss_mb"] = round(baseline, 1)
-    print("RESULT " + json.dumps(result), flush=True)
+    return {**result, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "baseline_rss_mb": round(baseline, 1)}
 
 
 # ----- parent ------------------------------------------------------------------------------
-def spawn(args: argparse.Namespace, work: Path, name: str, extra: list[str]) -> dict[str, Any]:
+def spawn(args: argparse.Namespace, work: Path, impl: str, ungrouped: bool = False) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), *forward(args), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"worker {name} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    options = {k: v for k, v in vars(args).items() if k not in ("smoke", "skip_throughput", "with_ungrouped")}
+    return run_worker(__file__, "run", {**options, "impl": impl, "work": str(work), "ungrouped": ungrouped}, env=env)
 
 
-def forward(args: argparse.Namespace) -> list[str]:
-    keys = ("batch_size", "max_length", "max_prompt_length", "beta", "lr", "warmup", "steps", "repeats",
-            "threads", "seed")
-    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    if serve_worker({"run": worker}, argv):
+        return
+    parser = bench_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=160)
@@ -368,63 +358,58 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed window")
-    parser.add_argument("--repeats", type=int, default=3, help="timed windows (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (OMP_NUM_THREADS), both impls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="ours/TRL subprocess pairs, order alternated")
     parser.add_argument("--with-ungrouped", action="store_true",
                         help="also run ours with a plain shuffle (TRL's sampling) instead of length grouping")
     parser.add_argument("--skip-throughput", action="store_true", help="only the loss agreement check")
-    parser.add_argument("--worker", choices=("selfexplore", "trl", "loss"), help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--ungrouped", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.max_steps = args.warmup + args.steps * args.repeats
-    if args.worker:
-        worker(args)
-        return
+    args = parse_args(parser, argv, smoke={"pairs": 16, "batch_size": 4, "warmup": 1, "steps": 1, "repeats": 1})
+    args.max_steps = args.warmup + args.steps * args.repeats  # the timed windows: --repeats of them
     if args.max_steps * args.batch_size > args.pairs:
         parser.error(f"warmup + steps * repeats = {args.max_steps} batches need more than {args.pairs} pairs "
                      "(keep the run inside one epoch)")
-
+    have_trl = importlib.util.find_spec("trl") is not None
+    if not have_trl:
+        emit(bench="dpo", skipped="trl", reason="trl is not installed: only our side runs (see the docstring)")
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         work = Path(tmp)
         setup = prepare(work, args.pairs, args.max_length, args.max_prompt_length, args.seed)
-        emit(bench="dpo_setup", **setup, model_shape=MODEL_SHAPE, task_options=TASK_OPTIONS,
+        emit(bench="dpo_setup", **setup, model_shape=SHAPE, task_options=TASK_OPTIONS,
              batch_size=args.batch_size, max_length=args.max_length, beta=args.beta, lr=args.lr,
              threads=args.threads, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
              load_avg=os.getloadavg()[0])
 
-        loss = spawn(args, work, "loss", [])
-        emit(bench="dpo_first_batch_loss", **{k: v for k, v in loss.items() if k not in ("peak_rss_mb",
-                                                                                           "baseline_rss_mb")})
-        results: dict[str, list[dict[str, Any]]] = {"selfexplore": [], "trl": [], "selfexplore_ungrouped": []}
+        loss = spawn(args, work, "loss")
+        emit(bench="dpo_loss", **{k: v for k, v in loss.items() if k not in ("peak_rss_mb", "baseline_rss_mb")})
         if args.skip_throughput:
             return
+        impls = ["selfexplore", "trl"] if have_trl else ["selfexplore"]
+        results: dict[str, list[dict[str, Any]]] = {"selfexplore": [], "trl": [], "selfexplore_ungrouped": []}
         for r in range(args.rounds):
-            order = ["selfexplore", "trl"] if r % 2 == 0 else ["trl", "selfexplore"]
-            for name in order:
+            for name in (impls if r % 2 == 0 else impls[::-1]):
                 load = os.getloadavg()[0]
-                out = spawn(args, work, name, [])
+                out = spawn(args, work, name)
                 results[name].append(out)
                 emit(bench="dpo_throughput", impl=name, round=r, load_avg_before=load, **out)
             if args.with_ungrouped:
                 load = os.getloadavg()[0]
-                out = spawn(args, work, "selfexplore", ["--ungrouped"])
+                out = spawn(args, work, "selfexplore", ungrouped=True)
                 results["selfexplore_ungrouped"].append(out)
                 emit(bench="dpo_throughput", impl="selfexplore_ungrouped", round=r, load_avg_before=load, **out)
-
-        ours = statistics.median(x["tokens_per_sec"] for x in results["selfexplore"])
-        theirs = statistics.median(x["tokens_per_sec"] for x in results["trl"])
-        extra = {}
-        if results["selfexplore_ungrouped"]:
-            ungrouped = statistics.median(x["tokens_per_sec"] for x in results["selfexplore_ungrouped"])
-            extra["ratio_ungrouped"] = round(ungrouped / theirs, 3)
-        emit(bench="dpo_throughput_ratio", selfexplore_tokens_per_sec=ours, trl_tokens_per_sec=theirs,
-             ratio=round(ours / theirs, 3), target=1.5, meets_target=ours / theirs >= 1.5, **extra,
-             selfexplore_peak_rss_mb=max(x["peak_rss_mb"] for x in results["selfexplore"]),
-             trl_peak_rss_mb=max(x["peak_rss_mb"] for x in results["trl"]),
-             trl_version=results["trl"][0]["trl_version"], load_avg_after=os.getloadavg()[0])
+    if not have_trl:
+        return
+    ours = median(x["tokens_per_sec"] for x in results["selfexplore"])
+    theirs = median(x["tokens_per_sec"] for x in results["trl"])
+    extra = {}
+    if results["selfexplore_ungrouped"]:
+        extra["ratio_ungrouped"] = round(median(x["tokens_per_sec"] for x in results["selfexplore_ungrouped"])
+                                         / theirs, 3)
+    emit(bench="dpo_throughput_ratio", selfexplore_tokens_per_sec=ours, trl_tokens_per_sec=theirs,
+         ratio=round(ours / theirs, 3), target=1.5, meets_target=ours / theirs >= 1.5, **extra,
+         selfexplore_peak_rss_mb=max(x["peak_rss_mb"] for x in results["selfexplore"]),
+         trl_peak_rss_mb=max(x["peak_rss_mb"] for x in results["trl"]),
+         trl_version=results["trl"][0]["trl_version"], load_avg_after=os.getloadavg()[0])
 
 
 if __name__ == "__main__":

@@ -16,25 +16,26 @@ distribution" (chi-square statistic on the pit-step histogram, no-pit as its own
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _harness import bench_parser, emit, parse_args, slipped_answer
 
 from selfexplore.explore import ExploreConfig, build_granular_pairs, build_outcome_pairs, find_first_pits
 from selfexplore.explore.pit import Rationale
-from selfexplore.models import ModelSpec, TinyLlamaConfig, build_tiny_llama, load_model, load_tokenizer
+from selfexplore.models import ModelSpec, build_tiny_llama, load_model, load_tokenizer
+from selfexplore.models.tiny import tiny_shape
 from selfexplore.sampling import HFSampler
 from selfexplore.tasks import get_task
 
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+SMOKE = {"train_size": 40, "epochs": 1, "questions": 6, "samples": 2, "rationales": 6, "repeats": 1,
+         "max_new_tokens": 16, "permutations": 20, "scripted_samples": True}
 
 
 def train(model: torch.nn.Module, tokenizer, texts: list[str], epochs: int, lr: float, batch: int, seed: int) -> float:
@@ -96,8 +97,8 @@ def permutation_test(a: list, b: list, permutations: int, seed: int) -> tuple[fl
     return observed, (hits + 1) / (permutations + 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--train-size", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--hidden", type=int, default=64, help="hidden size (head_dim 32)")
@@ -108,19 +109,22 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=120, help="train questions sampled")
     parser.add_argument("--samples", type=int, default=8, help="rationales per question")
     parser.add_argument("--rationales", type=int, default=120, help="rejected rationales explored")
-    parser.add_argument("--repeats", type=int, default=3, help="exploration seeds per mode")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--policy", type=Path, default=None,
                         help="explore with this trained HF folder (e.g. a quickstart run's round_1/rft/policy, "
-                             "with --arith set to that run's knobs) instead of training a model here")
-    args = parser.parse_args()
+                             "with --arith set to that run's task_options) instead of training a model here")
+    parser.add_argument("--scripted-samples", action="store_true",
+                        help="instead of sampling, take each question's gold solution and the gold with a wrong "
+                             "final answer as its samples, so an untrained model still has rationales to explore")
+    args = parse_args(parser, argv, smoke=SMOKE)
     torch.manual_seed(args.seed)
 
-    task = get_task("arith", train_size=args.train_size, validation_size=50, test_size=50, seed=args.seed,
-                    **args.arith)
+    # --arith wins: a run's own task_options (train_size included) must reproduce its questions
+    task = get_task("arith", **{"train_size": args.train_size, "validation_size": 50, "test_size": 50,
+                                "seed": args.seed, **args.arith})
     problems = task.load("train")
     texts = [task.prompt(p) + p.solution for p in problems]
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,9 +137,10 @@ def main() -> None:
             tokenizer = load_tokenizer(reuse)
             emit(result="train", reused=str(reuse))
         else:
-            model_dir = build_tiny_llama(texts, work / "model", TinyLlamaConfig(
-                hidden_size=args.hidden, num_layers=2, num_heads=args.hidden // 32,
-                num_kv_heads=args.hidden // 32, intermediate_size=args.hidden * 11 // 4, vocab_size=512))
+            heads = args.hidden // 32
+            model_dir = build_tiny_llama(texts, work / "model", tiny_shape(
+                "test", hidden_size=args.hidden, num_heads=heads, num_kv_heads=heads,
+                intermediate_size=args.hidden * 11 // 4, vocab_size=512, max_position_embeddings=512))
             model = load_model(ModelSpec(path=str(model_dir), dtype="float32"), for_training=True)
             tokenizer = load_tokenizer(model_dir)
             loss = train(model, tokenizer, texts, args.epochs, args.lr, 32, args.seed)
@@ -150,6 +155,8 @@ def main() -> None:
         prompts = [task.prompt(p) for p in subset]
         completions = sampler.generate(prompts, n=args.samples, temperature=0.7, top_p=1.0,
                                        max_new_tokens=args.max_new_tokens, stop=None, seed=args.seed)
+        if args.scripted_samples:
+            completions = [[p.solution, slipped_answer(p)] for p in subset]
         samples = [{"id": f"{p.id}:{k}", "question_id": p.id, "prompt": prompt, "completion": c,
                     "answer": task.extract_answer(c), "gold": p.answer, "correct": task.is_correct(c, p.answer),
                     "backend": "hf", "seed": args.seed}

@@ -13,11 +13,12 @@ generated tokens (words) per granular pair, false pits (pit before the slip) and
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from _harness import bench_parser, emit, parse_args
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
@@ -72,8 +73,11 @@ def rejected_pairs(path: Path, problems: list) -> dict[str, int]:
     return slips
 
 
-def main() -> None:
-    problems = TASK.load("train")[:100]
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__.split("\n\n")[0], repeats=None)
+    parser.add_argument("--problems", type=int, default=100, help="rejected rationales explored (one per problem)")
+    args = parse_args(parser, argv, smoke={"problems": 10})
+    problems = TASK.load("train")[:args.problems]
     with tempfile.TemporaryDirectory() as tmp:
         slips = rejected_pairs(Path(tmp) / "pairs.jsonl", problems)
         for label, stop in (("no stop strings (before)", []), ("stop strings (after)", STOP)):
@@ -84,10 +88,9 @@ def main() -> None:
             records = read_jsonl(out / "explore.jsonl")
             pits = [r for r in records if r.get("pit") is not None]
             false = sum(r["pit"] < slips[r["sample_id"]] for r in pits)
-            print(json.dumps({"bench": "explore_stop", "setting": label, "stop": stop, "rationales": len(records),
-                              "pits": len(pits), "false_pits": false, "granular_pairs": stats["num_pairs"],
-                              "generated_words": explorer.generated_tokens,
-                              "words_per_granular_pair": round(explorer.generated_tokens / max(1, stats["num_pairs"]), 1)}))
+            emit(bench="explore_stop", setting=label, stop=stop, rationales=len(records), pits=len(pits),
+                 false_pits=false, granular_pairs=stats["num_pairs"], generated_words=explorer.generated_tokens,
+                 words_per_granular_pair=round(explorer.generated_tokens / max(1, stats["num_pairs"]), 1))
 
 
 if __name__ == "__main__":

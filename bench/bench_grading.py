@@ -20,14 +20,15 @@ limit), after one warm-up call. Prints one JSON line per result; about 10 s on 2
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from _harness import bench_parser, emit, parse_args
 
 from selfexplore.grading import GRADER_VERSION, extract_answer, is_equiv
 
@@ -35,10 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "bench" / "data" / "grading_regression.jsonl"
 _CODE_EVENTS = frozenset({"exec", "compile", "subprocess.Popen", "os.system", "os.exec",
                           "os.posix_spawn"})
-
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields, ensure_ascii=False), flush=True)
 
 
 class CodeCounter:
@@ -151,11 +148,12 @@ def self_consistency(cases: list[dict[str, object]], counter: CodeCounter) -> No
          failures=failures, code_executions=counter.count)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__.splitlines()[0], repeats=None)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
-    args = parser.parse_args()
-    cases = load_corpus(args.corpus)
+    parser.add_argument("--limit", type=int, help="grade only the first N cases")
+    args = parse_args(parser, argv, smoke={"limit": 20})
+    cases = load_corpus(args.corpus)[:args.limit]
     is_equiv("2x+2", "2(x+1)", "math")  # warm-up: sympy's one-off import cost, outside timing
     counter = CodeCounter()
     regression(cases, counter)

@@ -16,11 +16,9 @@ SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 @pytest.fixture(scope="session")
 def tiny_arith_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained tiny Llama + tokenizer for the arith task, as a normal HF folder."""
-    from selfexplore.models import TinyLlamaConfig, build_tiny_llama
+    from selfexplore.models.tiny import build_tiny_llama, tiny_shape
     from selfexplore.tasks import get_task
 
     task = get_task("arith", train_size=400, validation_size=50, test_size=50)
     texts = [task.prompt(p) + p.solution for p in task.load("train")]
-    config = TinyLlamaConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
-                             intermediate_size=128, max_position_embeddings=256, vocab_size=300)
-    return build_tiny_llama(texts, tmp_path_factory.mktemp("tiny") / "model", config)
+    return build_tiny_llama(texts, tmp_path_factory.mktemp("tiny") / "model", tiny_shape("test"))

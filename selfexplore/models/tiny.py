@@ -17,6 +17,27 @@ from selfexplore.io import atomic_dir
 from selfexplore.models.spec import TinyLlamaConfig
 from selfexplore.models.tokenizer import save_tokenizer, train_bpe_tokenizer
 
+#: Named shapes shared by the tests and the benches, so a bench measures the model the tests check.
+#: 'test': the test suite's model; 'small': `TinyLlamaConfig`'s defaults at a 320-token vocabulary;
+#: '42m' / '205m': large enough that weights and optimizer states outweigh the imports (memory benches).
+TINY_SHAPES: dict[str, dict[str, int]] = {
+    "test": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 128,
+             "max_position_embeddings": 256, "vocab_size": 300},
+    "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 352,
+              "max_position_embeddings": 256, "vocab_size": 320},
+    "42m": {"hidden_size": 768, "num_layers": 6, "num_heads": 12, "num_kv_heads": 12, "intermediate_size": 2048,
+            "max_position_embeddings": 256, "vocab_size": 300},
+    "205m": {"hidden_size": 1024, "num_layers": 16, "num_heads": 16, "num_kv_heads": 16, "intermediate_size": 2816,
+             "max_position_embeddings": 256, "vocab_size": 300},
+}
+
+
+def tiny_shape(name: str, **overrides: int) -> TinyLlamaConfig:
+    """The named shape of `TINY_SHAPES`, with `overrides` (e.g. a larger vocabulary) on top."""
+    if name not in TINY_SHAPES:
+        raise ValueError(f"unknown tiny shape {name!r}; expected one of {sorted(TINY_SHAPES)}")
+    return TinyLlamaConfig(**{**TINY_SHAPES[name], **overrides})
+
 
 def init_tiny_llama(tokenizer: PreTrainedTokenizerBase, config: TinyLlamaConfig, seed: int = 0) -> LlamaForCausalLM:
     """Randomly initialised Llama sized to `tokenizer`; same seed, same weights (global RNG untouched)."""
