@@ -155,7 +155,8 @@ def test_status_of_a_running_then_killed_run(tmp_path: Path) -> None:
     killed = render_status(run)
     assert re.search(rf"INTERRUPTED\s+\[ 3/10\] round 0 · evaluate SFT\s+after [\d.]+ s: process {process.pid} "
                      "is gone", killed)
-    assert killed.splitlines()[-1].endswith("(rerun the pipeline command to resume)")
+    # what a rerun does first: the interrupted unit again
+    assert killed.splitlines()[-1] == "next: round 0 · evaluate SFT (rerun the pipeline command to resume)"
 
 
 def test_status_of_a_failed_run_shows_the_error(tmp_path: Path, monkeypatch) -> None:
@@ -175,7 +176,7 @@ def test_status_of_a_failed_run_shows_the_error(tmp_path: Path, monkeypatch) -> 
     assert re.search(r"FAILED\s+\[ 3/10\] round 0 · evaluate SFT\s+after [\d.]+ s: RuntimeError: the sampler broke",
                      status)
     assert "10 units: 2 done, 1 failed, 7 to do" in status.splitlines()[0]
-    assert status.splitlines()[-1] == "next: round 1 · sample the SFT policy (rerun the pipeline command to resume)"
+    assert status.splitlines()[-1] == "next: round 0 · evaluate SFT (rerun the pipeline command to resume)"
 
 
 def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:

@@ -372,10 +372,9 @@ def test_doubling_waves_and_config_validation():
     assert doubling_waves(4) == (1, 1, 2) and doubling_waves(8) == (1, 1, 2, 4)
     assert ExploreConfig(k=4, mode="exhaustive").wave_sizes() == (4,)
     assert ExploreConfig(k=3, waves=[2, 1]).wave_sizes() == (2, 1)
-    with pytest.raises(ValueError):
-        ExploreConfig(k=4, waves=(1, 1))
-    with pytest.raises(ValueError):
-        ExploreConfig(mode="greedy")
+    assert ExploreConfig(k=4, waves=(1, 1)).problems() == ["explore.waves [1, 1] must be positive and sum to k=4"]
+    assert ExploreConfig(mode="greedy", top_p=1.5).problems() == [  # type: ignore[arg-type]
+        "explore.top_p must be in (0, 1], got 1.5", "explore.mode must be one of ('adaptive', 'exhaustive'), got 'greedy'"]
 
 
 class FlakySampler(ScriptedSampler):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from selfexplore.training.losses import dpo_loss, nll_loss, selective_log_softmax, sequence_logps
-from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, lr_lambda, raise_problems
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, lr_lambda
+from selfexplore.validation import raise_problems
 
 
 def _logps(*values: float, grad: bool = False) -> torch.Tensor:

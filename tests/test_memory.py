@@ -23,8 +23,8 @@ def test_auto_utilization_is_the_free_share_less_headroom() -> None:
         auto_memory_utilization(free=4 * GIB, total=80 * GIB)
     with pytest.raises(ValueError, match="0 <= free <= total"):
         auto_memory_utilization(free=2, total=1)
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        SamplingConfig(gpu_memory_utilization=1.5)
+    assert SamplingConfig(gpu_memory_utilization=1.5).problems() == [
+        "sampling.gpu_memory_utilization must be 'auto' or in (0, 1], got 1.5"]
 
 
 @pytest.fixture

@@ -220,12 +220,18 @@ def test_a_pipeline_yaml_with_bad_values_lists_them_all_before_any_work(tmp_path
           eval_limit: 0
           sft: {{epochs: 0, optimizer: {{lr: -1.0}}}}
           dpo: {{optimizer: {{lr: 0.0}}, loss: {{beta: -0.1}}, max_prompt_length: 999}}
+          sampling: {{temperature: -1.0, shard_size: 0}}
+          explore: {{top_p: 1.5, k: 0}}
+          trainer: {{num_nodes: 0}}
     """))
     with pytest.raises((SystemExit, ValueError)) as caught:
         main(["pipeline", "--config", str(config)])
     message = f"{caught.value}\n{capsys.readouterr().err}"
-    for expected in ("eval_limit must be >= 1", "sft.epochs must be >= 1", "sft.optimizer.lr must be > 0",
-                     "dpo.optimizer.lr must be > 0", "dpo.loss: beta must be > 0", "dpo.max_prompt_length"):
+    for expected in ("eval_limit must be >= 1 (or null for all), got 0", "sft.epochs must be >= 1", "sft.optimizer.lr must be > 0",
+                     "dpo.optimizer.lr must be > 0", "dpo.loss: beta must be > 0", "dpo.max_prompt_length",
+                     "sampling.temperature must be >= 0 (0 = greedy), got -1.0", "sampling.shard_size must be >= 1, got 0",
+                     "explore.top_p must be in (0, 1], got 1.5", "explore.k must be >= 1, got 0",
+                     "trainer.num_nodes must be >= 1, got 0"):
         assert expected in message, (expected, message)
     assert not run.exists()
 

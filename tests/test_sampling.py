@@ -198,12 +198,12 @@ def test_overlong_prompts_truncate_skip_or_error(loaded) -> None:
 
 
 def test_sampling_config_validates() -> None:
-    with pytest.raises(ValueError, match="overlong_prompts"):
-        SamplingConfig(overlong_prompts="drop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingConfig(top_p=0.0)
-    with pytest.raises(ValueError, match="backend"):
-        SamplingConfig(backend="tgi")  # type: ignore[arg-type]
+    assert SamplingConfig(overlong_prompts="drop", top_p=0.0, backend="tgi").problems() == [  # type: ignore[arg-type]
+        "sampling.top_p must be in (0, 1], got 0.0",
+        "sampling.backend must be one of ('auto', 'hf', 'vllm'), got 'tgi'",
+        "sampling.overlong_prompts must be one of ('truncate', 'skip', 'error'), got 'drop'"]
+    with pytest.raises(ValueError, match=r"invalid sampling config:\n  - sampling.top_p must be in \(0, 1\], got 0.0"):
+        get_sampler(SamplingConfig(top_p=0.0), "unused-model-path")
 
 
 def test_get_sampler_hf_merges_lora_adapter(model_dir: Path, loaded, tmp_path: Path) -> None:

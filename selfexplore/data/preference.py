@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -32,6 +32,10 @@ from selfexplore.models.chat import completion_end_id
 
 FIELDS = ("prompt", "chosen", "rejected")
 ENDS_FIELDS = ("chosen_ends", "rejected_ends")  # optional booleans, default true (see EOS above)
+
+# What a pair that cannot be tokenized within the limits does: stop the run, or be skipped and counted.
+OnInvalid = Literal["error", "skip"]
+ON_INVALID: tuple[str, ...] = get_args(OnInvalid)
 
 
 def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
@@ -120,14 +124,14 @@ class PreferenceDataset(Dataset):
 
     @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer, max_length: int = 384, max_prompt_length: int = 256,
-                   eos: bool = True, on_invalid: Literal["error", "skip"] = "error") -> PreferenceDataset:
+                   eos: bool = True, on_invalid: OnInvalid = "error") -> PreferenceDataset:
         """Read and tokenize a pairs file (ours or TRL-style; fields other than `FIELDS` and
         `ENDS_FIELDS`, such as `meta`, are ignored).
 
         Invalid records raise DataError (`on_invalid="error"`) or are counted and skipped. Pairs
         whose two sides become identical after truncation are always skipped and counted.
         """
-        if on_invalid not in ("error", "skip"):
+        if on_invalid not in ON_INVALID:
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
         path = Path(path)
         if not path.is_file():
@@ -228,7 +232,7 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_length: int = 256,
         batch_size: int = 8,
         eos: bool = True,
-        on_invalid: Literal["error", "skip"] = "error",
+        on_invalid: OnInvalid = "error",
         num_workers: int = 0,
         seed: int = 0,
         length_grouped: bool = True,
@@ -238,7 +242,7 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if on_invalid not in ("error", "skip"):
+        if on_invalid not in ON_INVALID:
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
         self.train_path = train_path
         self.val_path = val_path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Hashable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from selfexplore.io import DataError, iter_jsonl, require_str
 
@@ -20,6 +20,10 @@ _CALC_NOTE = re.compile(r"<<([^<>]*)>>")
 _EQUATION = re.compile(r"([-+*/×÷^x()\d.,$%\s]+?)=\s*\$?\s*(-?[\d.,]*\d)")
 _NOISE = re.compile(r"[\s,$%]")
 _HAS_OPERATION = re.compile(r"[\d)]\s*[-+*/×÷^x]\s*[-\d(.$]")
+
+# How two rationales count as the same: same equation sequence, or same normalised text.
+Dedupe = Literal["equations", "text"]
+DEDUPE_RULES: tuple[str, ...] = get_args(Dedupe)
 
 
 def check_sample(s: dict[str, Any], where: str | os.PathLike | None = None, line: int | None = None) -> None:
@@ -93,14 +97,14 @@ def extract_equations(text: str) -> tuple[str, ...]:
     return tuple(equations)
 
 
-def dedupe_key(text: str, dedupe: Literal["equations", "text"] = "equations") -> Hashable:
+def dedupe_key(text: str, dedupe: Dedupe = "equations") -> Hashable:
     """Two rationales with the same key are duplicates.
 
     "text": same normalised text. "equations": same equation sequence (the RFT paper's rule for
     GSM8K); a rationale without any equation falls back to its normalised text, so two
     equation-free rationales are not merged just because both have none.
     """
-    if dedupe not in ("equations", "text"):
+    if dedupe not in DEDUPE_RULES:
         raise ValueError(f"dedupe must be 'equations' or 'text', got {dedupe!r}")
     if dedupe == "equations":
         equations = extract_equations(text)
@@ -110,7 +114,7 @@ def dedupe_key(text: str, dedupe: Literal["equations", "text"] = "equations") ->
 
 
 def _kept_correct(group: Sequence[dict[str, Any]], max_per_question: int,
-                  dedupe: Literal["equations", "text"]) -> list[dict[str, Any]]:
+                  dedupe: Dedupe) -> list[dict[str, Any]]:
     """The first `max_per_question` correct, non-empty, mutually distinct samples of a question.
 
     A sample cut at max_new_tokens (`"finished": false`) is never kept: it is not a whole
@@ -131,7 +135,7 @@ def _kept_correct(group: Sequence[dict[str, Any]], max_per_question: int,
 
 
 def build_rft_set(samples: Sequence[dict[str, Any]], max_per_question: int = 8,
-                  dedupe: Literal["equations", "text"] = "equations") -> list[dict[str, Any]]:
+                  dedupe: Dedupe = "equations") -> list[dict[str, Any]]:
     """SFT records from correct, deduplicated samples (at most `max_per_question` per question).
 
     Samples are taken in input order, so the result is deterministic for a given samples file.
@@ -180,7 +184,7 @@ def levenshtein(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
 
 def build_outcome_pairs(samples: Sequence[dict[str, Any]], max_pairs_per_chosen: int = 1,
                         round_index: int = 1, max_per_question: int = 8,
-                        dedupe: Literal["equations", "text"] = "equations") -> list[dict[str, Any]]:
+                        dedupe: Dedupe = "equations") -> list[dict[str, Any]]:
     """Outcome-level pairs (D_pair): each kept correct rationale against distinct wrong ones.
 
     Chosen: the RFT selection of a question (`build_rft_set` rules). Rejected: wrong samples of

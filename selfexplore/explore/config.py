@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-MODES = ("adaptive", "exhaustive")
-SCHEDULES = ("stream", "waves")
-REJECTED_MODES = ("pit_step", "pit_to_end")
+from selfexplore.sampling.base import knob_problems
+
+Mode = Literal["adaptive", "exhaustive"]
+Schedule = Literal["stream", "waves"]
+RejectedMode = Literal["pit_step", "pit_to_end"]
+MODES: tuple[str, ...] = get_args(Mode)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+REJECTED_MODES: tuple[str, ...] = get_args(RejectedMode)
 PAPER_MAX_NEW_TOKENS = 512
 
 
@@ -61,32 +66,34 @@ class ExploreConfig:
     top_p: float = 1.0
     max_new_tokens: int | None = None
     stop: list[str] | None = None
-    mode: Literal["adaptive", "exhaustive"] = "adaptive"
+    mode: Mode = "adaptive"
     waves: tuple[int, ...] | None = None
     max_steps: int = 20
     chunk_size: int = 256
-    schedule: Literal["stream", "waves"] = "stream"
+    schedule: Schedule = "stream"
     seed: int | None = None
-    rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step"
+    rejected_mode: RejectedMode = "pit_step"
     round: int = 1
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.rejected_mode not in REJECTED_MODES:
-            raise ValueError(f"rejected_mode must be one of {REJECTED_MODES}, got {self.rejected_mode!r}")
-        if self.max_steps < 1 or self.chunk_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
-            raise ValueError("max_steps, chunk_size and max_new_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
         if self.waves is not None:
-            self.waves = tuple(int(w) for w in self.waves)
-            if any(w < 1 for w in self.waves) or sum(self.waves) != self.k:
-                raise ValueError(f"waves {self.waves} must be positive and sum to k={self.k}")
+            self.waves = tuple(int(w) for w in self.waves)  # YAML gives a list
+
+    def problems(self, prefix: str = "explore") -> list[str]:
+        """Every invalid value, named `prefix.field` (the pipeline lists all of a config's at once;
+        the explore stage raises them together)."""
+        problems = knob_problems(prefix, n=None, temperature=self.temperature, top_p=self.top_p,
+                                 max_new_tokens=self.max_new_tokens)
+        for name, value, choices in (("mode", self.mode, MODES), ("schedule", self.schedule, SCHEDULES),
+                                     ("rejected_mode", self.rejected_mode, REJECTED_MODES)):
+            if value not in choices:
+                problems.append(f"{prefix}.{name} must be one of {choices}, got {value!r}")
+        for name in ("k", "max_steps", "chunk_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{prefix}.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.waves is not None and (any(w < 1 for w in self.waves) or sum(self.waves) != self.k):
+            problems.append(f"{prefix}.waves {list(self.waves)} must be positive and sum to k={self.k}")
+        return problems
 
     def new_tokens(self, room: int | None = None) -> int:
         """Tokens per completion: `max_new_tokens`, else the paper's 512 capped to `room` (when known)."""

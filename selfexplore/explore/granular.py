@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
+from selfexplore.explore.config import REJECTED_MODES, RejectedMode
 from selfexplore.explore.pit import STEP_SEP, steps_prefix
 from selfexplore.io import DataError
 
@@ -37,11 +38,11 @@ def _shortest_correct(outcome: dict[str, Any]) -> str:
     return min(texts, key=len) if texts else ""
 
 
-def granular_pair(rec: dict[str, Any], rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step",
+def granular_pair(rec: dict[str, Any], rejected_mode: RejectedMode = "pit_step",
                   round_index: int = 1) -> dict[str, Any] | None:
     """The pair one explore record yields before dedup (None without a pit or a usable chosen)."""
-    if rejected_mode not in ("pit_step", "pit_to_end"):
-        raise ValueError(f"rejected_mode must be 'pit_step' or 'pit_to_end', got {rejected_mode!r}")
+    if rejected_mode not in REJECTED_MODES:
+        raise ValueError(f"rejected_mode must be one of {REJECTED_MODES}, got {rejected_mode!r}")
     if rec["status"] != "pit":
         return None
     t, steps = rec["pit"], rec["steps"]
@@ -62,7 +63,7 @@ def granular_pair(rec: dict[str, Any], rejected_mode: Literal["pit_step", "pit_t
 
 
 def build_granular_pairs(explore_records: Sequence[dict[str, Any]],
-                         rejected_mode: Literal["pit_step", "pit_to_end"] = "pit_step",
+                         rejected_mode: RejectedMode = "pit_step",
                          round_index: int = 1) -> list[dict[str, Any]]:
     """D_g-pair from explore records (module doc: text rules, answer-line rule, dedup)."""
     seen_chosen: dict[str, set[str]] = {}

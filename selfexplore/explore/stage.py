@@ -27,6 +27,7 @@ from selfexplore.explore.pit import Rationale, explore_chunks, steps_prefix
 from selfexplore.hashing import text_sha256
 from selfexplore.io import DataError, iter_jsonl, read_jsonl, require_str, write_json, write_jsonl
 from selfexplore.shards import ShardFolder, Workers
+from selfexplore.validation import raise_problems
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
     from selfexplore.sampling import Sampler
@@ -181,6 +182,7 @@ def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLik
     `workers` / `abort`: data-parallel over ranks, as `run_sample_stage` (other ranks return None).
     """
     config = config or ExploreConfig()
+    raise_problems(config.problems(), "explore config")
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
     rationales = load_rejected(pairs_path, problems_by_id, task, prompt)

@@ -13,10 +13,14 @@ from selfexplore.models.gguf import is_gguf_spec
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.training.losses import REFERENCE_MODES, DPOLossConfig, ReferenceMode
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
+from selfexplore.validation import at_least
 
 # The stages after RFT a run can include; SFT and RFT always run (every DPO stage starts from them).
 Baseline = Literal["outcome_dpo", "self_explore"]
 BASELINES: tuple[str, ...] = get_args(Baseline)
+SampleQuestions = Literal["sft", "held_out"]
+ReferenceUpdate = Literal["keep", "update"]
+RFTInit = Literal["base", "sft"]
 # Strategies whose processes start inside `fit` (so the pipeline around it would run once).
 IN_FIT_LAUNCHERS = ("ddp_spawn", "ddp_fork", "ddp_notebook", "xla")
 # Trainer settings that change how a run is shown or logged, never what it computes.
@@ -83,15 +87,6 @@ class TrainerConfig:
         at_least(problems, "trainer.log_every_n_steps", self.log_every_n_steps, 1)
         at_least(problems, "trainer.num_nodes", self.num_nodes, 1)
         return problems
-
-
-def at_least(problems: list[str], name: str, value: int | float | None, low: int | float,
-             optional: bool = False) -> None:
-    """Record a problem when `value` is below `low` (None is fine when `optional`)."""
-    if value is None and optional:
-        return
-    if value is None or value < low:
-        problems.append(f"{name} must be >= {low}{' (or null for all)' if optional else ''}, got {value!r}")
 
 
 def _budget_problems(stage: SFTStageConfig | DPOStageConfig, prefix: str) -> list[str]:
@@ -207,13 +202,13 @@ class PipelineConfig:
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     sft_questions: int | None = None
     train_questions: int | None = None
-    sample_questions: Literal["sft", "held_out"] = "sft"
+    sample_questions: SampleQuestions = "sft"
     rft_max_per_question: int = 8
     rft_include_gold: bool = True
     pairs_include_gold: bool = False
-    rft_init: Literal["base", "sft"] = "base"
+    rft_init: RFTInit = "base"
     rounds: int = 2
-    reference_update: Literal["keep", "update"] = "keep"
+    reference_update: ReferenceUpdate = "keep"
     baselines: list[Baseline] = field(default_factory=lambda: list(BASELINES))
     eval_split: str = "test"
     eval_limit: int | None = None
@@ -242,8 +237,12 @@ class PipelineConfig:
             at_least(problems, name, getattr(self, name), 1, optional=True)
         problems += self.trainer.problems()
         problems += self.sft.problems("sft") + self.rft.problems("rft") + self.dpo.problems("dpo")
-        if self.sample_questions not in ("sft", "held_out"):
-            problems.append(f"sample_questions must be 'sft' or 'held_out', got {self.sample_questions!r}")
+        problems += self.sampling.problems("sampling") + self.explore.problems("explore")
+        for name, value, choices in (("sample_questions", self.sample_questions, get_args(SampleQuestions)),
+                                     ("reference_update", self.reference_update, get_args(ReferenceUpdate)),
+                                     ("rft_init", self.rft_init, get_args(RFTInit))):
+            if value not in choices:
+                problems.append(f"{name} must be one of {choices}, got {value!r}")
         if self.sample_questions == "held_out" and self.sft_questions is None:
             problems.append("sample_questions='held_out' needs sft_questions: the questions after the first "
                             "sft_questions of the train split are the held-out ones")

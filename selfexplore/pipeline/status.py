@@ -75,7 +75,10 @@ def render_status(run_dir: str | os.PathLike) -> str:
     out = [f"{root}: {len(plan)} units: {summary} ({duration(total)} of completed work)", *lines]
     if not upcoming and not running and not (failed and failed.get("unit") in plan):
         out.append(f"complete: {root / 'report.md'}")
-    elif upcoming:
-        alive = [u for u in running if process_alive(int(running[u]["pid"]), str(running[u]["host"])) is not False]
-        out.append(f"next: {label(upcoming[0])}" + ("" if alive else " (rerun the pipeline command to resume)"))
+    else:
+        # the first unit not done that no live process is running: what comes next, or what a rerun redoes
+        alive = {u for u in running if process_alive(int(running[u]["pid"]), str(running[u]["host"])) is not False}
+        pending = [u for u in plan if u not in units and u not in alive]
+        if pending:
+            out.append(f"next: {label(pending[0])}" + ("" if alive else " (rerun the pipeline command to resume)"))
     return "\n".join(out)

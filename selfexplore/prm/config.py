@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfexplore.training.optim import raise_problems
+from selfexplore.validation import raise_problems
 
 Disagreeing = Literal["drop", "keep"]
 ConsensusKeep = Literal["all", "confirmed"]

@@ -15,7 +15,7 @@ import importlib.util
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, get_args, runtime_checkable
 
 from selfexplore.hashing import derive_seed
 
@@ -26,9 +26,9 @@ __all__ = ["derive_seed"]  # re-exported: backends and stages take it from here 
 
 Seeds = Union[int, Sequence[int]]
 OverlongMode = Literal["truncate", "skip", "error"]
-OVERLONG_MODES: tuple[OverlongMode, ...] = ("truncate", "skip", "error")
+OVERLONG_MODES: tuple[OverlongMode, ...] = get_args(OverlongMode)
 Backend = Literal["auto", "hf", "vllm"]
-BACKENDS: tuple[Backend, ...] = ("auto", "hf", "vllm")
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
 @runtime_checkable
@@ -120,15 +120,22 @@ class SamplingConfig:
     max_model_len: int | None = None
     dtype: str = "auto"
 
-    def __post_init__(self) -> None:
+    def problems(self, prefix: str = "sampling") -> list[str]:
+        """Every invalid value, named `prefix.field` (the pipeline lists all of a config's at once;
+        the stages and samplers raise them together: `raise_problems`)."""
+        problems = knob_problems(prefix, n=self.n, temperature=self.temperature, top_p=self.top_p,
+                                 max_new_tokens=self.max_new_tokens)
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        check_backend_args(self.batch_size, self.overlong_prompts)
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+            problems.append(f"{prefix}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.overlong_prompts not in OVERLONG_MODES:
+            problems.append(f"{prefix}.overlong_prompts must be one of {OVERLONG_MODES}, got {self.overlong_prompts!r}")
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{prefix}.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.gpu_memory_utilization != "auto" and not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be 'auto' or in (0, 1], got {self.gpu_memory_utilization!r}")
-        check_sampling_args(self.n, self.temperature, self.top_p, self.max_new_tokens)
+            problems.append(f"{prefix}.gpu_memory_utilization must be 'auto' or in (0, 1], "
+                            f"got {self.gpu_memory_utilization!r}")
+        return problems
 
 
 def resolve_backend(backend: Backend) -> Literal["hf", "vllm"]:
@@ -156,6 +163,24 @@ def check_seeds(seed: Seeds, num_prompts: int) -> None:
         raise ValueError(f"got {len(seed)} seeds for {num_prompts} prompts: give one int or one seed per prompt")
 
 
+def knob_problems(prefix: str, n: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                  max_new_tokens: int | None = None) -> list[str]:
+    """What is wrong with the draw settings every stage shares, each named `prefix.field` with its value."""
+    def name(field: str) -> str:
+        return f"{prefix}.{field}" if prefix else field
+
+    problems = []
+    if n is not None and n < 1:
+        problems.append(f"{name('n')} must be >= 1, got {n!r}")
+    if temperature < 0:
+        problems.append(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        problems.append(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        problems.append(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens!r}")
+    return problems
+
+
 def check_backend_args(batch_size: int, overlong_prompts: str) -> None:
     """Fail at construction, not at the first overlong prompt deep into a run."""
     if overlong_prompts not in OVERLONG_MODES:
@@ -166,14 +191,9 @@ def check_backend_args(batch_size: int, overlong_prompts: str) -> None:
 
 def check_sampling_args(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
     """Reject arguments both backends would otherwise treat differently or silently."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    problems = knob_problems("", n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def stop_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> list[int]:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from selfexplore.validation import raise_problems
 from selfexplore.memory import release_accelerator_memory
 from selfexplore.sampling.base import Backend, Sampler, SamplingConfig, resolve_backend
 
@@ -52,6 +53,7 @@ def get_sampler(config: SamplingConfig | Backend, model_path: str,
         config = SamplingConfig(backend=config, **overrides)  # type: ignore[arg-type]
     elif overrides:
         config = replace(config, **overrides)
+    raise_problems(config.problems(), "sampling config")
     if resolve_backend(config.backend) == "hf":
         from selfexplore.sampling.hf import HFSampler
 

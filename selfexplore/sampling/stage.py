@@ -29,6 +29,7 @@ from selfexplore.hashing import text_sha256
 from selfexplore.io import atomic_open, iter_jsonl
 from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend
 from selfexplore.shards import ShardFolder, Workers
+from selfexplore.validation import raise_problems
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
     from selfexplore.tasks.base import Problem, Task
@@ -92,6 +93,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     the output is byte-identical for any world size. Other ranks return None. `abort` is called
     while waiting and raises to stop (e.g. when rank 0 recorded a failure).
     """
+    raise_problems(config.problems(), "sampling config")
     shard_size = config.shard_size
     start = time.perf_counter()
     out_path = Path(out_path)

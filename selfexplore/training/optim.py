@@ -93,12 +93,6 @@ class SchedulerConfig:
         return math.ceil(self.warmup_ratio * total_steps)
 
 
-def raise_problems(problems: list[str], what: str) -> None:
-    """One ValueError listing every problem (collect, then raise once: the user fixes all in one go)."""
-    if problems:
-        raise ValueError(f"invalid {what}:\n  - " + "\n  - ".join(problems))
-
-
 def lr_lambda(step: int, total: int, warmup: int, name: str, min_ratio: float = 0.0) -> float:
     """Learning-rate multiplier for optimizer step `step` (0-based).
 

@@ -25,7 +25,8 @@ from selfexplore.models import (
     load_model,
     load_tokenizer,
 )
-from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers, raise_problems
+from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers
+from selfexplore.validation import raise_problems
 from selfexplore.training.sharding import gather_full_state, load_sharded, mixed_precision_policy
 
 
