@@ -202,3 +202,15 @@ def test_prm_data_command(tmp_path) -> None:
     rows = read_jsonl(tmp_path / "prm.jsonl")
     assert [r["labels"] for r in rows] == [[True] * (len(steps) - 1) + [False], [True] * len(steps)]
     assert rows[0]["k"] == 2
+
+
+def test_outcome_rows_and_the_question_split() -> None:
+    from selfexplore.prm.rows import build_outcome_rows, split_by_question
+
+    rows = build_outcome_rows(samples(), TASK, round_index=2)
+    assert [r["labels"] for r in rows] == [[False] * 4, [False] * 3, [False] * 4, [False], [True] * 2, [True] * 2]
+    assert {r["source"] for r in rows} == {"outcome"}
+    many = [{"question_id": f"q{i % 50}"} for i in range(200)]
+    train, held = split_by_question(many, 0.2, seed=1)
+    assert not {r["question_id"] for r in train} & {r["question_id"] for r in held}
+    assert 0 < len(held) < len(train) and split_by_question(many, 0.2, seed=1) == (train, held)

@@ -136,3 +136,34 @@ def test_verifier_learns_a_separable_toy_labelling(verifier_base, tmp_path) -> N
     assert metrics["val/f1"] > 0.9 and metrics["val/negative_f1"] > 0.9
     scores = module.score(["Check the numbers.\n"], [["12 is right", "34 is wrong"]])
     assert scores[0][0] > 0.5 > scores[0][1]
+
+
+def test_verifier_unit_trains_and_reports_against_the_baseline(tiny_arith_model, tmp_path) -> None:
+    from selfexplore.io import read_json
+    from selfexplore.prm.unit import VerifierConfig, candidates, run_verifier_unit
+    from selfexplore.training.optim import OptimizerConfig
+
+    rows = [{**r, "question_id": f"q{i}"} for i, r in enumerate(toy_rows(48, 2))]
+    write_jsonl(tmp_path / "prm.jsonl", rows)
+    config = VerifierConfig(epochs=1, batch_size=16, val_fraction=0.25, optimizer=OptimizerConfig(lr=1e-3))
+    result = run_verifier_unit(tiny_arith_model, tmp_path / "prm.jsonl", tmp_path / "unit", config,
+                               trainer={"accelerator": "cpu"})
+    assert read_json(tmp_path / "unit" / "metrics.json") == result
+    assert {"auroc", "acc_err", "acc_cor", "f1", "negative_f1", "balanced_accuracy"} <= set(result["verifier"])
+    assert result["flag_last_baseline"]["acc_cor"] == 0.0
+    assert (tmp_path / "unit" / "verifier" / "config.json").is_file()
+    with pytest.raises(ValueError, match="verifier.val_fraction"):
+        VerifierConfig(val_fraction=1.5)
+
+    class Task:
+        def split_steps(self, text):
+            return text.split("\n")
+
+        def extract_answer(self, text):
+            return text.rsplit(" ", 1)[-1]
+
+    samples = [{"question_id": "q", "prompt": "P\n", "completion": c, "correct": ok}
+               for c, ok in (("a\nso 1,0", False), ("b\nso 10", True), ("c\nso 10.0", True))]
+    (group,) = candidates(samples, Task(), lambda prompts, steps: [[0.5] * len(s) for s in steps],
+                          same=lambda a, b: float(a.replace(",", ".")) == float(b.replace(",", ".")))
+    assert [c.answer for c in group] == ["1,0", "10", "10"] and group[1].scores == (0.5, 0.5)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from selfexplore.explore.pit import STEP_SEP
+from selfexplore.hashing import derive_seed
 from selfexplore.io import DataError
 from selfexplore.prm.config import PRMDataConfig
 
@@ -144,3 +145,20 @@ def prm_stats(rows: Sequence[Mapping[str, Any]], kinds: Mapping[str, int], disag
             "disagree_total": sum(disagree.values()), "steps": len(labels),
             "negative_steps": labels.count(False),
             "negative_fraction": labels.count(False) / len(labels) if labels else 0.0}
+
+
+def build_outcome_rows(samples: Iterable[Mapping[str, Any]], task: Task, round_index: int = 1) -> list[dict[str, Any]]:
+    """Every graded sample as an outcome-labelled row (all its steps, each labelled with its final-answer
+    grade): the data of the outcome verifier (`PRMDataModule(labels="outcome")` reads the last label)."""
+    return [outcome_row(s, steps, round_index) for s in samples if (steps := task.split_steps(s["completion"]))]
+
+
+def split_by_question(rows: Sequence[Mapping[str, Any]], val_fraction: float, seed: int = 0
+                      ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(train, held-out) rows, whole questions on one side (a question's rationales share steps, so a
+    split within a question would leak them); each question's side is a fixed function of seed and id."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    held = {q for q in {r["question_id"] for r in rows}
+            if derive_seed(seed, "prm_split", q) / 2**63 < val_fraction}
+    return [r for r in rows if r["question_id"] not in held], [r for r in rows if r["question_id"] in held]
