@@ -50,7 +50,8 @@ def record(sample: str, steps: list[str], pit: int) -> dict:
 def files(tmp_path):
     true_pit, false_pit = wrong_at(2), wrong_at(3)
     records = [record("s:0", true_pit, 2), record("s:1", false_pit, 2)]  # s:1's pit is a right step
-    samples = [{"id": r["sample_id"], "question_id": PROBLEM.id, "prompt": r["prompt"], "completion": "\n".join(r["steps"]),
+    samples = [{"id": r["sample_id"], "question_id": PROBLEM.id, "prompt": r["prompt"],
+                "completion": "\n".join(r["steps"]),
                 "correct": False, "finished": True, "gold": PROBLEM.answer} for r in records]
     write_jsonl(tmp_path / "explore.jsonl", records)
     write_jsonl(tmp_path / "samples.jsonl", samples)

@@ -94,7 +94,8 @@ def test_rows_match_the_known_pits(mode: str) -> None:
         steps = TASK.split_steps(s["completion"])
         pit = WRONG.get(s["completion"])
         if s["correct"]:
-            assert (r["completions"], r["labels"], r["source"], r["pit"]) == (steps, [True] * len(steps), "outcome", None)
+            assert (r["completions"], r["labels"], r["source"]) == (steps, [True] * len(steps), "outcome")
+            assert r["pit"] is None
         elif pit == "single":
             assert (r["completions"], r["labels"], r["source"], r["pit"]) == (steps, [False], "outcome", 1)
         else:
@@ -155,7 +156,8 @@ def test_files_of_another_task_or_round_are_refused(tmp_path) -> None:
         write_prm_data(explore_path, samples_path, tmp_path / "prm.jsonl", TASK, {"gsm:1": other})
     assert e.value.line == 1 and e.value.field == "question_id"
     with pytest.raises(DataError, match="field 'gold'"):
-        write_prm_data(explore_path, samples_path, tmp_path / "prm.jsonl", TASK, {"q1": Problem("q1", "Q1: what is it?", "", "11")})
+        write_prm_data(explore_path, samples_path, tmp_path / "prm.jsonl", TASK,
+                       {"q1": Problem("q1", "Q1: what is it?", "", "11")})
     with pytest.raises(DataError, match="asked for round 2 but the explore file is round 1's"):
         write_prm_data(explore_path, samples_path, tmp_path / "prm.jsonl", TASK, {"q1": PROBLEM}, round_index=2)
     _, samples_2 = _files(tmp_path, "round_2")
@@ -198,7 +200,8 @@ def test_prm_data_command(tmp_path) -> None:
     write_jsonl(tmp_path / "explore.jsonl", [record])
     write_jsonl(tmp_path / "samples.jsonl", sample_rows)
     main(["prm-data", "--explore", str(tmp_path / "explore.jsonl"), "--samples", str(tmp_path / "samples.jsonl"),
-          "--out", str(tmp_path / "prm.jsonl"), "--task_options", '{"train_size": 20, "validation_size": 2, "test_size": 2}'])
+          "--out", str(tmp_path / "prm.jsonl"),
+          "--task_options", '{"train_size": 20, "validation_size": 2, "test_size": 2}'])
     rows = read_jsonl(tmp_path / "prm.jsonl")
     assert [r["labels"] for r in rows] == [[True] * (len(steps) - 1) + [False], [True] * len(steps)]
     assert rows[0]["k"] == 2

@@ -151,8 +151,8 @@ def accuracy_vs_n(questions: Sequence[Sequence[Candidate]], selectors: Sequence[
     tail = (1 - config.confidence) / 2
     out: dict[str, dict[int, Mapping[str, float]]] = {s: {} for s in selectors}
     for n in config.ns:
-        picks = [[[q[i] for i in subset(len(q), n, derive_seed(config.seed, n, s, qi))] for qi, q in enumerate(questions)]
-                 for s in range(config.subsets)]
+        picks = [[[q[i] for i in subset(len(q), n, derive_seed(config.seed, n, s, qi))]
+                  for qi, q in enumerate(questions)] for s in range(config.subsets)]
         for name in selectors:
             accs = sorted(sum(selected_correct(c, name, config.aggregate) for c in sub) / len(sub) for sub in picks)
             out[name][n] = {"mean": statistics.fmean(accs), "low": _quantile(accs, tail),
