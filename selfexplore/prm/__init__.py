@@ -9,6 +9,9 @@
     verifier.py   the step / outcome verifier LightningModule and the prm.jsonl LightningDataModule
     implicit.py   a DPO policy's implicit step reward, beta * log(pi / pi_ref) per step
     selectors.py  majority vote, verifier best-of-N, weighted vote, pass@N; accuracy vs N
+    unit.py       what a pipeline unit calls: train a round's verifier, turn samples into candidates
+
+Design notes: docs/design.md#process-rewards
 """
 
 from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
