@@ -30,10 +30,11 @@ from lightning.pytorch.cli import LightningCLI
 from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, read_samples, sample_stats
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
-from selfexplore.io import write_json, write_jsonl
+from selfexplore.io import DataError, write_json, write_jsonl
 from selfexplore.models import load_tokenizer
 from selfexplore.models.chat import PromptFormat
 from selfexplore.pipeline.config import PipelineConfig
+from selfexplore.pipeline.lock import RunLocked
 from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.factory import get_sampler
@@ -234,6 +235,21 @@ def _check_config_files(args: list[str]) -> None:
                 raise SystemExit(f"{value}: not valid YAML ({flag}): {error}") from None
 
 
+def expected_failures() -> tuple[type[BaseException], ...]:
+    """Errors a user meets and acts on from their message alone (a run locked, another config,
+    bad data, a unit that cannot go on): one line on the console, not a Python traceback."""
+    from selfexplore.pipeline.state import PipelineError, RankZeroFailed, RunStateError
+
+    return RunLocked, RunStateError, PipelineError, RankZeroFailed, DataError
+
+
+def _verbose(args: list[str]) -> bool:
+    """Whether the command line says `--verbose true` (or `--verbose=true`)."""
+    flags = [a.split("=", 1)[1] if a.startswith("--verbose=") else b for a, b in zip(args, [*args[1:], ""])
+             if a == "--verbose" or a.startswith("--verbose=")]
+    return any(f.lower() in ("true", "1", "yes") for f in flags)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`selfexplore COMMAND ...`: only the command that runs imports what it needs."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -246,7 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     if command in STAGE_COMMANDS:
         from jsonargparse import CLI
 
-        CLI(STAGE_COMMANDS[command], args=args[1:], as_positional=command == "status")
+        try:
+            CLI(STAGE_COMMANDS[command], args=args[1:], as_positional=command == "status")
+        except expected_failures() as error:
+            if _verbose(args):
+                raise
+            where = " (the traceback is in the run directory's pipeline.log; --verbose true shows it here)" \
+                if command == "pipeline" and not isinstance(error, RunLocked) else ""
+            raise SystemExit(f"selfexplore {command}: {type(error).__name__}: {error}{where}") from None
         return
     # From the command line LightningCLI reads sys.argv itself (given both, it warns).
     lightning_main(None if argv is None else args)

@@ -6,6 +6,9 @@ file, line and field; a killed process must never leave a half-written file behi
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -123,34 +126,63 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"not valid JSON ({e.msg} at line {e.lineno})", path, e.lineno) from None
 
 
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # renameat2(2): paths relative to the cwd; swap two existing paths
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where unsupported."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    if rename(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    """Serialize the writers that replace `out`: an flock on its parent folder (no lock file left
+    behind; replacing a folder is rare, so sharing the lock with its siblings costs nothing)."""
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @contextmanager
 def atomic_dir(out_dir: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """Yield an empty temp folder beside `out_dir`; on success it replaces `out_dir` in one rename.
+    """Yield an empty temp folder beside `out_dir`; on success it replaces `out_dir` in one step.
 
     A crash inside the block leaves `out_dir` as it was (the temp folder is removed; a killed
     process can leave a hidden `.<name>.tmp-*` sibling, never a half-written `out_dir`).
-    With `replace=False` an `out_dir` that exists by then (another process finished the same
-    work first: a cache) is kept and the new folder discarded.
+    Replacing swaps the two folders atomically (renameat2 exchange), so a reader always finds a
+    whole `out_dir`; writers of one folder take turns (a lock on its parent), so two exports of the
+    same folder never fail or leave a folder behind. With `replace=False` an `out_dir` that
+    exists by then (another process finished the same work first: a cache) is kept and the new
+    folder discarded.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        if not replace:
-            try:
-                os.replace(tmp, out)  # atomic; fails if another process's folder is already there
-            except OSError:
-                if not out.is_dir():
-                    raise
+        with _folder_lock(out):
+            if not out.exists():
+                os.replace(tmp, out)
+            elif not replace:
                 shutil.rmtree(tmp)
-        elif out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+            elif _exchange(tmp, out):
+                shutil.rmtree(tmp)  # now the old folder
+            else:  # no exchange here: two renames, the lock keeps other writers out of the gap
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

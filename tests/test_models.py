@@ -232,3 +232,37 @@ def test_qlora_nf4_trains_adapter_and_exports_full_precision(tiny_dir, ids, tmp_
     assert getattr(merged.config, "quantization_config", None) is None
     want = logits(reference, ids)
     assert torch.allclose(logits(merged, ids), want, atol=1e-5 * float(want.abs().max()))
+
+
+_EXPORTER = """
+import sys
+from pathlib import Path
+from selfexplore.io import atomic_dir
+
+out, tag = Path(sys.argv[1]), sys.argv[2]
+for i in range(int(sys.argv[3])):
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text(f"{tag}:{i}")
+        (tmp / "config.json").write_text("{}")
+"""
+
+
+def test_two_writers_exporting_one_folder_never_fail_and_a_reader_always_finds_it(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "policy"
+    writers = [subprocess.Popen([sys.executable, "-c", _EXPORTER, str(out), tag, "150"], stderr=subprocess.PIPE)
+               for tag in ("a", "b")]
+    polls = missed = 0
+    seen = False
+    while any(w.poll() is None for w in writers):
+        polls += 1
+        found = (out / "weights").is_file()
+        missed += seen and not found  # once exported, the folder is always there, weights and all
+        seen = seen or found
+    errors = [w.stderr.read().decode() for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], errors
+    assert missed == 0 and seen and polls > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temp or old folders left
+    assert (out / "weights").read_text() in ("a:149", "b:149")

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_pipeline import ARTIFACTS, _config, dpo_stage, scripted  # noqa: F401 (a fixture)
+from test_pipeline import ARTIFACTS, TASK_OPTIONS, _config, dpo_stage, scripted  # noqa: F401 (a fixture)
 
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.pipeline.config import DPOStageConfig, SFTStageConfig, TrainerConfig
@@ -25,6 +25,7 @@ from selfexplore.configdiff import config_diff
 from selfexplore.pipeline.invalidate import units_to_redo
 from selfexplore.pipeline.lock import RunLock, RunLocked
 from selfexplore.pipeline.run import Pipeline, PipelineError, run_pipeline
+from selfexplore.pipeline.state import RunStateError
 
 SHORT = {"baselines": ["self_explore"], "rounds": 1}
 UNITS = ["base", "round_0/sft", "round_0/sft/eval.jsonl", "round_0/sft/eval", "round_1/samples.jsonl",
@@ -273,3 +274,50 @@ def test_engine_knobs_the_explore_schedule_and_logging_do_not_make_another_confi
     again = Pipeline(_config(run, **SHORT, sampling=engine, trainer=trainer, explore=schedule)).setup()
     assert again.state.done("base") and not again.state.redone
     again.close()
+
+
+def test_expected_failures_are_one_line_with_the_traceback_in_the_log(scripted, tmp_path: Path, capsys) -> None:
+    from selfexplore.cli import main
+
+    run = tmp_path / "run"
+    first = Pipeline(_config(run, **SHORT)).setup()
+    first.build_base()
+    first.close()
+    config = tmp_path / "other.yaml"
+    config.write_text(textwrap.dedent(f"""
+        pipeline:
+          run_dir: {run}
+          seed: 5
+          task_options: {json.dumps(TASK_OPTIONS)}
+          from_scratch: {{hidden_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2, intermediate_size: 128,
+                          vocab_size: 300, max_position_embeddings: 256}}
+          trainer: {{accelerator: cpu}}
+    """))
+    with pytest.raises(SystemExit) as caught:
+        main(["pipeline", "--config", str(config)])
+    message = str(caught.value)
+    assert message.startswith("selfexplore pipeline: RunStateError: ") and "--force" in message
+    assert "pipeline.log" in message and "Traceback" not in message + capsys.readouterr().err
+    assert "Traceback (most recent call last)" in (run / "pipeline.log").read_text()
+    with pytest.raises(RunStateError):  # --verbose shows the error itself, traceback and all
+        main(["pipeline", "--config", str(config), "--verbose", "true"])
+
+
+def test_a_full_disk_names_the_unit_and_a_rerun_continues(scripted, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import selfexplore.pipeline.run as pipeline_run
+
+    write_jsonl = pipeline_run.write_jsonl
+
+    def full(path, records):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline_run, "write_jsonl", full)
+    run = tmp_path / "run"
+    with pytest.raises(PipelineError, match=r"unit round_1/rft_data: no space left on the device writing .*run.*"
+                                            r"GiB free there now.*completed units are kept"):
+        run_pipeline(_config(run, **SHORT))
+    monkeypatch.setattr(pipeline_run, "write_jsonl", write_jsonl)
+    run_pipeline(_config(run, **SHORT))
+    assert "round_1/rft_data" in _state(run)["units"]

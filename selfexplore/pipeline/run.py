@@ -12,10 +12,13 @@ Design notes: docs/design.md#pipeline
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import shutil
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +36,11 @@ from selfexplore.models import build_tiny_llama, load_tokenizer
 from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
 from selfexplore.pipeline.loggers import build_logger, log_round_metrics
-from selfexplore.pipeline.lock import RunLock
+from selfexplore.pipeline.lock import RunLock, RunLocked
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT, RunLayout, eval_unit, round_unit, self_explore
 from selfexplore.pipeline.plan import BASE, RFT_DATA, SFT_SAMPLES
-from selfexplore.pipeline.state import RunState, is_rank_zero
+from selfexplore.pipeline.state import PipelineError, RunState, is_rank_zero
 from selfexplore.sampling.base import Sampler
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
@@ -55,10 +58,6 @@ log = logging.getLogger(__name__)
 SHARED_RUN_DIR_SECONDS = 120.0
 # Result fields that hold a path written by the unit (recorded relative to the run directory).
 PATH_KEYS = ("policy", "path")
-
-
-class PipelineError(RuntimeError):
-    """A stage produced nothing the next stage can train on."""
 
 
 def collapsed(policy: float, reference: float, uniform: float, kept: float = 0.1, informed: float = 0.5) -> bool:
@@ -195,7 +194,16 @@ class Pipeline:
             self.state.start(name)
         start = time.perf_counter()
         try:
-            result = work()
+            try:
+                result = work()
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                free = shutil.disk_usage(self.root).free / 2**30
+                raise PipelineError(
+                    f"unit {name}: no space left on the device writing {error.filename or self.root} "
+                    f"({free:.1f} GiB free there now); free some space and rerun: completed units are kept, "
+                    "and this one resumes from its finished shards") from error
         except BaseException as error:
             if self.rank_zero:
                 self.state.fail(name, error)
@@ -493,9 +501,17 @@ def run_pipeline(config: PipelineConfig, force: bool = False, verbose: bool = Fa
     The console shows the plan unit by unit; library output only with `verbose` (see
     `pipeline.console`); rank 0 logs everything to `run_dir/pipeline.log`.
     """
-    with console_session(Path(config.run_dir) / "pipeline.log" if is_rank_zero() else None, verbose):
-        pipeline = Pipeline(config, force=force).setup()
+    log_path = RunLayout(config.run_dir).log if is_rank_zero() else None
+    with console_session(log_path, verbose):
+        pipeline = Pipeline(config, force=force)
         try:
-            return pipeline.run()
+            return pipeline.setup().run()
+        except RunLocked:
+            raise  # the log belongs to the run that holds the lock
+        except BaseException:
+            if log_path is not None:  # the whole traceback, for a console that shows one line (cli)
+                with log_path.open("a", encoding="utf-8") as f:
+                    traceback.print_exc(file=f)
+            raise
         finally:
             pipeline.close()

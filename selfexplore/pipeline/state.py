@@ -45,6 +45,10 @@ class RunStateError(RuntimeError):
     """The run directory belongs to another configuration."""
 
 
+class PipelineError(RuntimeError):
+    """A unit cannot go on for a reason the user can act on (what to change is in the message)."""
+
+
 class RankZeroFailed(RuntimeError):
     """Rank 0 failed, or is gone, while this rank waited for one of its units."""
 
