@@ -337,3 +337,33 @@ def test_matrix_covers_every_kind_family_and_task() -> None:
     for kind, mode in (("sft", "fsdp"), ("dpo", "fsdp"), ("pipeline", "qlora")):
         assert {f for k, m, f, _ in covered if (k, m) == (kind, mode)} == {"llama", "mistral"}
         assert {t for k, m, _, t in covered if (k, m) == (kind, mode)} == {"gsm8k", "math"}
+
+
+# ----- numerical invariants in the recipes' precision ------------------------------------------------
+# Per-token log-probs under bf16-mixed (CPU autocast) against fp32 on the tiny model: bf16 keeps 8 bits
+# of mantissa, so a logit of magnitude ~10 is off by ~0.04 at worst; per token we allow 0.1 nats.
+BF16_TOKEN_LOGP_TOLERANCE = 0.1
+
+
+@pytest.mark.recipe_as_written
+@pytest.mark.parametrize("family", ["llemma7b", "mistral7b"])
+def test_bf16_mixed_log_probs_agree_with_fp32(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfexplore.models import load_tokenizer
+    from selfexplore.training.losses import sequence_logps
+
+    monkeypatch.chdir(tmp_path)
+    path = build_family_model(family, corpus("gsm8k"), tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    ids = torch.tensor([tokenizer("Tom has 3 apples and buys 5 more.\nHe has 3 + 5 = 8 apples.\n"
+                                  "The answer is 8" * 2).input_ids])  # longer than Mistral's 32-token window
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        fp32 = sequence_logps(model(input_ids=ids).logits, ids, mask, average=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = sequence_logps(model(input_ids=ids).logits, ids, mask, average=True)
+    assert bf16.dtype == torch.float32  # reduced in fp32 whatever the logits' dtype
+    assert abs(float(bf16 - fp32)) < BF16_TOKEN_LOGP_TOLERANCE, (float(bf16), float(fp32))
