@@ -109,3 +109,41 @@ def test_force_with_a_changed_dpo_lr_equals_a_fresh_run_with_that_lr(by_weights,
     assert [name for name in fresh if forced.get(name) != fresh[name]] == []
     assert before["round_1/rft/eval.jsonl"] == forced["round_1/rft/eval.jsonl"]  # untouched by the change
     assert before["round_2/self_explore/eval.jsonl"] != forced["round_2/self_explore/eval.jsonl"]
+
+
+def test_a_miniature_run_with_verifiers_writes_prm_rows_and_the_verifier_report(by_weights, tmp_path: Path) -> None:
+    import json
+
+    from selfexplore.pipeline.config import VerifierStageConfig
+    from selfexplore.pipeline.plan import plan_of
+    from selfexplore.prm.selectors import SelectionConfig
+    from selfexplore.prm.unit import VerifierConfig
+    from selfexplore.training.optim import OptimizerConfig
+
+    verifier = VerifierStageConfig(
+        train=VerifierConfig(epochs=1, batch_size=8, max_length=160, val_fraction=0.25,
+                             optimizer=OptimizerConfig(lr=1e-3)),
+        samples=4, selection=SelectionConfig(ns=[1, 2, 4], subsets=3))
+    run = tmp_path / "run"
+    report = run_pipeline(_config(run, rounds=1, baselines=["self_explore"], verifier=verifier)).read_text()
+    state = json.loads((run / "state.json").read_text())["units"]
+    assert [u for u in plan_of(json.loads((run / "config.json").read_text())) if u not in state] == []
+    rows = [json.loads(line) for line in (run / "round_1/prm.jsonl").read_text().splitlines()]
+    assert rows and all(list(r)[:3] == ["prompt", "completions", "labels"] for r in rows)  # TRL's columns first
+    explored = [r for r in rows if r["source"] == "explored"]
+    assert explored and all(r["labels"] == [True] * (r["pit"] - 1) + [False] for r in explored)
+    assert all(len(r["labels"]) == len(r["completions"]) == len(r["mc"]) for r in explored)
+    for unit in ("round_1/verifier", "round_1/outcome_verifier"):
+        assert set(state[unit]["verifier"]) >= {"auroc", "balanced_accuracy", "negative_f1", "acc_err", "acc_cor", "f1"}
+    for stage in ("round_1/rft", "round_1/self_explore"):
+        curves = state[f"{stage}/selection"]["curves"]
+        assert set(curves["majority"]) == {"1", "2", "4"}
+        assert {"process/best_of_n", "process/weighted_vote", "process/best_of_n_last", "outcome/best_of_n"} <= set(curves)
+        # pass@N is the ceiling every selector sits under, and grows with N
+        assert all(c["4"]["mean"] <= curves["pass_at_n"]["4"]["mean"] + 1e-9 for c in curves.values())
+        assert curves["pass_at_n"]["1"]["mean"] <= curves["pass_at_n"]["4"]["mean"]
+    assert "implicit/weighted_vote" in state["round_1/self_explore/selection"]["curves"]  # a DPO policy only
+    assert "implicit/weighted_vote" not in state["round_1/rft/selection"]["curves"]
+    assert "## Step verifiers" in report and "## Verifier-guided answers" in report
+    assert "| process/weighted_vote |" in report and "### Self-Explore r1 (greedy" in report
+    assert (run / "report_selection.png").stat().st_size > 1000

@@ -66,4 +66,4 @@ def test_accuracy_vs_n_with_intervals() -> None:
     with pytest.raises(ValueError, match="only 4 samples"):
         accuracy_vs_n(questions, ["majority"], SelectionConfig(ns=[8]))
     with pytest.raises(ValueError, match="selection.ns.*\n.*selection.aggregate"):
-        SelectionConfig(ns=[0], aggregate="mean")
+        accuracy_vs_n(questions, ["majority"], SelectionConfig(ns=[0], aggregate="mean"))

@@ -152,8 +152,7 @@ def test_verifier_unit_trains_and_reports_against_the_baseline(tiny_arith_model,
     assert {"auroc", "acc_err", "acc_cor", "f1", "negative_f1", "balanced_accuracy"} <= set(result["verifier"])
     assert result["flag_last_baseline"]["acc_cor"] == 0.0
     assert (tmp_path / "unit" / "verifier" / "config.json").is_file()
-    with pytest.raises(ValueError, match="verifier.val_fraction"):
-        VerifierConfig(val_fraction=1.5)
+    assert any(p.startswith("verifier.val_fraction") for p in VerifierConfig(val_fraction=1.5).problems())
 
     class Task:
         def split_steps(self, text):

@@ -10,6 +10,9 @@ from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import ModelSpec, TinyLlamaConfig
 from selfexplore.models.chat import PromptFormat
 from selfexplore.models.gguf import is_gguf_spec
+from selfexplore.prm.config import PRMDataConfig
+from selfexplore.prm.selectors import SelectionConfig
+from selfexplore.prm.unit import VerifierConfig
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.training.losses import REFERENCE_MODES, DPOLossConfig, ReferenceMode
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
@@ -150,6 +153,38 @@ class DPOStageConfig:
 
 
 @dataclass
+class VerifierStageConfig:
+    """Step verifiers from each round's exploration labels, and verifier-guided answers at test time.
+
+    Per round r, a process verifier (each step's label) and, with `outcome`, an outcome verifier
+    (final-answer labels only, the baseline it must beat) are trained from round r's explorer on
+    `round_r/prm.jsonl`, with metrics on held-out questions. Then each policy of the round samples
+    `samples` answers per test question once (sampling.temperature), and the same samples are chosen
+    among by majority vote, best-of-N and the weighted vote under each scorer (the verifiers, and a
+    Self-Explore policy's own implicit step reward with `implicit`), with pass@N as the ceiling.
+
+    train: how each verifier trains (`labels` is set per verifier; see `selfexplore.prm.unit`).
+    outcome: also train the outcome verifier.
+    implicit: also score a Self-Explore policy's samples with beta * log(pi / pi_ref) per step.
+    samples: answers per test question, at least max(selection.ns).
+    selection: the N values, resampled subsets and their interval (`selfexplore.prm.selectors`).
+    """
+
+    train: VerifierConfig = field(default_factory=VerifierConfig)
+    outcome: bool = True
+    implicit: bool = True
+    samples: int = 16
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def problems(self, prefix: str = "verifier") -> list[str]:
+        problems = self.train.problems(f"{prefix}.train") + self.selection.problems(f"{prefix}.selection")
+        if self.selection.ns and self.samples < max(self.selection.ns):
+            problems.append(f"{prefix}.samples must be >= max({prefix}.selection.ns)={max(self.selection.ns)}, "
+                            f"got {self.samples!r}")
+        return problems
+
+
+@dataclass
 class PipelineConfig:
     """The paper's recipe end to end, then `rounds - 1` more Self-Explore rounds.
 
@@ -180,6 +215,9 @@ class PipelineConfig:
         the policy that starts each round.
     baselines: which DPO rows of the paper's comparison to produce after SFT and RFT (which
         always run): the outcome-level DPO baseline and/or Self-Explore.
+    prm: how each round's exploration becomes `round_r/prm.jsonl`, a process-reward data set in TRL's
+        stepwise-supervision layout (`selfexplore.prm`), written whether or not a verifier trains.
+    verifier: train step verifiers on it and choose among sampled answers with them (None: off).
     eval_samples: besides the greedy answer (the paper's metric), sample this many answers per
         evaluation question at the sampling temperature and report their mean accuracy
         (`sampled_accuracy`, an estimate of pass@1 when sampling); 0 = greedy only. DPO can
@@ -214,6 +252,8 @@ class PipelineConfig:
     eval_limit: int | None = None
     eval_max_new_tokens: int = 512
     eval_samples: int = 0
+    prm: PRMDataConfig = field(default_factory=PRMDataConfig)
+    verifier: VerifierStageConfig | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -237,7 +277,9 @@ class PipelineConfig:
             at_least(problems, name, getattr(self, name), 1, optional=True)
         problems += self.trainer.problems()
         problems += self.sft.problems("sft") + self.rft.problems("rft") + self.dpo.problems("dpo")
-        problems += self.sampling.problems("sampling") + self.explore.problems("explore")
+        problems += self.sampling.problems("sampling") + self.explore.problems("explore") + self.prm.problems("prm")
+        if self.verifier is not None:
+            problems += self.verifier.problems("verifier")
         for name, value, choices in (("sample_questions", self.sample_questions, get_args(SampleQuestions)),
                                      ("reference_update", self.reference_update, get_args(ReferenceUpdate)),
                                      ("rft_init", self.rft_init, get_args(RFTInit))):

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tqdm.auto import tqdm
 
-from selfexplore.pipeline.plan import duration, key_figure, label, planned_units
+from selfexplore.pipeline.plan import duration, key_figure, label, planned_units, verifiers_of
 
 if TYPE_CHECKING:
     from selfexplore.pipeline.config import PipelineConfig
@@ -120,7 +121,8 @@ class Console:
         self.state = state
         self.questions = questions  # "gold", "train", "eval": how many each stage works on
         self.enabled = enabled
-        self.plan = planned_units(config.rounds, config.baselines)
+        self.plan = planned_units(config.rounds, config.baselines,
+                                  verifiers_of(asdict(config.verifier) if config.verifier else None))
         self.started: dict[str, float] = {}
         self._greeted = False
 
@@ -177,6 +179,10 @@ class Console:
             return f"{_epochs(cfg.dpo.epochs)} on {count(f'{head}/pairs', 'pairs')} outcome pairs"
         if what == "self_explore":
             return f"{_epochs(cfg.dpo.epochs)} on {count(f'{head}/explore', 'num_pairs')} granular pairs"
+        if what in ("verifier", "outcome_verifier") and cfg.verifier is not None:
+            return f"{_epochs(cfg.verifier.train.epochs)} on {count(f'{head}/prm', 'rows')} process-reward rows"
+        if what.endswith("/selection") and cfg.verifier is not None:
+            return f"{cfg.verifier.samples} sampled answers x {q['eval']} {cfg.eval_split} questions, every selector"
         return ""
 
 

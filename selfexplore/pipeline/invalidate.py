@@ -30,13 +30,19 @@ def _last(unit: str) -> str:
     return unit.rsplit("/", 1)[-1]
 
 
+def _verifies(unit: str) -> bool:
+    """The verifier units and the selections that use them (with the samples they choose among)."""
+    return _last(unit) in ("verifier", "outcome_verifier", "selection", "selection_samples.jsonl")
+
+
 def _samples_train_questions(unit: str) -> bool:
     return _last(unit) in ("samples.jsonl", "explorer_samples.jsonl")
 
 
 def _samples(unit: str) -> bool:
     """Units that draw from a sampler: sampling, exploration and every evaluation."""
-    return _samples_train_questions(unit) or _last(unit) == "explore" or _is_eval(unit)
+    return (_samples_train_questions(unit) or _last(unit) in ("explore", "selection_samples.jsonl")
+            or _is_eval(unit))
 
 
 # Top-level setting -> which units read it themselves. A setting not listed is read by every unit.
@@ -52,6 +58,8 @@ READERS: dict[str, Callable[[str], bool]] = {
     "rft_include_gold": lambda u: u == RFT_DATA,
     "pairs_include_gold": lambda u: _last(u) == "pairs",
     "explore": lambda u: _last(u) == "explore",
+    "prm": lambda u: _last(u) == "prm",
+    "verifier": _verifies,
     "dpo": lambda u: u == OUTCOME_DPO or _last(u) == "self_explore",
     # round 1's reference is the RFT policy either way
     "reference_update": lambda u: _last(u) == "self_explore" and not u.startswith("round_1/"),

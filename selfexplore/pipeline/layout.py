@@ -8,6 +8,9 @@
     round_r/explorer_samples.jsonl                   samples of round r's explorer (-> outcome pairs)
     round_r/pairs.jsonl, round_r/explore/            outcome pairs; first-pit exploration
     round_r/explore/{explore,gpairs}.jsonl           exploration records, granular pairs
+    round_r/prm.jsonl, round_r/prm_stats.json        process-reward rows from the exploration
+    round_r/{verifier,outcome_verifier}/             step verifiers trained on them (optional)
+    <stage>/selection_samples.jsonl                  answers the verifier-guided selectors choose among
     round_1/outcome_dpo/policy/                      baseline: DPO on outcome pairs
     round_r/self_explore/policy/                     step-level DPO, round r
     round_r/self_explore/adapter/                    its LoRA adapter alone (adapter reference, keep)
@@ -80,6 +83,11 @@ class RunLayout:
         return self.root / "report.png"
 
     @property
+    def report_selection_png(self) -> Path:
+        """Accuracy vs N of the verifier-guided selectors (runs with a verifier)."""
+        return self.root / "report_selection.png"
+
+    @property
     def base(self) -> Path:
         """The from-scratch model's folder (quickstart)."""
         return self.root / "base"
@@ -122,6 +130,10 @@ class RunLayout:
     def explore_dir(self, round_index: int) -> Path:
         return self.round_dir(round_index) / "explore"
 
+    def prm(self, round_index: int) -> Path:
+        """The process-reward rows of round `round_index`'s exploration (TRL stepwise supervision)."""
+        return self.round_dir(round_index) / "prm.jsonl"
+
     def gpairs(self, round_index: int) -> Path:
         """Granular (step-level) pairs of the first-pit exploration."""
         return self.explore_dir(round_index) / "gpairs.jsonl"
@@ -139,6 +151,10 @@ class RunLayout:
         """A LoRA stage's adapter alone (beside the merged policy): what the next round continues
         when its reference is the adapter-free base (`dpo.reference: adapter`, `reference_update: keep`)."""
         return self.stage(stage_dir) / "adapter"
+
+    def selection_samples(self, stage_dir: str) -> Path:
+        """The answers per test question that the verifier-guided selectors choose among."""
+        return self.stage(stage_dir) / "selection_samples.jsonl"
 
     def greedy_eval(self, stage_dir: str) -> Path:
         """The greedy evaluation samples of a stage's policy."""

@@ -18,25 +18,54 @@ RFT_DATA = round_unit(1, "rft_data")
 SFT_SAMPLES = round_unit(1, "samples.jsonl")
 
 
-def planned_units(rounds: int, baselines: Sequence[str]) -> list[str]:
-    """Top-level unit names, in run order (an `.../eval` unit includes its sample files)."""
-    units = [BASE, SFT, eval_unit(SFT), SFT_SAMPLES, RFT_DATA, RFT, eval_unit(RFT), *exploration_units(1)]
+def planned_units(rounds: int, baselines: Sequence[str], verifiers: Sequence[str] = ()) -> list[str]:
+    """Top-level unit names, in run order (an `.../eval` unit includes its sample files).
+
+    `verifiers`: the verifiers each round trains ('process', 'outcome'); with any, each policy's
+    evaluation is followed by its verifier-guided selection.
+    """
+    def evaluated(stage: str) -> list[str]:
+        return [stage, eval_unit(stage), *([selection_unit(stage)] if verifiers else [])]
+
+    def explored(r: int) -> list[str]:
+        return [*exploration_units(r), *(verifier_unit(r, labels) for labels in verifiers)]
+
+    units = [BASE, *evaluated(SFT)[:2], SFT_SAMPLES, RFT_DATA, RFT, eval_unit(RFT), *explored(1),
+             *([selection_unit(RFT)] if verifiers else [])]
     if "outcome_dpo" in baselines:
-        units += [OUTCOME_DPO, eval_unit(OUTCOME_DPO)]
+        units += evaluated(OUTCOME_DPO)
     if "self_explore" in baselines:
         for r in range(1, rounds + 1):
-            units += [*(exploration_units(r) if r > 1 else []), self_explore(r), eval_unit(self_explore(r))]
+            units += [*(explored(r) if r > 1 else []), *evaluated(self_explore(r))]
     return units
+
+
+def verifiers_of(verifier: dict[str, Any] | None) -> list[str]:
+    """The verifiers a run's `verifier` settings (as recorded) train each round."""
+    if not verifier:
+        return []
+    return ["process", *(["outcome"] if verifier.get("outcome", True) else [])]
 
 
 def plan_of(config: dict[str, Any]) -> list[str]:
     """The plan of a run from its recorded config.json (what `PipelineConfig` was)."""
-    return planned_units(int(config.get("rounds", 1)), config.get("baselines", []))
+    return planned_units(int(config.get("rounds", 1)), config.get("baselines", []),
+                         verifiers_of(config.get("verifier")))
 
 
 def exploration_units(round_index: int) -> list[str]:
-    """Round `round_index`'s explorer samples, outcome pairs and first-pit exploration."""
-    return [round_unit(round_index, name) for name in ("explorer_samples.jsonl", "pairs", "explore")]
+    """Round `round_index`'s explorer samples, outcome pairs, first-pit exploration and its prm rows."""
+    return [round_unit(round_index, name) for name in ("explorer_samples.jsonl", "pairs", "explore", "prm")]
+
+
+def verifier_unit(round_index: int, labels: str) -> str:
+    """The unit that trains round `round_index`'s 'process' (step) or 'outcome' verifier."""
+    return round_unit(round_index, "verifier" if labels == "process" else "outcome_verifier")
+
+
+def selection_unit(stage_dir: str) -> str:
+    """The unit that chooses among a stage's sampled test answers with the verifiers."""
+    return f"{stage_dir}/selection"
 
 
 def explorer(round_index: int) -> str:
@@ -49,8 +78,13 @@ def inputs(unit: str, rft_init: str = "base") -> list[str]:
     head, _, rest = unit.partition("/")
     if unit == BASE:
         return []
-    if unit.rsplit("/", 1)[-1].startswith("eval"):  # an evaluation, or the sample file inside it
+    last = unit.rsplit("/", 1)[-1]
+    if last.startswith("eval") or last == "selection_samples.jsonl":  # a stage's evaluation, or its samples
         return [unit.rsplit("/", 1)[0]]
+    if last == "selection":
+        stage = unit.rsplit("/", 1)[0]
+        r = 1 if stage in (RFT, OUTCOME_DPO) else int(stage.partition("/")[0].removeprefix("round_"))
+        return [stage, verifier_unit(r, "process"), verifier_unit(r, "outcome")]
     r = int(head.removeprefix("round_"))
     stage_inputs = {SFT: [BASE], SFT_SAMPLES: [SFT], RFT_DATA: [SFT_SAMPLES],
                     RFT: [RFT_DATA, BASE if rft_init == "base" else SFT],
@@ -63,6 +97,10 @@ def inputs(unit: str, rft_init: str = "base") -> list[str]:
         return [round_unit(r, "explorer_samples.jsonl")]
     if rest == "explore":
         return [round_unit(r, "pairs"), explorer(r)]
+    if rest == "prm":
+        return [round_unit(r, "explore")]
+    if rest in ("verifier", "outcome_verifier"):
+        return [round_unit(r, "prm"), explorer(r)]
     if rest == "self_explore":
         return [round_unit(r, "explore"), explorer(r), RFT]  # RFT: the reference under 'keep'
     raise ValueError(f"unknown unit {unit!r}")
@@ -71,7 +109,8 @@ def inputs(unit: str, rft_init: str = "base") -> list[str]:
 _WHAT = {"samples.jsonl": "sample the SFT policy", "rft_data": "RFT set", "rft": "RFT training",
          "explorer_samples.jsonl": "sample the explorer", "pairs": "outcome pairs",
          "explore": "first-pit exploration", "outcome_dpo": "outcome DPO training",
-         "self_explore": "step-level DPO training", "sft": "SFT training"}
+         "self_explore": "step-level DPO training", "sft": "SFT training", "prm": "process-reward rows",
+         "verifier": "step verifier training", "outcome_verifier": "outcome verifier training"}
 _POLICY = {"sft": "SFT", "rft": "RFT", "outcome_dpo": "outcome DPO", "self_explore": "Self-Explore"}
 
 
@@ -84,6 +123,8 @@ def label(unit: str) -> str:
     what = _WHAT.get(parts[-1], parts[-1])
     if parts[-1] == "eval":
         what = f"evaluate {_POLICY.get(parts[0], parts[0])}"
+    if parts[-1] == "selection":
+        what = f"verifier-guided answers of {_POLICY.get(parts[0], parts[0])}"
     return f"round {head.removeprefix('round_')} · {what}"
 
 
@@ -101,6 +142,15 @@ def key_figure(unit: str, result: dict[str, Any]) -> str:
         return f"{result['pairs']} pairs"
     if unit.endswith("/explore"):
         return f"{result['num_pits']} pits in {result['num_explored']} rationales · {result['num_pairs']} granular pairs"
+    if unit.endswith("/prm"):
+        return f"{result['rows']} rows"
+    if unit.endswith("verifier"):
+        held = result.get("verifier", {})
+        return f"held-out step AUROC {held.get('auroc', float('nan')):.3f} · first-error F1 {held.get('f1', float('nan')):.3f}"
+    if unit.endswith("/selection"):
+        return f"greedy {result['greedy']:.3f} · " + " · ".join(
+            f"{name} {curve[str(result['samples_per_question'])]['mean']:.3f}"
+            for name, curve in result["curves"].items() if name in ("majority", "process/weighted_vote", "pass_at_n"))
     return ""
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from selfexplore.io import atomic_open, atomic_write_text
 from selfexplore.pipeline.card import write_model_cards
 from selfexplore.pipeline.compare import PairedChange, correct_by_question, paired_change
-from selfexplore.pipeline.layout import RunLayout
+from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT, RunLayout, eval_unit, round_unit, self_explore
+from selfexplore.pipeline.plan import SFT_SAMPLES, explorer, selection_unit, verifier_unit
 
 
 def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
@@ -22,22 +23,21 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
 
     def row(stage: str, round_: int, policy_unit: str, builds_on: str | None, **rest: Any) -> dict[str, Any]:
         return {"stage": stage, "round": round_, "unit": policy_unit, "builds_on": builds_on,
-                "accuracy": get(f"{policy_unit}/eval", "accuracy"),
-                "sampled_accuracy": get(f"{policy_unit}/eval", "sampled_accuracy"),
+                "accuracy": get(eval_unit(policy_unit), "accuracy"),
+                "sampled_accuracy": get(eval_unit(policy_unit), "sampled_accuracy"),
                 "seconds": get(policy_unit, "seconds"), "pit_at_first_error": None, **rest}
 
-    rows = [row("SFT", 0, "round_0/sft", None, pass_at_n=get("round_1/samples.jsonl", "pass_at_n"), pairs=None,
-                pits=None, tokens=get("round_1/samples.jsonl", "generated_tokens")),
-            row("RFT", 1, "round_1/rft", "round_0/sft", pass_at_n=get("round_1/explorer_samples.jsonl", "pass_at_n"),
-                pairs=get("round_1/pairs", "pairs"), pits=None,
-                tokens=get("round_1/explorer_samples.jsonl", "generated_tokens")),
-            row("Outcome DPO", 1, "round_1/outcome_dpo", "round_1/rft", pass_at_n=None, pairs=get("round_1/pairs", "pairs"),
+    explorer_samples = [round_unit(r, "explorer_samples.jsonl") for r in range(rounds + 2)]
+    rows = [row("SFT", 0, SFT, None, pass_at_n=get(SFT_SAMPLES, "pass_at_n"), pairs=None, pits=None,
+                tokens=get(SFT_SAMPLES, "generated_tokens")),
+            row("RFT", 1, RFT, SFT, pass_at_n=get(explorer_samples[1], "pass_at_n"),
+                pairs=get(round_unit(1, "pairs"), "pairs"), pits=None, tokens=get(explorer_samples[1], "generated_tokens")),
+            row("Outcome DPO", 1, OUTCOME_DPO, RFT, pass_at_n=None, pairs=get(round_unit(1, "pairs"), "pairs"),
                 pits=None, tokens=None)]
     for r in range(1, rounds + 1):
-        explore = units.get(f"round_{r}/explore", {})
-        rows.append(row("Self-Explore", r, f"round_{r}/self_explore",
-                        "round_1/rft" if r == 1 else f"round_{r - 1}/self_explore",
-                        pass_at_n=get(f"round_{r + 1}/explorer_samples.jsonl", "pass_at_n"),
+        explore = units.get(round_unit(r, "explore"), {})
+        rows.append(row("Self-Explore", r, self_explore(r), explorer(r),
+                        pass_at_n=get(explorer_samples[r + 1], "pass_at_n"),
                         pairs=explore.get("num_pairs"), pits=explore.get("pit_histogram"),
                         pit_at_first_error=explore.get("pit_at_first_error"),
                         tokens=explore.get("tokens_generated")))
@@ -104,28 +104,114 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
     total = sum(own_seconds(units).values())
     lines += ["", f"Total wall time of completed units: {total:.0f} s", "", "![report](report.png)", ""]
+    selections = {row["unit"]: units[selection_unit(row["unit"])] for row in rows if selection_unit(row["unit"]) in units}
+    lines += verifier_lines(units, config.rounds) + selection_lines(rows, selections)
     path = layout.report_md
     atomic_write_text(path, "\n".join(lines))
     _plot(rows, layout.report_png)
+    if selections:
+        _save(selection_figure(rows, selections), layout.report_selection_png)
     write_model_cards(run_dir, rows, config)
     return path
 
 
 def _plot(rows: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+    _save(figure(rows), out)
 
-    matplotlib.use("Agg")
+
+def _save(fig: Any, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig = figure(rows)
     with atomic_open(out, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
+VERIFIER_METRICS = ("auroc", "balanced_accuracy", "negative_f1", "acc_err", "acc_cor", "f1")
+
+
+def verifier_lines(units: dict[str, dict[str, Any]], rounds: int) -> list[str]:
+    """A table per round of the held-out metrics of its verifiers and of the flag-the-last-step baseline."""
+    rows = []
+    for r in range(1, rounds + 1):
+        for labels in ("process", "outcome"):
+            result = units.get(verifier_unit(r, labels))
+            if result is None:
+                continue
+            rows.append((r, f"{labels} verifier", result["verifier"]))
+            if labels == "process":
+                rows.append((r, "flag the last step", result["flag_last_baseline"]))
+    if not rows:
+        return []
+    header = ["round", "scorer", *VERIFIER_METRICS]
+    return ["## Step verifiers", "",
+            "Held-out explored and outcome rationales (whole questions the verifier never trained on). Step metrics "
+            "are balanced for mostly-positive labels; acc_err: the first step scored bad is the pit; acc_cor: no step "
+            "scored bad on a correct rationale; f1: their harmonic mean (ProcessBench's first-error F1).", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join([str(r), name, *(_fmt(m.get(k)) for k in VERIFIER_METRICS)]) + " |"
+              for r, name, m in rows), ""]
+
+
+def selection_lines(rows: list[dict[str, Any]], selections: dict[str, dict[str, Any]]) -> list[str]:
+    """Per policy: accuracy vs N of every selector (mean [interval] over resampled subsets) and its
+    paired change against the greedy answers at the largest N."""
+    if not selections:
+        return []
+    lines = ["## Verifier-guided answers", "",
+             "The same sampled answers per test question, chosen among by each selector; mean [interval] over "
+             "resampled subsets of N answers; change: the selector at the largest N against greedy decoding "
+             "(+fixed -broken questions, exact McNemar p). Scorers: process = the step verifier, outcome = the "
+             "outcome verifier, implicit = the policy's own beta * log(pi / pi_ref) per step; best_of_n and "
+             "weighted_vote take a rationale's minimum step score, best_of_n_last its last.", ""]
+    names = {row["unit"]: _row_name(row) for row in rows}
+    for unit, result in selections.items():
+        ns = list(next(iter(result["curves"].values())))
+        header = ["selector", *(f"N={n}" for n in ns), "change"]
+        lines += [f"### {names[unit]} (greedy {result['greedy']:.3f})", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, curve in result["curves"].items():
+            cells = [f"{curve[n]['mean']:.3f} [{curve[n]['low']:.3f}, {curve[n]['high']:.3f}]" for n in ns]
+            lines.append("| " + " | ".join([name, *cells, result["change"].get(name, "-")]) + " |")
+        lines.append("")
+    return lines + ["![verifier-guided answers](report_selection.png)", ""]
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    return row["stage"] if row["stage"] != "Self-Explore" else f"Self-Explore r{row['round']}"
+
+
+def selection_figure(rows: list[dict[str, Any]], selections: dict[str, dict[str, Any]]) -> Any:
+    """Accuracy vs N per selector, one panel per policy, greedy as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {row["unit"]: _row_name(row) for row in rows}
+    fig, axes = plt.subplots(1, len(selections), figsize=(5 * len(selections), 4), squeeze=False)
+    for ax, (unit, result) in zip(axes[0], selections.items()):
+        for name, curve in result["curves"].items():
+            ns = [int(n) for n in curve]
+            ax.errorbar(ns, [100 * curve[str(n)]["mean"] for n in ns], capsize=2, marker="o", markersize=3,
+                        yerr=[[100 * (curve[str(n)]["mean"] - curve[str(n)]["low"]) for n in ns],
+                              [100 * (curve[str(n)]["high"] - curve[str(n)]["mean"]) for n in ns]], label=name)
+        ax.axhline(100 * result["greedy"], color="k", linestyle="--", linewidth=1, label="greedy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("answers per question (N)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(names[unit], fontsize=10)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def figure(rows: list[dict[str, Any]]) -> Any:
     """Accuracy bars (a tick at the accuracy of the policy each builds on, and its paired change)
     beside the first-pit histogram as bars over integer steps, one group per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_pit) = plt.subplots(1, 2, figsize=(12, 4.5))

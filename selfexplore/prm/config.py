@@ -1,7 +1,7 @@
 """Settings of the process-reward components, one dataclass each (plain typed fields for the CLI).
 
-Each has `problems()` listing every invalid value by name (the pipeline collects all of a run's
-at once), and raises them together when built directly (`raise_problems`).
+Each has `problems()` listing every invalid value by name: the pipeline collects all of a run's
+at once, and the functions that take one raise its list (`raise_problems`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from selfexplore.validation import raise_problems
 
 Disagreeing = Literal["drop", "keep"]
 ConsensusKeep = Literal["all", "confirmed"]
@@ -29,9 +28,6 @@ class PRMDataConfig:
 
     disagreeing: Disagreeing = "drop"
     correct_per_question: int = 8
-
-    def __post_init__(self) -> None:
-        raise_problems(self.problems(), type(self).__name__)
 
     def problems(self, prefix: str = "prm_data") -> list[str]:
         """Every invalid value, named `prefix.field`."""
@@ -63,9 +59,6 @@ class ConsensusConfig:
     stop: list[str] = field(default_factory=list)
     seed: int = 1
     keep: ConsensusKeep = "all"
-
-    def __post_init__(self) -> None:
-        raise_problems(self.problems(), type(self).__name__)
 
     def problems(self, prefix: str = "consensus") -> list[str]:
         """Every invalid value, named `prefix.field`."""

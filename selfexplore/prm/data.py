@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfexplore.explore.builders import build_rft_set, read_samples
 from selfexplore.explore.stage import SHARD_DIR
+from selfexplore.validation import raise_problems
 from selfexplore.io import DataError, iter_jsonl, read_json, require_str, write_json, write_jsonl
 from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
 from selfexplore.prm.consensus import check_pits, label_quality
@@ -128,6 +129,7 @@ def write_prm_data(explore_path: str | os.PathLike, samples_path: str | os.PathL
     check fails.
     """
     config = config or PRMDataConfig()
+    raise_problems(config.problems() + (consensus.problems() if consensus is not None else []), "prm data config")
     explore_path, samples_path, out_path = Path(explore_path), Path(samples_path), Path(out_path)
     round_index = resolve_round(explore_path, samples_path, round_index)
     records = read_explore(explore_path, problems_by_id, task)

@@ -116,9 +116,6 @@ class SelectionConfig:
     aggregate: Aggregate = "min"
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        raise_problems(self.problems(), type(self).__name__)
-
     def problems(self, prefix: str = "selection") -> list[str]:
         """Every invalid value, named `prefix.field`."""
         problems = []
@@ -145,6 +142,7 @@ def accuracy_vs_n(questions: Sequence[Sequence[Candidate]], selectors: Sequence[
     question's samples, over `config.subsets` resampled subsets (the same subsets for every selector,
     so their differences are paired). At N = all samples every subset is the same."""
     config = config or SelectionConfig()
+    raise_problems(config.problems(), "selection config")
     fewest = min(len(q) for q in questions)
     if max(config.ns) > fewest:
         raise ValueError(f"N={max(config.ns)} asked for, but a question has only {fewest} samples")

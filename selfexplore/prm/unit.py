@@ -56,9 +56,6 @@ class VerifierConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        raise_problems(self.problems(), type(self).__name__)
-
     def problems(self, prefix: str = "verifier") -> list[str]:
         """Every invalid value, named `prefix.field`."""
         problems = self.optimizer.problems(f"{prefix}.optimizer") + self.scheduler.problems(f"{prefix}.scheduler")
@@ -93,6 +90,7 @@ def run_verifier_unit(policy: str | os.PathLike, prm_path: str | os.PathLike, ou
     from selfexplore.prm.verifier import PRMDataModule, StepVerifierModule
 
     config = config or VerifierConfig()
+    raise_problems(config.problems(), "verifier config")
     out = Path(out_dir)
     train_rows, val_rows = split_by_question(read_jsonl(prm_path), config.val_fraction, config.seed)
     if not train_rows or not val_rows:

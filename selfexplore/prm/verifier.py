@@ -268,3 +268,10 @@ class StepVerifierModule(PolicyModule):
             out.extend(s.tolist() for s in split_rows(torch.sigmoid(self(batch)), batch["tag_mask"]))
         self.policy.train(was_training)
         return out
+
+
+def load_verifier(path: str | Path) -> StepVerifierModule:
+    """A trained verifier folder (`StepVerifierModule.export`), built for scoring (`score`)."""
+    module = StepVerifierModule(ModelSpec(path=str(path)))
+    module.configure_model()
+    return module

@@ -76,6 +76,10 @@ class Task(abc.ABC):
     def is_correct(self, text: str, gold: str) -> bool:
         """Whether a rationale's final answer is equivalent to the gold answer."""
 
+    def same_answer(self, a: str, b: str) -> bool:
+        """Whether two extracted answers are the same answer (votes over samples count them together)."""
+        return a == b
+
     def first_wrong_step(self, problem: Problem, steps: list[str]) -> int | None:
         """The 1-based step where a rationale first departs from the problem's gold rationale.
 
@@ -115,6 +119,9 @@ class JsonlTask(Task):
     def is_correct(self, text: str, gold: str) -> bool:
         pred = self.extract_answer(text)
         return pred is not None and is_equiv(pred, gold, task=self.grading_task)
+
+    def same_answer(self, a: str, b: str) -> bool:
+        return is_equiv(a, b, task=self.grading_task)
 
     @abc.abstractmethod
     def parse_solution(self, text: str) -> tuple[str, str]:
