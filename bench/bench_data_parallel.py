@@ -38,11 +38,13 @@ def worker(model: str, out: str, shard_size: int, task_options: dict[str, Any], 
     from selfexplore.explore.stage import run_explore_stage
     from selfexplore.io import read_jsonl, write_jsonl
     from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
-    from selfexplore.shards import Workers
+    from selfexplore.ranks import Workers, poll
+    from selfexplore.shards import StageContext
     from selfexplore.tasks import get_task
 
     torch.set_num_threads(1)
     workers = Workers.from_environment()
+    context = StageContext(model="tiny", workers=workers)
     task = get_task("arith", **task_options)
     train, test = task.load("train"), task.load("test")
     run = Path(out)
@@ -50,8 +52,7 @@ def worker(model: str, out: str, shard_size: int, task_options: dict[str, Any], 
     with get_sampler(sampling, model) as sampler:
         start = time.perf_counter()
         busy = time.process_time()
-        run_sample_stage(sampler, task, train, run / "samples.jsonl", sampling, model="tiny", progress=False,
-                         workers=workers)
+        run_sample_stage(sampler, task, train, run / "samples.jsonl", sampling, context, progress=False)
         if workers.is_main:  # pairs: gold chosen; rejected: the gold steps with a wrong final answer
             gold = {p.id: p for p in train}
             pairs = []
@@ -62,14 +63,11 @@ def worker(model: str, out: str, shard_size: int, task_options: dict[str, Any], 
                               "meta": {"question_id": r["question_id"], "rejected_id": r["id"], "chosen_id": "gold"}})
             write_jsonl(run / "pairs.jsonl", pairs)
         else:
-            while not (run / "pairs.jsonl").is_file():
-                time.sleep(0.05)
+            poll((run / "pairs.jsonl").is_file)
         run_explore_stage(sampler, task, run / "pairs.jsonl", {p.id: p for p in train}, run / "explore",
-                          ExploreConfig(k=2, max_new_tokens=32, chunk_size=shard_size, seed=1), model="tiny",
-                          workers=workers)
+                          ExploreConfig(k=2, max_new_tokens=32, chunk_size=shard_size, seed=1), context)
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=48, seed=0, shard_size=shard_size)
-        run_sample_stage(sampler, task, test, run / "eval.jsonl", greedy, model="tiny", progress=False,
-                         workers=workers)
+        run_sample_stage(sampler, task, test, run / "eval.jsonl", greedy, context, progress=False)
         wall = time.perf_counter() - start
         busy = time.process_time() - busy
     return {"rank": workers.rank, "world_size": workers.world_size, "units_seconds": round(wall, 3),

@@ -3,6 +3,7 @@
     python bench/bench_memory.py                       # both parts, 3 alternated repeats each
     python bench/bench_memory.py --skip-fsdp           # log-prob part only (a minute)
     python bench/bench_memory.py --skip-logps --model-size 205m   # fsdp part on a 205M Llama
+    python bench/bench_memory.py --smoke               # seconds: tiny shapes, 1 repeat, no 'before' tree
 
 1. logps: peak RSS increase of forward + backward of the DPO sequence log-probs over bf16
    logits [rows, length, vocab], in a fresh subprocess per measurement: "full" is the former
@@ -14,7 +15,7 @@
    2 steps, export) on a random-init Llama (`--model-size`: 42m, 168 MB fp32, or 205m, 820 MB,
    where the weights and their states outweigh the ~400 MiB of imports), run from this tree
    ("after") and from a git worktree of `--before` (default 97e304b, the commit before issue
-   19), order alternated. Per rank: the peak RSS (high-water mark) after loading + sharding,
+   19; empty: this tree only), order alternated. Per rank: the peak RSS (high-water mark) after loading + sharding,
    after the reference pass, after the steps and of the whole fit (after the export), and the
    reference table's max difference to a 1-process precompute of the same data.
    glibc's malloc keeps much of what the fit frees (its mmap threshold grows to the largest
@@ -25,29 +26,21 @@ One JSON line per figure; medians over the repeats.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+
+from _harness import alternated, bench_parser, build_arith_model, emit, median, parse_args, run_worker, serve_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": (16, 96, 300), "realistic": (2, 1024, 102400)}
-MODELS = {  # --model-size: Llama shapes for the fsdp part (vocabulary: the arith tokenizer's ~300)
-    "42m": {"hidden_size": 768, "num_layers": 6, "num_heads": 12, "num_kv_heads": 12,
-            "intermediate_size": 2048, "max_position_embeddings": 256, "vocab_size": 300},
-    "205m": {"hidden_size": 1024, "num_layers": 16, "num_heads": 16, "num_kv_heads": 16,
-             "intermediate_size": 2816, "max_position_embeddings": 256, "vocab_size": 300},
-}
+MODEL_SIZES = ("42m", "205m", "test")  # --model-size: shapes of selfexplore.models.tiny.TINY_SHAPES
 PHASES = ("load_peak_rss_mib", "reference_peak_rss_mib", "train_peak_rss_mib", "peak_rss_mib")
-
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 def status_mib(field: str) -> float:
@@ -63,7 +56,7 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def logps_worker(method: str, shape: str, mode: str) -> None:
+def logps_worker(method: str, shape: str, mode: str) -> dict[str, float]:
     """Print the peak RSS increase (MiB) of `method`'s log-probs: a no-grad forward (the reference
     pass) or a forward + backward (a training step; includes the logits' bf16 gradient)."""
     import torch
@@ -95,19 +88,18 @@ def logps_worker(method: str, shape: str, mode: str) -> None:
             fn(logits, labels, mask)
     else:
         fn(logits, labels, mask).sum().backward()
-    print(json.dumps({"peak_increase_mib": status_mib("VmHWM") - before}))
+    return {"peak_increase_mib": status_mib("VmHWM") - before}
 
 
-def run_logps(repeats: int) -> None:
-    for shape, mode in ((shape, mode) for shape in SHAPES for mode in ("forward", "forward_backward")):
-        results: dict[str, list[float]] = {"full": [], "selective": []}
-        for r in range(repeats):
-            for method in (("full", "selective") if r % 2 == 0 else ("selective", "full")):
-                out = subprocess.run([sys.executable, __file__, "--logps-worker", method, shape, mode],
-                                     capture_output=True, text=True, check=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-                results[method].append(json.loads(out.stdout.strip().splitlines()[-1])["peak_increase_mib"])
-        full, selective = (statistics.median(results[m]) for m in ("full", "selective"))
+def run_logps(repeats: int, shapes: Sequence[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for shape, mode in ((shape, mode) for shape in shapes for mode in ("forward", "forward_backward")):
+        def measure(method: str) -> float:
+            payload = {"method": method, "shape": shape, "mode": mode}
+            return run_worker(__file__, "logps", payload, env=env)["peak_increase_mib"]
+
+        results = alternated({m: (lambda r, m=m: measure(m)) for m in ("full", "selective")}, repeats)
+        full, selective = (median(results[m]) for m in ("full", "selective"))
         rows, length, vocab = SHAPES[shape]
         emit(bench="logps_peak_memory", shape=shape, mode=mode, rows=rows, length=length, vocab=vocab,
              bf16_logits_mib=round(rows * length * vocab * 2 / 2**20, 1), full_mib=round(full, 1),
@@ -119,13 +111,8 @@ def prepare_fsdp(work: Path, size: str) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_dpo import _pairs
 
-    from selfexplore.models import TinyLlamaConfig, build_tiny_llama
-    from selfexplore.tasks import get_task
-
-    task = get_task("arith", train_size=400, validation_size=50, test_size=50)
-    texts = [task.prompt(p) + p.solution for p in task.load("train")]
-    model = build_tiny_llama(texts, work / "model", TinyLlamaConfig(**MODELS[size]))
-    return model, _pairs(work / "pairs.jsonl", n=16)
+    task = {"train_size": 400, "validation_size": 50, "test_size": 50}
+    return build_arith_model(work / "model", size, task), _pairs(work / "pairs.jsonl", n=16)
 
 
 def one_process_table(model: Path, pairs: Path, work: Path):
@@ -156,29 +143,30 @@ def run_fsdp(repeats: int, before: str, work: Path, size: str) -> None:
             params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     single = one_process_table(model, pairs, work)
-    tree = work / "before"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True,
-                   capture_output=True)
+    trees = {"after": ROOT}
+    if before:
+        trees["before"] = work / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(trees["before"]), before],
+                       check=True, capture_output=True)
+
+    def fit(name: str, repeat: int) -> dict:
+        out = work / f"{name}_{repeat}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(trees[name])}
+        subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_dpo_worker.py"), str(model), str(pairs),
+                        str(out), "--steps", "2", "--batch-size", "4"], check=True, capture_output=True,
+                       cwd=trees[name], env=env)
+        ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
+        [cached] = (out / "reference_cache").glob("*.pt")
+        return {"ranks": ranks, "table_max_abs_diff_vs_1_process": float((torch.load(cached) - single).abs().max())}
+
     try:
-        trees = {"after": ROOT, "before": tree}
-        results: dict[str, list[dict]] = {"after": [], "before": []}
-        for r in range(repeats):
-            for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                out = work / f"{name}_{r}"
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(trees[name])}
-                subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_dpo_worker.py"), str(model), str(pairs),
-                                str(out), "--steps", "2", "--batch-size", "4"], check=True, capture_output=True,
-                               cwd=trees[name], env=env)
-                ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
-                [cached] = (out / "reference_cache").glob("*.pt")
-                diff = float((torch.load(cached) - single).abs().max())
-                results[name].append({"ranks": ranks, "table_max_abs_diff_vs_1_process": diff})
+        results = alternated({name: (lambda r, name=name: fit(name, r)) for name in reversed(trees)}, repeats)
         for key in PHASES:
             for rank in (0, 1):
-                values = {n: statistics.median(run["ranks"][rank].get(key, float("nan")) for run in results[n])
-                          for n in results}
-                emit(bench="fsdp2_dpo_rss", figure=key, rank=rank, before_mib=round(values["before"], 1),
-                     after_mib=round(values["after"], 1), ratio=round(values["after"] / values["before"], 3),
+                values = {n: median(run["ranks"][rank].get(key, float("nan")) for run in results[n]) for n in results}
+                ratio = round(values["after"] / values["before"], 3) if "before" in values else None
+                emit(bench="fsdp2_dpo_rss", figure=key, rank=rank, ratio=ratio,
+                     **{f"{n}_mib": round(v, 1) for n, v in values.items()},
                      model_size=size, model_params_m=round(params / 1e6, 1), malloc_env=malloc_env, repeats=repeats,
                      samples={n: [run["ranks"][rank].get(key) for run in results[n]] for n in results})
         for name in results:
@@ -186,23 +174,23 @@ def run_fsdp(repeats: int, before: str, work: Path, size: str) -> None:
                 run["table_max_abs_diff_vs_1_process"] for run in results[name]),
                 checkpoint_reads_per_rank=[results[name][0]["ranks"][k]["from_pretrained"] for k in (0, 1)])
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+        if "before" in trees:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["before"])],
+                           check=False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--before", default="97e304b", help="the commit measured as 'before'")
-    parser.add_argument("--model-size", choices=sorted(MODELS), default="42m", help="the fsdp part's Llama")
+def main(argv: Sequence[str] | None = None) -> None:
+    if serve_worker({"logps": logps_worker}, argv):
+        return
+    parser = bench_parser(__doc__)
+    parser.add_argument("--before", default="97e304b", help="the commit measured as 'before' ('': none)")
+    parser.add_argument("--model-size", choices=MODEL_SIZES, default="42m", help="the fsdp part's Llama")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="the logps part's logits shapes")
     parser.add_argument("--skip-fsdp", action="store_true")
     parser.add_argument("--skip-logps", action="store_true")
-    parser.add_argument("--logps-worker", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.logps_worker:
-        logps_worker(*args.logps_worker)
-        return
+    args = parse_args(parser, argv, smoke={"repeats": 1, "before": "", "model_size": "test", "shapes": "tiny"})
     if not args.skip_logps:
-        run_logps(args.repeats)
+        run_logps(args.repeats, args.shapes.split(","))
     if not args.skip_fsdp:
         with tempfile.TemporaryDirectory() as work:
             run_fsdp(args.repeats, args.before, Path(work), args.model_size)

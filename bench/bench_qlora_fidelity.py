@@ -14,16 +14,15 @@ One JSON line per figure, medians over `--seeds` adapters.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _harness import bench_parser, build_arith_model, emit, median, parse_args
 
-MODEL_SHAPE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 384,
-               "vocab_size": 320, "max_position_embeddings": 256}
+# selfexplore.models.tiny.TINY_SHAPES["small"], MLP 384: bitsandbytes' CPU kernels need multiples of 64
+SHAPE, SHAPE_OVERRIDES = "small", {"intermediate_size": 384}
 
 
 def token_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,24 +71,20 @@ def measure(seed: int, base: Path, work: Path, samples: int) -> dict[str, float]
             "mean_merged_logp_per_token": float(merged_tok[score].mean()), "tokens": int(score.sum())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__, repeats=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=4, help="completions per prompt (8 prompts)")
-    args = parser.parse_args()
+    parser.add_argument("--train-size", type=int, default=400, help="arith problems the tokenizer learns from")
+    args = parse_args(parser, argv, smoke={"seeds": 1, "samples": 1, "train_size": 50})
     torch.set_num_threads(1)
-    from selfexplore.models import TinyLlamaConfig, build_tiny_llama
-    from selfexplore.tasks import get_task
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        task = get_task("arith", train_size=400, validation_size=8, test_size=8)
-        base = build_tiny_llama([task.prompt(p) + p.solution for p in task.load("train")], work / "base",
-                                TinyLlamaConfig(**MODEL_SHAPE))
+        task = {"train_size": args.train_size, "validation_size": 8, "test_size": 8}
+        base = build_arith_model(work / "base", SHAPE, task, **SHAPE_OVERRIDES)
         runs = [measure(seed, base, work, args.samples) for seed in range(args.seeds)]
     for key in runs[0]:
-        print(json.dumps({"bench": "qlora_fidelity", "figure": key, "median": statistics.median(r[key] for r in runs),
-                          "per_seed": [r[key] for r in runs]}), flush=True)
+        emit(bench="qlora_fidelity", figure=key, median=median(r[key] for r in runs), per_seed=[r[key] for r in runs])
 
 
 if __name__ == "__main__":

@@ -14,21 +14,29 @@ and sampled accuracy when the config sets `eval_samples`).
 
     OMP_NUM_THREADS=2 python bench/bench_quickstart.py --seeds 0 1 2 --work-dir runs/bench_quickstart
     (about 10-15 minutes per seed on 2 quiet cores; a rerun reuses finished runs, resumes others)
+
+`--smoke` runs one seed of the config shrunk to a few questions, one epoch and one round, in a
+temporary folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+from _harness import bench_parser, emit, median, parse_args
+
+from selfexplore.models.tiny import TINY_SHAPES
 from selfexplore.pipeline.report import changes, own_seconds, report_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +51,28 @@ STAGES = (  # (stage, predicate on the unit name); the first match wins
     ("train outcome DPO", lambda u: u.endswith("/outcome_dpo")),
     ("train Self-Explore", lambda u: u.endswith("/self_explore")),
 )
-
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+SMOKE_TASK = {"train_size": 300, "validation_size": 8, "test_size": 16}
 
 
 def stage_of(unit: str) -> str:
-    return next(name for name, match in STAGES if match(unit))
+    return next((name for name, match in STAGES if match(unit)), "other")
+
+
+def smoke_config(config: Path, out: Path) -> Path:
+    """`config` shrunk to seconds: fewer questions, the test suite's model, short stages, one round. Gold
+    rationales may be the chosen side, as a briefly trained policy rarely answers right."""
+    cfg = yaml.safe_load(config.read_text())
+    pipeline = cfg["pipeline"]
+    pipeline["task_options"] = {**pipeline.get("task_options", {}), **SMOKE_TASK}
+    pipeline["from_scratch"] = TINY_SHAPES["test"]
+    for stage, epochs in (("sft", 12), ("rft", 1), ("dpo", 1)):
+        pipeline[stage]["epochs"] = epochs
+    pipeline["rft"]["optimizer"]["lr"] = 1e-6  # one RFT epoch would unlearn the short SFT's answer format
+    pipeline["sampling"]["n"] = 4
+    pipeline["explore"]["k"] = 2
+    pipeline.update(train_questions=16, rounds=1, pairs_include_gold=True)
+    out.write_text(yaml.safe_dump(cfg))
+    return out
 
 
 def stage_seconds(units: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -71,7 +93,10 @@ def run_seed(config: Path, seed: int, run_dir: Path, threads: int | None) -> flo
     log = run_dir.with_suffix(".log")
     start = time.perf_counter()
     with log.open("a") as out:
-        subprocess.run(cmd, check=True, env=env, stdout=out, stderr=subprocess.STDOUT)
+        code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        sys.stderr.write(log.read_text()[-6000:])
+        raise RuntimeError(f"the pipeline of seed {seed} failed (exit {code}); log: {log}")
     return time.perf_counter() - start
 
 
@@ -93,20 +118,26 @@ def summary_table(rows_by_seed: dict[int, list[dict[str, Any]]], metric: str = "
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__, repeats=None)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_quickstart"))
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: inherited)")
-    args = parser.parse_args()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv, smoke={"seeds": [0], "work_dir": None})
+    with tempfile.TemporaryDirectory(prefix="bench_quickstart_") as tmp:
+        if args.smoke:
+            args.config = smoke_config(args.config, Path(tmp) / "smoke.yaml")
+        sweep(args.config, args.seeds, args.work_dir or Path(tmp), args.threads)
 
+
+def sweep(config: Path, seeds: list[int], work_dir: Path, threads: int | None) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
     per_stage: dict[str, list[float]] = defaultdict(list)
     rows_by_seed: dict[int, list[dict[str, Any]]] = {}
-    for seed in args.seeds:
-        run_dir = args.work_dir / f"seed{seed}"
-        wall = run_seed(args.config, seed, run_dir, args.threads)
+    for seed in seeds:
+        run_dir = work_dir / f"seed{seed}"
+        wall = run_seed(config, seed, run_dir, threads)
         state = json.loads((run_dir / "state.json").read_text())
         units = state["units"]
         seconds = stage_seconds(units)
@@ -125,11 +156,11 @@ def main() -> None:
                  sampled_accuracy=row["sampled_accuracy"], builds_on=row["builds_on"],
                  fixed=change and change.fixed, broken=change and change.broken,
                  mcnemar_p=change and round(change.p_value, 4))
-    total = statistics.median(per_stage["total (units)"])
+    total = median(per_stage["total (units)"])
     for stage, values in per_stage.items():
-        median = statistics.median(values)
-        emit(kind="summary", stage=stage, median_seconds=round(median, 1), seeds=len(values),
-             share=round(median / total, 3))
+        seconds = median(values)
+        emit(kind="summary", stage=stage, median_seconds=round(seconds, 1), seeds=len(values),
+             share=round(seconds / total, 3))
     print("greedy accuracy (%)\n" + summary_table(rows_by_seed))
     if any(row["sampled_accuracy"] is not None for rows in rows_by_seed.values() for row in rows):
         print("\nsampled accuracy (%)\n" + summary_table(rows_by_seed, "sampled_accuracy"))

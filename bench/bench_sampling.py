@@ -21,40 +21,30 @@ the model is built.)
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from _harness import alternated, arith_texts, bench_parser, emit, median, parse_args, run_worker, serve_worker
 
-from selfexplore.models import (
-    ModelSpec,
-    TinyLlamaConfig,
-    build_tiny_llama,
-    load_model,
-    load_tokenizer,
-)
+from selfexplore.models import ModelSpec, build_tiny_llama, load_model, load_tokenizer
+from selfexplore.models.tiny import tiny_shape
 from selfexplore.sampling import HFSampler, SamplingConfig, run_sample_stage
+from selfexplore.shards import StageContext
 from selfexplore.tasks import get_task
 
 BACKENDS = ("naive", "hf", "vllm")
-
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+SMOKE = {"model_dir": None, "train_texts": 40, "train_epochs": 1, "prompts": 4, "n": 2, "max_new_tokens": 16,
+         "repeats": 1, "backends": "naive,hf"}
 
 
 def build_model(out_dir: Path, num_texts: int, epochs: int, seed: int) -> None:
     """Tiny Llama (head_dim 32 for vLLM) + tokenizer on arith train texts, trained `epochs` epochs."""
-    task = get_task("arith", seed=seed)
-    texts = [task.prompt(p) + p.solution for p in task.load("train")[:num_texts]]
-    config = TinyLlamaConfig(hidden_size=128, num_heads=4, num_kv_heads=4, num_layers=4, intermediate_size=352,
-                             vocab_size=512, max_position_embeddings=512)
-    build_tiny_llama(texts, out_dir, config, seed=seed)
+    texts = arith_texts(seed=seed)[:num_texts]
+    build_tiny_llama(texts, out_dir, tiny_shape("small", vocab_size=512, max_position_embeddings=512), seed=seed)
     model = load_model(ModelSpec(path=str(out_dir)))
     tokenizer = load_tokenizer(out_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -92,34 +82,35 @@ def naive_loop(model, tokenizer, prompts: list[str], n: int, temperature: float,
 
 
 def measure(runs: dict[str, Callable[[int], int]], repeats: int, common: dict) -> dict[str, dict]:
-    """Warm each backend up once, then time `repeats` rounds, backends interleaved within a round.
+    """Warm each backend up once, then time `repeats` alternated rounds (repeat r samples with seed r).
 
-    Interleaving exposes every backend to the same load swings of a shared machine; CPU time
-    (`process_time`, all threads of this process) is reported next to wall time because it
-    barely moves with load. Repeat r samples with seed r.
+    CPU time (`process_time`, all threads of this process) is reported next to wall time because
+    it barely moves with load.
     """
     for run in runs.values():
         run(-1)
-    timings: dict[str, list[tuple[int, float, float]]] = {name: [] for name in runs}
-    for r in range(repeats):
-        for name, run in runs.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            tokens = run(r)
-            timings[name].append((tokens, time.perf_counter() - wall, time.process_time() - cpu))
+
+    def timed(run: Callable[[int], int], r: int) -> tuple[int, float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        tokens = run(r)
+        return tokens, time.perf_counter() - wall, time.process_time() - cpu
+
+    timings = alternated({name: (lambda r, run=run: timed(run, r)) for name, run in runs.items()}, repeats)
     results = {}
     for name, rows in timings.items():
-        tokens = statistics.median(t for t, _, _ in rows)
+        tokens = median(t for t, _, _ in rows)
         results[name] = {"bench": "sampling", "backend": name, **common, "tokens_median": tokens,
                          "mean_tokens_per_sample": round(tokens / (common["prompts"] * common["n"]), 1),
-                         "seconds_median": round(statistics.median(w for _, w, _ in rows), 3),
-                         "tokens_per_s": round(statistics.median(t / w for t, w, _ in rows), 1),
-                         "tokens_per_cpu_s": round(statistics.median(t / c for t, _, c in rows), 1)}
-        emit(**results[name])
+                         "seconds_median": round(median(w for _, w, _ in rows), 3),
+                         "tokens_per_s": round(median(t / w for t, w, _ in rows), 1),
+                         "tokens_per_cpu_s": round(median(t / c for t, _, c in rows), 1)}
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    if serve_worker({"vllm": vllm_worker}, argv):
+        return
+    parser = bench_parser(__doc__)
     parser.add_argument("--model-dir", type=Path, default=Path("runs/bench_sampling/model"))
     parser.add_argument("--backends", default="naive,hf,vllm", help="comma-separated subset of " + ",".join(BACKENDS))
     parser.add_argument("--vllm-python", help="python of an environment with vllm, for the vllm part")
@@ -128,15 +119,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-texts", type=int, default=600)
     parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke=SMOKE)
     backends = [b for b in args.backends.split(",") if b]
     if unknown := set(backends) - set(BACKENDS):
         parser.error(f"unknown backends {sorted(unknown)}")
+    with tempfile.TemporaryDirectory(prefix="bench_sampling_") as tmp:
+        args.model_dir = args.model_dir or Path(tmp) / "model"
+        sweep(args, backends)
 
+
+def sweep(args: argparse.Namespace, backends: list[str]) -> None:
     if not (args.model_dir / "config.json").is_file():
         t0 = time.perf_counter()
         build_model(args.model_dir, args.train_texts, args.train_epochs, args.seed)
@@ -163,6 +158,8 @@ def main() -> None:
 
     runs = {name: run for name, run in (("naive", naive_run), ("hf", hf_run)) if name in backends}
     results = measure(runs, args.repeats, {**common, "batch_size": args.batch_size}) if runs else {}
+    for record in results.values():
+        emit(**record)
 
     if "hf" in backends:
         overheads, stage_seconds = [], []
@@ -171,15 +168,18 @@ def main() -> None:
                 sampling = SamplingConfig(n=args.n, temperature=args.temperature,
                                           max_new_tokens=args.max_new_tokens, seed=r, shard_size=8)
                 stats = run_sample_stage(hf, task, problems, Path(tmp) / "samples.jsonl", sampling,
-                                         model=str(args.model_dir), progress=False)
+                                         StageContext(model=str(args.model_dir)), progress=False)
             overheads.append(stats.overhead_fraction)
             stage_seconds.append(stats.total_seconds)
         emit(bench="sample_stage", backend="hf", **common, shard_size=8,
-             stage_seconds_median=round(statistics.median(stage_seconds), 3),
-             overhead_fraction_median=round(statistics.median(overheads), 4))
+             stage_seconds_median=round(median(stage_seconds), 3),
+             overhead_fraction_median=round(median(overheads), 4))
 
     if "vllm" in backends:
-        results.update(run_vllm(args, prompts, common))
+        vllm = run_vllm(args, prompts, common)
+        if vllm is not None:
+            emit(**vllm)
+            results["vllm"] = vllm
 
     for a, b in (("hf", "naive"), ("vllm", "hf"), ("vllm", "naive")):
         if a in results and b in results:
@@ -187,42 +187,38 @@ def main() -> None:
                 key: round(results[a][key] / results[b][key], 2) for key in ("tokens_per_s", "tokens_per_cpu_s")})
 
 
-def run_vllm(args: argparse.Namespace, prompts: list[str], common: dict) -> dict[str, dict]:
-    """The vLLM measurement, in-process if vllm imports here, else through `--vllm-python`."""
+def run_vllm(args: argparse.Namespace, prompts: list[str], common: dict) -> dict[str, Any] | None:
+    """The vLLM measurement, in-process if vllm imports here, else in a `--vllm-python` worker."""
+    payload = {"model_dir": str(args.model_dir), "prompts": prompts, "common": common, "n": args.n,
+               "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+               "seed": args.seed}
     try:
         import vllm  # noqa: F401
     except ImportError:
         if not args.vllm_python:
             emit(bench="sampling", backend="vllm", skipped="vllm not importable here; pass --vllm-python")
-            return {}
-        command = [args.vllm_python, __file__, "--backends", "vllm", "--model-dir", str(args.model_dir),
-                   "--prompts", str(args.prompts), "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
-                   "--temperature", str(args.temperature), "--repeats", str(args.repeats), "--seed", str(args.seed)]
-        lines = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
-        found = {}
-        for line in lines:
-            if line.startswith("{"):
-                print(line, flush=True)
-                record = json.loads(line)
-                if record.get("backend") == "vllm" and "tokens_per_s" in record:
-                    found["vllm"] = record
-        return found
+            return None
+        return run_worker(__file__, "vllm", payload, python=args.vllm_python)
+    return vllm_worker(**payload)
 
+
+def vllm_worker(model_dir: str, prompts: list[str], common: dict, n: int, temperature: float, max_new_tokens: int,
+                repeats: int, seed: int) -> dict[str, Any]:
     from selfexplore.sampling.vllm_backend import VLLMSampler
 
     t0 = time.perf_counter()
-    sampler = VLLMSampler(args.model_dir, config=SamplingConfig(backend="vllm", seed=args.seed),
-                          cache_dir=str(args.model_dir.parent / "cache"))
+    sampler = VLLMSampler(Path(model_dir), config=SamplingConfig(backend="vllm", seed=seed),
+                          cache_dir=str(Path(model_dir).parent / "cache"))
     init_seconds = round(time.perf_counter() - t0, 1)
 
     def run(r: int) -> int:
         before = sampler.generated_tokens
-        sampler.generate(prompts, n=args.n, temperature=args.temperature, top_p=1.0,
-                         max_new_tokens=args.max_new_tokens, stop=None, seed=r)
+        sampler.generate(prompts, n=n, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, stop=None,
+                         seed=r)
         return sampler.generated_tokens - before
 
     with sampler:
-        return measure({"vllm": run}, args.repeats, {**common, "engine_init_seconds": init_seconds})
+        return measure({"vllm": run}, repeats, {**common, "engine_init_seconds": init_seconds})["vllm"]
 
 
 if __name__ == "__main__":

