@@ -15,12 +15,17 @@ Code executions are counted, not assumed: an audit hook counts every `exec`/`com
 and every process started while grading runs. Grading runs on the main thread (in-process time
 limit), after one warm-up call. Prints one JSON line per result; about 10 s on 2 cores.
 
-    python bench/bench_grading.py
+`--parser lark` grades with sympy's Lark LaTeX grammar (`pip install lark`) instead of our
+parser, through a transformer with our parser's guards (bounded powers, factorials and
+binomials; decimals as exact rationals): the measurement docs/grading.md reports.
+
+    python bench/bench_grading.py [--parser lark]
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import sys
 import time
@@ -148,11 +153,61 @@ def self_consistency(cases: list[dict[str, object]], counter: CodeCounter) -> No
          failures=failures, code_executions=counter.count)
 
 
+def lark_parser() -> Callable[[str], object]:
+    """sympy's Lark LaTeX parser with our parser's guards, as a drop-in for `parse_math`."""
+    import sympy
+    from sympy.parsing.latex.lark import LarkLaTeXParser, TransformToSymPyExpr
+
+    from selfexplore.grading import latex_parser as ours
+
+    class Guarded(TransformToSymPyExpr):
+        def number(self, tokens):  # exact decimals, bounded literals
+            return sympy.I if tokens[0].type == "CMD_IMAGINARY_UNIT" else ours._number(str(tokens[0]))
+
+        def superscript(self, tokens):
+            if len(tokens) == 3 and isinstance(tokens[2], sympy.Expr) and isinstance(tokens[0], sympy.Expr):
+                return ours._pow(tokens[0], tokens[2])
+            return super().superscript(tokens)
+
+        def factorial(self, tokens):
+            return ours._factorial(tokens[0])
+
+        def binomial(self, tokens):
+            return ours._binomial(tokens[1], tokens[2])
+
+        def _ambig(self, options):  # Earley keeps every reading: take one only when all agree
+            if all(o == options[0] for o in options):
+                return options[0]
+            raise ours.ParseError("ambiguous")
+
+    lark = LarkLaTeXParser(transformer=Guarded)
+
+    def parse(text: str) -> object:
+        try:
+            expr = lark.doparse(text)
+        except ours.ParseError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any grammar or transform failure is "not parsed"
+            raise ours.ParseError(str(err)) from err
+        if not isinstance(expr, sympy.Basic) or expr.has(sympy.zoo, sympy.nan):
+            raise ours.ParseError("not an expression")
+        return expr
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = bench_parser(__doc__.splitlines()[0], repeats=None)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--limit", type=int, help="grade only the first N cases")
+    parser.add_argument("--parser", choices=("ours", "lark"), default="ours", help="the scalar LaTeX parser")
     args = parse_args(parser, argv, smoke={"limit": 20})
+    if args.parser == "lark":
+        if importlib.util.find_spec("lark") is None:
+            parser.error("--parser lark needs the lark package (pip install lark)")
+        from selfexplore.grading import symbolic
+
+        symbolic.parse_math = lark_parser()
     cases = load_corpus(args.corpus)[:args.limit]
     is_equiv("2x+2", "2(x+1)", "math")  # warm-up: sympy's one-off import cost, outside timing
     counter = CodeCounter()

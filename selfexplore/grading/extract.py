@@ -35,22 +35,6 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown grading task {task!r}; expected one of {TASKS}")
 
 
-def match_braces(text: str, open_pos: int, limit: int | None = None) -> int | None:
-    """Index of the '}' closing the '{' at `open_pos`, skipping escaped braces; None if it is
-    not closed before `limit` (default: the end of the text)."""
-    depth = 0
-    end = len(text) if limit is None else min(limit, len(text))
-    for m in _BRACE_RE.finditer(text, open_pos, end):
-        c = m.group()
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return m.start()
-    return None
-
-
 def _closing_braces(text: str) -> dict[int, int]:
     """Position of each closed '{' -> position of its '}', in one linear pass."""
     pairs: dict[int, int] = {}

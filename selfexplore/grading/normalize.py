@@ -33,8 +33,8 @@ _DEGREE_RE = re.compile(
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _CHOICE_RE = re.compile(r"\(([A-Ea-e])\)")
 _DFRAC_RE = re.compile(r"\\[dtc]frac(?![a-zA-Z])")
-# Relations become one character each (see relations.py), so removing spaces cannot glue a
-# command to the next letter ('x \le y' -> 'x\ley').
+# Relations become one character each (see relations.py), so that removing spaces around them
+# leaves no command to terminate.
 _RELATION_RE = re.compile(
     r"\\(leqslant|geqslant|leq|geq|le|ge|lt|gt|neq|ne|approx|in)(?![a-zA-Z])|<=|>=|!=")
 _RELATION_CHAR = {"leqslant": "≤", "leq": "≤", "le": "≤", "<=": "≤", "geqslant": "≥",
@@ -48,7 +48,8 @@ _ELLIPSIS_RE = re.compile(r"\.\.\.|\\[lc]?dots(?![a-zA-Z])")
 _CONJUNCTION_RE = re.compile(r"(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])")
 _COMMAS_RE = re.compile(r",(?:,)+")
 _DISPLAY_RE = re.compile(r"\\displaystyle(?![a-zA-Z])")
-_SPACE_RE = re.compile(r"\s+")
+# Whitespace is dropped, except the one space that ends a command before a letter ('\pi r').
+_SPACE_RE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])|\s+")
 _SQRT_RE = re.compile(r"\\sqrt(\d)")
 _FRAC_DIGITS_RE = re.compile(r"\\frac(\d)(\d)")
 _FRAC_DIGIT_BRACE_RE = re.compile(r"\\frac(\d)\{")
@@ -103,7 +104,8 @@ def normalize_math(answer: str) -> str:
     \\displaystyle, degree marks, percent signs and words, and trailing units (\\text{...}
     after a value, or common unit words); unwraps the remaining \\text{X}; maps \\dfrac,
     \\tfrac and \\cfrac to \\frac; writes each relation as one character (= < > ≤ ≥ ≠ ≈ ∈);
-    reads 'and', 'or' and ';' between answers as commas; removes all whitespace; fixes
+    reads 'and', 'or' and ';' between answers as commas; removes whitespace (but for the space
+    that ends a command before a letter, '\\pi r'); fixes
     \\sqrt2 and \\frac12 shorthands; '.5' -> '0.5'; drops trailing periods and commas,
     thousands commas in a lone number, and parentheses around a choice letter ('(B)' -> 'B').
     """
@@ -130,7 +132,7 @@ def normalize_math(answer: str) -> str:
     s = _UNIT_WORDS_RE.sub("", s)
     s = _CONJUNCTION_RE.sub(",", s)
     s = s.replace("\\emptyset", "\\varnothing")
-    s = _SPACE_RE.sub("", s).replace(";", ",")
+    s = _SPACE_RE.sub(lambda m: f"{m.group(1)} " if m.group(1) else "", s).replace(";", ",")
     s = _COMMAS_RE.sub(",", s).strip(",").rstrip(".")
     s = _SQRT_RE.sub(r"\\sqrt{\1}", s)
     s = _fix_fracs(s)

@@ -1,7 +1,8 @@
 """Symbolic equivalence of MATH answers with sympy.
 
 Runs inside the hard time limit of timeout.py (`math_equiv` is what the worker process runs).
-Expressions come only from our own parser (latex_parser.py), never from sympy's string parsers.
+Expressions come only from our own parser (latex_parser.py), never from sympy's string parsers
+(`sympify` / `parse_expr` call eval).
 
 How two scalars are compared:
 1. identical sympy trees, or two exact rationals compared by `numbers_close` (integers exact,
