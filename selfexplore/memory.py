@@ -1,19 +1,16 @@
-"""Accelerator memory handed from the trainer to a sampling engine, and sized from what is free.
+"""Accelerator memory handed from training to a sampling engine, and sized from what is free.
 
-A pipeline starts engines (vLLM, HF generate) inside the round callback, beside a live trainer,
-so before each start: what the fit no longer needs is offloaded (`offload_training_state`),
-dead objects are collected and the CUDA cache emptied (`release_accelerator_memory`, called
-by `get_sampler`), and vLLM's share of the GPU is set from the memory then free
-(`gpu_memory_utilization: auto`, `auto_memory_utilization`). Torch-only, so importing it
-costs nothing a sampler does not already pay.
-"""
+A pipeline unit builds its module, fits it, exports the policy and drops the module and its
+trainer (Lightning's teardown has already moved the module and its optimizer states off the
+accelerator). Before each engine start, dead objects are collected and the CUDA cache emptied
+(`release_accelerator_memory`, called by `get_sampler`), and vLLM's share of the GPU is set
+from the memory then free (`gpu_memory_utilization: auto`, `auto_memory_utilization`).
+Torch-only, so importing it costs nothing a sampler does not already pay."""
 
 from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterable
-from typing import Any
 
 GIB = 1 << 30
 # Left free beside an "auto"-sized engine: the trainer's allocator, the CUDA context of a process
@@ -55,23 +52,6 @@ def auto_memory_utilization(free: int, total: int, headroom: float = AUTO_HEADRO
         raise RuntimeError(
             f"only {free / GIB:.1f} of {total / GIB:.1f} GiB are free on the GPU: too little for a vLLM engine "
             f"(gpu_memory_utilization 'auto' would be {share:.3f}). Something still holds the memory: a "
-            "trainer not offloaded, another process, or an engine not closed.")
+            "training module still referenced, another process, or an engine not closed.")
     return share
 
-
-def offload_training_state(optimizers: Iterable[Any], modules: Iterable[Any]) -> None:
-    """Move optimizer states to the CPU and drop parameter gradients, once a fit's last step is done.
-
-    Lightning does the first at teardown, after `on_train_end`, which is where the round callback
-    starts engines: doing it first frees, for a full fine-tune with Adam, 2x the fp32 weights
-    (states) plus the gradients (1x), while the weights stay on the device for the export and
-    the next round. Gradients would be reset by the next optimizer step anyway.
-    """
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            for key, value in state.items():
-                if hasattr(value, "device") and value.device.type != "cpu":
-                    state[key] = value.to("cpu")
-    for module in modules:
-        for param in module.parameters():
-            param.grad = None

@@ -1,4 +1,4 @@
-"""Memory handoff between trainer and engines: release before every engine start, 'auto' sizing, offload."""
+"""Memory handoff between training and engines: release before every engine start, 'auto' sizing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selfexplore.memory import GIB, auto_memory_utilization, offload_training_state
+from selfexplore.memory import GIB, auto_memory_utilization
 from selfexplore.models import load_tokenizer
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.factory import get_sampler
@@ -72,33 +72,3 @@ def test_memory_is_released_before_every_engine_start(tiny_arith_model: Path, fa
                          "empty_cache", "engine gpu_memory_utilization=0.4",
                          "empty_cache", "hf"]
 
-
-class _FakeDevice:
-    type = "cuda"
-
-
-class _OnDevice:
-    """A stand-in for an accelerator tensor: records the move (this machine has no GPU)."""
-    device = _FakeDevice()
-
-    def __init__(self, moves: list[str]) -> None:
-        self.moves = moves
-
-    def to(self, device: str) -> str:
-        self.moves.append(device)
-        return "moved"
-
-
-def test_offload_moves_optimizer_state_and_drops_gradients() -> None:
-    layer = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(layer.parameters())
-    layer(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    moves: list[str] = []
-    state = optimizer.state[layer.weight]
-    state["exp_avg"] = _OnDevice(moves)
-    cpu_state = state["exp_avg_sq"]
-    offload_training_state([optimizer], [layer])
-    assert moves == ["cpu"] and state["exp_avg"] == "moved"
-    assert state["exp_avg_sq"] is cpu_state  # already on the CPU: not copied
-    assert all(p.grad is None for p in layer.parameters())

@@ -18,200 +18,48 @@ step 0) in the recipe's own precision.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from real_tokenizers import FAMILIES, build_family_model
+from recipe_configs import (
+    ALLOWED_KEYS,
+    FSDP_STAGES,
+    PIPELINES,
+    QLORA_STAGES,
+    RECIPES,
+    REPO,
+    STEP0_LOSS_TOLERANCE,
+    STEP0_MARGIN_TOLERANCE,
+    changed_keys,
+    corpus,
+    pipeline_run_config,
+    prepare,
+    recipe,
+    stage_run_config,
+    step0_rows,
+    tiny_model_path,
+    with_blocks,
+    write_config,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "configs" / "recipes"
 WORKER = Path(__file__).resolve().parent / "recipe_worker.py"
-
-# The keys a CPU run may change, by why (issue 27): everything else must stay as the recipe file says.
-ALLOWED = {
-    "model": {"model.init_args.model.path", "pipeline.model.path"},
-    "accelerator": {"trainer.accelerator", "pipeline.trainer.accelerator"},
-    "devices": {"trainer.devices", "trainer.strategy.init_args.data_parallel_size", "pipeline.trainer.devices"},
-    "data": {"data.init_args.data_dir", "data.init_args.train_path", "pipeline.data_dir"},
-    "sizes": {"trainer.max_epochs", "trainer.max_steps", "data.init_args.batch_size", "data.init_args.eval_batch_size",
-              "data.init_args.max_length", "data.init_args.max_prompt_length", "data.init_args.val_limit",
-              "model.init_args.eval_max_new_tokens",
-              *(f"pipeline.{stage}.{key}" for stage in ("sft", "rft", "dpo")
-                for key in ("epochs", "batch_size", "max_length", "max_prompt_length")),
-              "pipeline.train_questions", "pipeline.eval_limit", "pipeline.eval_max_new_tokens",
-              "pipeline.sampling.n", "pipeline.sampling.max_new_tokens",
-              "pipeline.explore.k", "pipeline.explore.max_new_tokens", "pipeline.explore.max_steps"},
-}
-ALLOWED_KEYS = set().union(*ALLOWED.values())
-# bf16 autocast rounds the policy's and the reference's log-probs alike when both come from the same
-# precision and masking; what is left is summation order: |loss - log 2| and |margin| within these.
-STEP0_LOSS_TOLERANCE = 1e-4
-STEP0_MARGIN_TOLERANCE = 1e-4
-TASK_ROWS = 16
-
-
-# ----- configs ---------------------------------------------------------------------------------
-def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(d, dict):
-        for key, value in d.items():
-            yield from _flatten(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], d
-
-
-def changed_keys(recipe: dict[str, Any], run: dict[str, Any]) -> set[str]:
-    """Flattened keys whose value differs between the recipe and the config that runs (added or removed too)."""
-    a, b = dict(_flatten(recipe)), dict(_flatten(run))
-    return {k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")}
-
-
-def _recipe(name: str) -> dict[str, Any]:
-    return yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
-
-
-def _with_blocks(config: dict[str, Any]) -> dict[str, Any]:
-    """A pipeline recipe with its `sampling:` / `explore:` files inlined (what the run reads)."""
-    out = copy.deepcopy(config)
-    for block in ("sampling", "explore"):
-        if isinstance(out["pipeline"].get(block), str):
-            out["pipeline"][block] = yaml.safe_load((RECIPES / out["pipeline"][block]).read_text())
-    return out
-
-
-def stage_run_config(name: str, model: str) -> dict[str, Any]:
-    """A `fit` recipe with only allowed keys changed for a tiny CPU run (relative paths stay: cwd is the work dir)."""
-    config = copy.deepcopy(_recipe(name))
-    trainer, init, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
-    trainer["accelerator"] = "cpu"
-    if trainer["devices"] > 1:  # FSDP2 over 8 GPUs -> 2 gloo processes
-        trainer["devices"] = 2
-        trainer["strategy"]["init_args"]["data_parallel_size"] = 2
-    trainer.update(max_epochs=1, max_steps=1)
-    if "path" in init["model"] and not init["model"]["path"].startswith("runs/"):
-        init["model"]["path"] = model  # a hub id; a runs/ path gets the tiny model built there
-    data.update(batch_size=2, max_length=96)
-    if "max_prompt_length" in data:
-        data["max_prompt_length"] = 64
-    if "val_limit" in data:
-        data.update(val_limit=2, eval_batch_size=2)
-    if "eval_max_new_tokens" in init:
-        init["eval_max_new_tokens"] = 6
-    return config
-
-
-def pipeline_run_config(name: str, model: str) -> dict[str, Any]:
-    config = _with_blocks(_recipe(name))
-    p = config["pipeline"]
-    p["model"]["path"] = model
-    p["trainer"]["accelerator"] = "cpu"
-    if p["trainer"]["devices"] > 1:
-        p["trainer"]["devices"] = 2
-    for stage in ("sft", "dpo"):  # (rft is the same mapping as sft in the recipe: a YAML alias)
-        p[stage].update(epochs=1, batch_size=2, max_length=128)
-    p["dpo"]["max_prompt_length"] = 96
-    p.update(train_questions=4, eval_limit=2, eval_max_new_tokens=24)
-    p["sampling"].update(n=4, max_new_tokens=24)
-    p["explore"].update(k=2, max_new_tokens=24, max_steps=3)
-    return config
-
-
-# ----- tiny data and models --------------------------------------------------------------------
-def task_rows(task: str) -> list[dict[str, str]]:
-    """Train/validation/test rows in the task's original layout (GSM8K `#### N`, MATH `\\boxed{}`)."""
-    if task == "gsm8k":
-        return [{"question": f"Tom has {i} apples and buys {i + 2} more. How many apples does he have?",
-                 "answer": f"He has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}"}
-                for i in range(1, TASK_ROWS + 1)]
-    return [{"problem": f"Compute ${i} + {i + 2}$.", "solution": f"We add the two numbers.\n${i} + {i + 2} = {2 * i + 2}$.\n"
-             f"So the sum is $\\boxed{{{2 * i + 2}}}$."} for i in range(1, TASK_ROWS + 1)]
-
-
-def write_task_data(root: Path, task: str) -> Path:
-    data = root / "data" / task
-    data.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation", "test"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows(task)))
-    return data
-
-
-def corpus(task: str) -> list[str]:
-    from selfexplore.tasks import get_task
-
-    t = get_task(task)
-    return [t.prompt(p) + p.solution for p in t.load("train", path=str(write_task_data(Path("."), task) / "train.jsonl"))]
-
-
-def write_pairs(path: Path, task: str) -> None:
-    """Step-level pairs of the task's prompt format: the right next step against a slipped one."""
-    from selfexplore.tasks import get_task
-
-    t = get_task(task)
-    rows = []
-    for p in t.load("train", path=f"data/{task}/train.jsonl")[:8]:
-        steps = t.split_steps(p.solution)
-        prompt = t.prompt(p) + "".join(s + "\n" for s in steps[:-1])
-        rows.append({"prompt": prompt, "chosen": steps[-1], "rejected": steps[-1].replace(str(p.answer), f"{p.answer}1")})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def prepare(name: str, config: dict[str, Any]) -> None:
-    """Data, pairs and models where the (cwd-relative) run config expects them."""
-    task, model_name = name.split("-")[:2]
-    write_task_data(Path("."), task)
-    texts = corpus(task)
-    if "pipeline" in config:
-        model_path = Path(config["pipeline"]["model"]["path"])
-    else:
-        model_path = Path(config["model"]["init_args"]["model"]["path"])
-    if not model_path.exists():
-        build_family_model(model_name, texts, model_path)
-    train_path = config.get("data", {}).get("init_args", {}).get("train_path")
-    if train_path:
-        write_pairs(Path(train_path), task)
-
-
-def write_config(config: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def check_step0(out: Path, fits: int) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for f in sorted(out.glob("step0-rank*.jsonl")) for line in f.read_text().splitlines()]
+    rows = step0_rows(out)
     assert len(rows) >= fits, rows
     for row in rows:
         assert row["autocast"], row  # the loss ran under bf16-mixed, as the recipe says
         assert abs(row["loss"] - math.log(2)) < STEP0_LOSS_TOLERANCE, row
         assert abs(row["margin"]) < STEP0_MARGIN_TOLERANCE and row["max_abs_margin"] < 2 * STEP0_MARGIN_TOLERANCE, row
     return rows
-
-
-# ----- the matrix --------------------------------------------------------------------------------
-# QLoRA stage recipes, in this process: both tasks x both families (Llama through Llemma or
-# DeepSeek-Math conventions, Mistral with its sliding window) for SFT and for DPO.
-QLORA_STAGES = ["gsm8k-llemma7b-sft-qlora", "math-mistral7b-sft-qlora", "gsm8k-mistral7b-sft-qlora",
-                "math-deepseekmath7b-sft-qlora",
-                "gsm8k-mistral7b-dpo-qlora", "math-llemma7b-dpo-qlora", "gsm8k-deepseekmath7b-dpo-qlora",
-                "math-mistral7b-dpo-qlora"]
-# FSDP2 stage recipes, all in one pair of gloo processes.
-FSDP_STAGES = ["math-llemma7b-sft-fsdp", "gsm8k-mistral7b-sft-fsdp", "gsm8k-deepseekmath7b-dpo-fsdp",
-               "math-mistral7b-dpo-fsdp"]
-# Pipeline recipes with vLLM sampling (one process: vLLM's CPU engine runs in-process).
-PIPELINES = ["gsm8k-llemma7b-pipeline-qlora", "math-mistral7b-pipeline-qlora"]
-
-
-def _tiny_model_path(name: str) -> str:
-    return f"models/{name.split('-')[1]}-tiny"
 
 
 @pytest.mark.recipe_as_written
@@ -227,14 +75,15 @@ def test_qlora_stage_recipe_as_written(name: str, tmp_path: Path, monkeypatch: p
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dpo, "dpo_loss", dpo.dpo_loss)  # restored after the recorder patches it
     monkeypatch.setattr(Trainer, "fit", Trainer.fit)
-    recipe = _recipe(name)
-    config = stage_run_config(name, _tiny_model_path(name))
-    assert changed_keys(recipe, config) <= ALLOWED_KEYS, changed_keys(recipe, config) - ALLOWED_KEYS
-    assert changed_keys(recipe, config) >= {"trainer.accelerator"}
+    written = recipe(name)
+    config = stage_run_config(name, tiny_model_path(name))
+    assert changed_keys(written, config) <= ALLOWED_KEYS, changed_keys(written, config) - ALLOWED_KEYS
+    assert changed_keys(written, config) >= {"trainer.accelerator"}
     prepare(name, config)
     recipe_worker.main([str(tmp_path / "out"), "fit", str(write_config(config, tmp_path / f"{name}.yaml"))])
     export = Path(config["model"]["init_args"]["export_dir"])
-    assert json.loads((export / "config.json").read_text())["architectures"] == [FAMILIES[name.split("-")[1]].architecture]
+    architecture = FAMILIES[name.split("-")[1]].architecture
+    assert json.loads((export / "config.json").read_text())["architectures"] == [architecture]
     assert not (export / "adapter_config.json").exists()  # merged onto the stored weights, as export_merged says
     if "-dpo-" in name:
         check_step0(tmp_path / "out", fits=1)
@@ -250,10 +99,10 @@ def test_fsdp_stage_recipes_as_written_on_two_gloo_processes(tmp_path: Path) -> 
     os.chdir(tmp_path)
     try:
         for name in FSDP_STAGES:
-            recipe, config = _recipe(name), stage_run_config(name, _tiny_model_path(name))
-            assert changed_keys(recipe, config) <= ALLOWED_KEYS, changed_keys(recipe, config) - ALLOWED_KEYS
-            assert config["trainer"]["strategy"] == {**recipe["trainer"]["strategy"], "init_args": {
-                **recipe["trainer"]["strategy"]["init_args"], "data_parallel_size": 2}}
+            written, config = recipe(name), stage_run_config(name, tiny_model_path(name))
+            assert changed_keys(written, config) <= ALLOWED_KEYS, changed_keys(written, config) - ALLOWED_KEYS
+            assert config["trainer"]["strategy"] == {**written["trainer"]["strategy"], "init_args": {
+                **written["trainer"]["strategy"]["init_args"], "data_parallel_size": 2}}
             prepare(name, config)
             args += ["fit", str(write_config(config, tmp_path / f"{name}.yaml"))]
     finally:
@@ -263,7 +112,7 @@ def test_fsdp_stage_recipes_as_written_on_two_gloo_processes(tmp_path: Path) -> 
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     for name in FSDP_STAGES:
-        config = _recipe(name)
+        config = recipe(name)
         export = tmp_path / config["model"]["init_args"]["export_dir"]
         assert (export / "config.json").is_file(), name
     rows = check_step0(tmp_path / "out", fits=2 * sum("-dpo-" in n for n in FSDP_STAGES))  # both ranks
@@ -289,11 +138,11 @@ def test_pipeline_recipe_as_written_with_vllm(name: str, tmp_path: Path, monkeyp
     for target, attr in ((dpo, "dpo_loss"), (Trainer, "fit"), (vllm_backend.VLLMSampler, "generate"),
                          (vllm_backend.VLLMSampler, "open_stream")):
         monkeypatch.setattr(target, attr, getattr(target, attr))
-    recipe = _with_blocks(_recipe(name))
+    written = with_blocks(recipe(name))
     # absolute: the pipeline records a base path outside its run directory as given, then resolves it
     # under the run directory (a cwd-relative folder, and a hub id, are not found there)
-    config = pipeline_run_config(name, str(tmp_path / _tiny_model_path(name)))
-    assert changed_keys(recipe, config) <= ALLOWED_KEYS, changed_keys(recipe, config) - ALLOWED_KEYS
+    config = pipeline_run_config(name, str(tmp_path / tiny_model_path(name)))
+    assert changed_keys(written, config) <= ALLOWED_KEYS, changed_keys(written, config) - ALLOWED_KEYS
     prepare(name, config)
     recipe_worker.main([str(tmp_path / "out"), "pipeline", str(write_config(config, tmp_path / f"{name}.yaml"))])
     run = Path(config["pipeline"]["run_dir"])
@@ -308,10 +157,10 @@ def test_every_recipe_runs_with_only_allowed_keys_changed() -> None:
     """All 36 recipes (not only the matrix's): the CPU config of each changes nothing outside ALLOWED."""
     for path in sorted(RECIPES.glob("*.yaml")):
         if "-pipeline-" in path.stem:
-            recipe, config = _with_blocks(_recipe(path.stem)), pipeline_run_config(path.stem, "models/tiny")
+            written, config = with_blocks(recipe(path.stem)), pipeline_run_config(path.stem, "models/tiny")
         else:
-            recipe, config = _recipe(path.stem), stage_run_config(path.stem, "models/tiny")
-        changed = changed_keys(recipe, config)
+            written, config = recipe(path.stem), stage_run_config(path.stem, "models/tiny")
+        changed = changed_keys(written, config)
         assert changed <= ALLOWED_KEYS, (path.name, changed - ALLOWED_KEYS)
         for kept in ("trainer.precision", "pipeline.trainer.precision", "pipeline.trainer.strategy",
                      "model.init_args.model.quantization", "pipeline.model.quantization",
@@ -320,11 +169,12 @@ def test_every_recipe_runs_with_only_allowed_keys_changed() -> None:
 
 
 def test_the_diff_sees_a_changed_key() -> None:
-    recipe = _recipe("gsm8k-mistral7b-dpo-fsdp")
+    written = recipe("gsm8k-mistral7b-dpo-fsdp")
     config = stage_run_config("gsm8k-mistral7b-dpo-fsdp", "models/tiny")
     config["trainer"]["precision"] = "32-true"
     del config["model"]["init_args"]["model"]["gradient_checkpointing"]
-    assert changed_keys(recipe, config) - ALLOWED_KEYS == {"trainer.precision", "model.init_args.model.gradient_checkpointing"}
+    assert changed_keys(written, config) - ALLOWED_KEYS == {"trainer.precision",
+                                                             "model.init_args.model.gradient_checkpointing"}
 
 
 def test_matrix_covers_every_kind_family_and_task() -> None:
