@@ -25,7 +25,7 @@ from selfexplore.sampling.base import SamplerBase
 from test_pipeline import _config, scripted  # noqa: F401 (a fixture)
 
 TESTS = Path(__file__).parent
-COMMANDS = ("pipeline", "status", "sample", "pairs", "explore", "fit", "validate", "test")
+COMMANDS = ("pipeline", "status", "sample", "pairs", "explore", "prm-data", "fit", "validate", "test")
 BANNERS = ("GPU available", "Seed set", "Tip:", "Loading weights", "logging interval")
 
 
@@ -70,7 +70,7 @@ def test_help_version_and_status_import_neither_bitsandbytes_nor_vllm(tmp_path: 
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     lines = out.stdout.splitlines()
     assert lines[1] == f"selfexplore {version('selfexplore')}"
-    assert lines[2].startswith(f"{run}: 10 units: 1 done, 9 to do")
+    assert lines[2].startswith(f"{run}: 11 units: 1 done, 10 to do")
     assert lines[-1] == "HEAVY []"
     assert "gemm_4bit" not in out.stderr
 
@@ -95,13 +95,13 @@ def test_console_shows_the_plan_unit_by_unit_and_keeps_library_banners_in_the_lo
     assert "| Self-Explore | 2 |" in out  # and the report table at the end
     assert not [b for b in BANNERS if b in out + err]
     log = (run / "pipeline.log").read_text()
-    assert "GPU available" in log and "[ 1/19] base model" in log
+    assert "GPU available" in log and "[ 1/21] base model" in log
     # the plan is what the run does: units complete in exactly that order
     units = json.loads((run / "state.json").read_text())["units"]
     assert [u for u in units if u in plan] == plan
     status = render_status(run)
-    assert status.splitlines()[0].startswith(f"{run}: 19 units: 19 done")
-    assert re.search(r"done\s+\[14/19\] round 1 · evaluate Self-Explore\s+[\d.]+ s\s+accuracy \d\.\d{3}", status)
+    assert status.splitlines()[0].startswith(f"{run}: 21 units: 21 done")
+    assert re.search(r"done\s+\[15/21\] round 1 · evaluate Self-Explore\s+[\d.]+ s\s+accuracy \d\.\d{3}", status)
     assert status.splitlines()[-1] == f"complete: {run / 'report.md'}"
     card = (run / "round_2/self_explore/policy/README.md").read_text()  # each exported policy: a model card
     assert card.startswith("---\nlibrary_name: transformers\n")
@@ -113,7 +113,7 @@ def test_verbose_shows_what_libraries_print(scripted, tmp_path, capfd) -> None:
     main(["pipeline", "--config", str(config), "--verbose", "true"])
     out, err = capfd.readouterr()
     assert "GPU available" in out + err and "Seed set" in out + err
-    assert len(re.findall(r"^\[\s*\d+/10\] ", out, re.M)) == 10
+    assert len(re.findall(r"^\[\s*\d+/11\] ", out, re.M)) == 11
 
 
 BLOCKING_RUN = """
@@ -147,13 +147,13 @@ def test_status_of_a_running_then_killed_run(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
-    assert running.splitlines()[0].startswith(f"{run}: 10 units: 2 done, 1 running, 7 to do")
-    assert re.search(rf"running\s+\[ 3/10\] round 0 · evaluate SFT\s+for [\d.]+ s \(pid {process.pid}\); "
+    assert running.splitlines()[0].startswith(f"{run}: 11 units: 2 done, 1 running, 8 to do")
+    assert re.search(rf"running\s+\[ 3/11\] round 0 · evaluate SFT\s+for [\d.]+ s \(pid {process.pid}\); "
                      r"now round_0/sft/eval.jsonl", running)
-    assert re.search(r"done\s+\[ 2/10\] round 0 · SFT training\s+[\d.]+ s", running)
+    assert re.search(r"done\s+\[ 2/11\] round 0 · SFT training\s+[\d.]+ s", running)
     assert running.splitlines()[-1] == "next: round 1 · sample the SFT policy"
     killed = render_status(run)
-    assert re.search(rf"INTERRUPTED\s+\[ 3/10\] round 0 · evaluate SFT\s+after [\d.]+ s: process {process.pid} "
+    assert re.search(rf"INTERRUPTED\s+\[ 3/11\] round 0 · evaluate SFT\s+after [\d.]+ s: process {process.pid} "
                      "is gone", killed)
     # what a rerun does first: the interrupted unit again
     assert killed.splitlines()[-1] == "next: round 0 · evaluate SFT (rerun the pipeline command to resume)"
@@ -173,9 +173,9 @@ def test_status_of_a_failed_run_shows_the_error(tmp_path: Path, monkeypatch) -> 
     with pytest.raises(RuntimeError, match="the sampler broke"):
         run_pipeline(_config(run, rounds=1, baselines=[]))
     status = render_status(run)
-    assert re.search(r"FAILED\s+\[ 3/10\] round 0 · evaluate SFT\s+after [\d.]+ s: RuntimeError: the sampler broke",
+    assert re.search(r"FAILED\s+\[ 3/11\] round 0 · evaluate SFT\s+after [\d.]+ s: RuntimeError: the sampler broke",
                      status)
-    assert "10 units: 2 done, 1 failed, 7 to do" in status.splitlines()[0]
+    assert "11 units: 2 done, 1 failed, 8 to do" in status.splitlines()[0]
     assert status.splitlines()[-1] == "next: round 0 · evaluate SFT (rerun the pipeline command to resume)"
 
 
