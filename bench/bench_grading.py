@@ -17,9 +17,11 @@ limit), after one warm-up call. Prints one JSON line per result; about 10 s on 2
 
 `--parser lark` grades with sympy's Lark LaTeX grammar (`pip install lark`) instead of our
 parser, through a transformer with our parser's guards (bounded powers, factorials and
-binomials; decimals as exact rationals): the measurement docs/grading.md reports.
+binomials; decimals as exact rationals). `--expected math-verify` takes every case's verdict
+from Math-Verify itself (`pip install math-verify`; its `parse` + `verify`, float rounding =
+the case's `decimals` or its default 6) instead of the source test's: docs/grading.md reports both.
 
-    python bench/bench_grading.py [--parser lark]
+    python bench/bench_grading.py [--parser lark] [--expected math-verify]
 """
 
 from __future__ import annotations
@@ -153,6 +155,18 @@ def self_consistency(cases: list[dict[str, object]], counter: CodeCounter) -> No
          failures=failures, code_executions=counter.count)
 
 
+def math_verify_verdicts(cases: list[dict[str, object]]) -> list[dict[str, object]]:
+    """`cases` with Math-Verify's own verdict as `expected` (its test suite's extraction settings)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    targets = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    out = []
+    for case in cases:
+        gold, pred = parse(str(case["gold"]), targets), parse(str(case["pred"]), targets)
+        out.append({**case, "expected": verify(gold, pred, float_rounding=case.get("decimals") or 6)})
+    return out
+
+
 def lark_parser() -> Callable[[str], object]:
     """sympy's Lark LaTeX parser with our parser's guards, as a drop-in for `parse_math`."""
     import sympy
@@ -201,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--limit", type=int, help="grade only the first N cases")
     parser.add_argument("--parser", choices=("ours", "lark"), default="ours", help="the scalar LaTeX parser")
+    parser.add_argument("--expected", choices=("source", "math-verify"), default="source",
+                        help="whose verdicts count as expected")
     args = parse_args(parser, argv, smoke={"limit": 20})
     if args.parser == "lark":
         if importlib.util.find_spec("lark") is None:
@@ -209,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         symbolic.parse_math = lark_parser()
     cases = load_corpus(args.corpus)[:args.limit]
+    if args.expected == "math-verify":
+        cases = math_verify_verdicts(cases)
     is_equiv("2x+2", "2(x+1)", "math")  # warm-up: sympy's one-off import cost, outside timing
     counter = CodeCounter()
     regression(cases, counter)

@@ -1,4 +1,4 @@
-"""MATH answer families of grader math-2 (docs/grading.md): each with its false cases."""
+"""MATH answer families of grader math-3 (docs/grading.md): each with its false cases."""
 
 from __future__ import annotations
 
@@ -132,6 +132,45 @@ def test_outermost_boxes_are_the_answer() -> None:
     assert equiv(extract_answer(text, "math") or "", "\\{1, 2\\}")
 
 
+@pytest.mark.parametrize("rationale, gold, expected", [
+    # Math-Verify's rule: adjacent boxes with only ',', ';', 'and', 'or' or spacing between are one answer
+    ("The integers are \\boxed{-2} and \\boxed{1}.", "\\boxed{1, -2}", True),
+    ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", "-2,1", True),
+    ("$\\boxed{1}\\boxed{2}$", "1,2", True),
+    ("So $$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$", "(6, 2), (2, 2)", True),
+    ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1,2,3\\}", True),
+    ("\\boxed{1} or \\boxed{2}", "1", False),
+    # prose between boxes: a revision, only the last box answers
+    ("First I got \\boxed{5}. Checking again, it is \\boxed{6}.", "6", True),
+    ("First I got \\boxed{5}. Checking again, it is \\boxed{6}.", "5, 6", False),
+])
+def test_an_answer_spread_over_several_boxes(rationale: str, gold: str, expected: bool) -> None:
+    assert equiv(extract_answer(rationale, "math") or "", gold) is expected
+
+
+def test_several_boxes_stay_one_box_for_gsm8k() -> None:
+    assert extract_answer("\\boxed{3} and \\boxed{4}", "gsm8k") == "4"
+
+
+@pytest.mark.parametrize("pred, gold, decimals, expected", [
+    # Math-Verify's rule (and ours): a rounding is the caller's, never guessed from the prediction;
+    # without one only ~6 places of agreement count, element by element
+    ("(0.6,2.6667]", "(\\frac{3}{5},\\frac{8}{3}]", None, False),
+    ("(0.6,2.6667]", "(\\frac{3}{5},\\frac{8}{3}]", 2, True),
+    ("(0.6,2.6667]", "(\\frac{3}{5},\\frac{8}{3}]", 4, True),
+    ("(0.6,2.67]", "(\\frac{3}{5},\\frac{8}{3}]", 4, False),
+    ("(0.333333, 2)", "(\\frac13, 2)", None, True),
+    ("[0.33, 1)", "[\\frac13, 1]", 2, False),  # the brackets still count
+    ("\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", "\\begin{pmatrix}\\frac{1}{3}\\\\ \\frac{1}{5}\\end{pmatrix}",
+     None, False),
+    ("\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", "\\begin{pmatrix}\\frac{1}{3}\\\\ \\frac{1}{5}\\end{pmatrix}",
+     4, False),
+])
+def test_rounded_decimals_inside_intervals_and_matrices(pred: str, gold: str, decimals: int | None,
+                                                         expected: bool) -> None:
+    assert equiv(pred, gold, decimals=decimals) is expected
+
+
 def test_decimals_must_be_a_small_non_negative_integer() -> None:
     for bad in (-1, 2.5, 31):
         with pytest.raises(ValueError):
@@ -155,5 +194,5 @@ def test_gsm8k_huge_exponent_is_not_the_leading_digit() -> None:
 
 
 def test_grader_version_is_exported() -> None:
-    assert grading.GRADER_VERSION == "math-2"
+    assert grading.GRADER_VERSION == "math-3"
     assert "GRADER_VERSION" in grading.__all__

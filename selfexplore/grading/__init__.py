@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from selfexplore.grading.metric import AnswerAccuracy
 
 #: Which grader graded a report: bump when a verdict on some answer pair changes.
-#: math-2: relations, labels, sets in any notation, stated rounding (docs/grading.md).
-GRADER_VERSION = "math-2"
+#: math-3: adjacent boxes are one answer (docs/grading.md).
+GRADER_VERSION = "math-3"
 
 __all__ = ["GRADER_VERSION", "AnswerAccuracy", "extract_answer", "is_equiv"]
 

@@ -19,6 +19,12 @@ _HASHES_RE = re.compile(r"####[ \t]*")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BOXED_TOKEN_RE = re.compile(r"[ \t]+([^\s$]+)")
 _BRACE_RE = re.compile(r"\\.|[{}]", re.S)
+# What may stand between boxes that state one answer together ('\\boxed{1} and \\boxed{2}'):
+# spacing, math delimiters, ',', ';', the words 'and' / 'or', and \\text{...} (which only occurs
+# inside math, where Math-Verify joins every box of the span; docs/grading.md).
+_BOX_GAP_RE = re.compile(
+    r"(?:\s|[,;$~]|\\[()\[\]]|\\q?quad(?![a-zA-Z])|\\[,;: !]"
+    r"|\\text\{[^{}]*\}|(?<![A-Za-z])(?:and|or)(?![A-Za-z]))*")
 # A number as people write it: optional sign and currency, thousands commas, decimals,
 # an optional /denominator and percent sign.
 _NUMBER_RE = re.compile(
@@ -47,12 +53,12 @@ def _closing_braces(text: str) -> dict[int, int]:
     return pairs
 
 
-def boxed_contents(text: str, limit: int = 64) -> list[tuple[int, str]]:
-    """(position, content) of the complete, non-empty \\boxed{...} / \\fbox{...} groups
-    (or \\boxed 5) that are not inside another one, in order, at most the last `limit`.
+def _boxes(text: str, limit: int) -> list[tuple[int, int, str]]:
+    """(start, end, content) of the complete, non-empty \\boxed{...} / \\fbox{...} groups (or
+    \\boxed 5) that are not inside another one, in order, at most the last `limit`.
     Linear time: all braces are matched in one pass."""
     pairs = _closing_braces(text) if "{" in text else {}
-    found: list[tuple[int, str]] = []
+    found: list[tuple[int, int, str]] = []
     inside_until = -1
     for m in _BOXED_RE.finditer(text):
         if m.start() < inside_until:  # a box inside the previous box belongs to it
@@ -64,14 +70,19 @@ def boxed_contents(text: str, limit: int = 64) -> list[tuple[int, str]]:
             close = pairs.get(j)
             if close is None:
                 continue
-            content = text[j + 1:close].strip()
+            content, end = text[j + 1:close].strip(), close + 1
             inside_until = close
         else:
             token = _BOXED_TOKEN_RE.match(text, m.end())  # "\boxed 5"
-            content = token.group(1) if token else ""
+            content, end = (token.group(1), token.end()) if token else ("", m.end())
         if content:
-            found.append((m.start(), content))
+            found.append((m.start(), end, content))
     return found[-limit:]
+
+
+def boxed_contents(text: str, limit: int = 64) -> list[tuple[int, str]]:
+    """(position, content) of the outermost complete boxes, in order (see `_boxes`)."""
+    return [(start, content) for start, _, content in _boxes(text, limit)]
 
 
 def last_boxed(text: str) -> tuple[int, str] | None:
@@ -79,6 +90,19 @@ def last_boxed(text: str) -> tuple[int, str] | None:
     one (braces matched), or \\boxed 5; None when there is none."""
     boxes = boxed_contents(text, limit=1)
     return boxes[0] if boxes else None
+
+
+def boxed_answer(text: str) -> tuple[int, str] | None:
+    """(position, content) of the answer the last boxes state: the last box and the boxes just
+    before it with only separators between (`_BOX_GAP_RE`), their contents joined by ', ', so
+    '\\boxed{1} and \\boxed{-2}' states '1, -2' (a list: a set of solutions)."""
+    boxes = _boxes(text, limit=64)
+    if not boxes:
+        return None
+    first = len(boxes) - 1
+    while first > 0 and _BOX_GAP_RE.fullmatch(text, boxes[first - 1][1], boxes[first][0]):
+        first -= 1
+    return boxes[first][0], ", ".join(content for _, _, content in boxes[first:])
 
 
 def _first_number(segment: str) -> str | None:
@@ -128,7 +152,9 @@ def extract_answer(text: str | None, task: str = "gsm8k", *,
     """The final answer stated in `text`, or None.
 
     Markers: 'The answer is X' (also 'The final answer is'; X is the rest of that line),
-    '#### X' and \\boxed{X} / \\fbox{X} / \\boxed X; the last marker in the text wins.
+    '#### X' and \\boxed{X} / \\fbox{X} / \\boxed X; the last marker in the text wins. For math,
+    adjacent boxes separated only by ',', ';', 'and', 'or' or spacing are one answer, the list of
+    their contents ('\\boxed{1} and \\boxed{2}' -> '1, 2').
     For gsm8k, X is reduced to its first number with commas and currency removed
     ("$1,000." -> "1000"; kept as text if it has no number); for math it is returned as LaTeX,
     minus $ delimiters and a final period ('$5$ apples' -> '5').
@@ -150,7 +176,7 @@ def extract_answer(text: str | None, task: str = "gsm8k", *,
             if value is not None:
                 candidates.append((m.start(), value))
                 break
-    boxed = last_boxed(text)
+    boxed = boxed_answer(text) if task == "math" else last_boxed(text)
     if boxed is not None:
         value = _clean(boxed[1], task)
         if value is not None:

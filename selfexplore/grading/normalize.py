@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 
-from selfexplore.grading.extract import boxed_contents
+from selfexplore.grading.extract import boxed_answer
 
 _TEXT_CMDS = ("text", "textbf", "textit", "textrm", "textnormal", "mbox", "mathrm", "mathbf",
               "mathit", "rm", "bf")
@@ -99,18 +99,18 @@ def _fix_fracs(s: str) -> str:
 def normalize_math(answer: str) -> str:
     """A canonical string for a MATH answer.
 
-    Takes the contents of the \\boxed{...} groups when there are any (several boxes are one
-    comma-separated answer). Removes $ and display delimiters, spacing commands, \\left/\\right,
-    \\displaystyle, degree marks, percent signs and words, and trailing units (\\text{...}
-    after a value, or common unit words); unwraps the remaining \\text{X}; maps \\dfrac,
-    \\tfrac and \\cfrac to \\frac; writes each relation as one character (= < > ≤ ≥ ≠ ≈ ∈);
-    reads 'and', 'or' and ';' between answers as commas; removes whitespace (but for the space
-    that ends a command before a letter, '\\pi r'); fixes
-    \\sqrt2 and \\frac12 shorthands; '.5' -> '0.5'; drops trailing periods and commas,
-    thousands commas in a lone number, and parentheses around a choice letter ('(B)' -> 'B').
+    Takes the answer the last \\boxed{...} groups state when there are any (adjacent boxes are
+    one comma-separated answer, see `extract.boxed_answer`). Removes $ and display delimiters,
+    spacing commands, \\left/\\right, \\displaystyle, degree marks, percent signs and words,
+    and trailing units (\\text{...} after a value, or common unit words); unwraps the remaining
+    \\text{X}; maps \\dfrac, \\tfrac and \\cfrac to \\frac; writes each relation as one character
+    (= < > ≤ ≥ ≠ ≈ ∈); reads 'and', 'or' and ';' between answers as commas; removes whitespace
+    but the space that ends a command before a letter ('\\pi r'); fixes \\sqrt2 and \\frac12
+    shorthands; '.5' -> '0.5'; drops trailing periods and commas, thousands commas in a lone
+    number, and parentheses around a choice letter ('(B)' -> 'B').
     """
-    boxes = boxed_contents(answer)
-    s = ",".join(content for _, content in boxes) if boxes else answer
+    boxed = boxed_answer(answer)
+    s = boxed[1] if boxed else answer
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
     if "\\begin" not in s:
