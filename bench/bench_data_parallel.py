@@ -22,8 +22,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _harness import alternated, bench_parser, build_arith_model, emit, median, parse_args, serve_worker, \
-    slipped_answer, spawn_worker, worker_result
+from _harness import (
+    alternated,
+    bench_parser,
+    build_arith_model,
+    emit,
+    median,
+    parse_args,
+    serve_worker,
+    slipped_answer,
+    spawn_worker,
+    worker_result,
+)
 
 TASK_OPTIONS = {"train_size": 128, "validation_size": 8, "test_size": 64, "min_steps": 2, "max_steps": 3,
                 "max_operand": 20, "operations": ["+", "-"]}
@@ -37,8 +47,8 @@ def worker(model: str, out: str, shard_size: int, task_options: dict[str, Any], 
     from selfexplore.explore.config import ExploreConfig
     from selfexplore.explore.stage import run_explore_stage
     from selfexplore.io import read_jsonl, write_jsonl
-    from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
     from selfexplore.ranks import Workers, poll
+    from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
     from selfexplore.shards import StageContext
     from selfexplore.tasks import get_task
 

@@ -314,7 +314,8 @@ def run_loss(args: argparse.Namespace, work: Path, root: Path) -> dict[str, Any]
             total += len(batch) * float(trl_trainer.compute_loss(trl_trainer.model, trl_trainer.data_collator(batch)))
     theirs = total / len(rows)
     table = module.reference_tables["val"][1]
-    ref_diff = float((torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in rows]) - table).abs().max())
+    trl_table = torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in rows])
+    ref_diff = float((trl_table - table).abs().max())
     return {**result, "trl": theirs, "abs_diff": abs(ours - theirs), "tolerance": 1e-4,
             "agree": abs(ours - theirs) <= 1e-4, "tokenization_mismatched_pairs": mismatched,
             "max_abs_diff_ref_logps_all_pairs": ref_diff, "trl_version": trl.__version__}

@@ -210,10 +210,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                  seconds_per_100_rationales=round(100 * tot["seconds"] / (args.repeats * len(rationales)), 1))
         stat, p_value = permutation_test(pits["adaptive"], pits["exhaustive"], args.permutations, args.seed)
         ex, ad = totals["exhaustive"], totals["adaptive"]
+        def per(totals: dict[str, float], key: str) -> float:
+            return totals["tokens"] / max(totals[key], 1)
+
         emit(result="comparison",
              token_ratio=round(ex["tokens"] / max(ad["tokens"], 1), 3),
-             tokens_per_pair_ratio=round((ex["tokens"] / max(ex["pairs"], 1)) / (ad["tokens"] / max(ad["pairs"], 1)), 3),
-             tokens_per_pit_ratio=round((ex["tokens"] / max(ex["pits"], 1)) / (ad["tokens"] / max(ad["pits"], 1)), 3),
+             tokens_per_pair_ratio=round(per(ex, "pairs") / max(per(ad, "pairs"), 1e-9), 3),
+             tokens_per_pit_ratio=round(per(ex, "pits") / max(per(ad, "pits"), 1e-9), 3),
              pit_chi2=round(stat, 3), pit_permutation_p=round(p_value, 4),
              histogram_exhaustive={str(k): v for k, v in sorted(Counter(pits["exhaustive"]).items(), key=str)},
              histogram_adaptive={str(k): v for k, v in sorted(Counter(pits["adaptive"]).items(), key=str)})

@@ -7,8 +7,9 @@ adapter into the full-precision base (`selfexplore.models.export`), which is wha
 load. Texts sampled from the merged model are scored under both; printed per token: the mean
 and max |log p_nf4 - log p_merged|, the mean difference, and the mean KL(merged || nf4) of the
 next-token distributions over the scored positions. Model: a tiny Llama built on arith texts
-(hidden 128, 4 layers, MLP 384: bitsandbytes CPU kernels need multiples of 64), untrained, with a LoRA adapter (r 16, all linear) whose B matrices are
-set to seeded noise of the size a short fine-tune reaches, so the adapter is not a no-op.
+(hidden 128, 4 layers, MLP 384: bitsandbytes CPU kernels need multiples of 64), untrained,
+with a LoRA adapter (r 16, all linear) whose B matrices are set to seeded noise of the size a
+short fine-tune reaches, so the adapter is not a no-op.
 One JSON line per figure, medians over `--seeds` adapters.
 """
 

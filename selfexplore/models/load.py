@@ -64,6 +64,7 @@ def load_model(spec: ModelSpec, for_training: bool = True) -> PreTrainedModel | 
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_nf4_layout_trainable(model)
     if spec.adapter_path is None:
         return _finish(model, spec, for_training, spec.lora)
 
@@ -103,6 +104,23 @@ def build_model_skeleton(spec: ModelSpec, for_training: bool = True) -> PreTrain
         except OSError:  # no generation_config.json: from_pretrained derives it from the config, as from_config did
             pass
         return _finish(model, spec, for_training, adapter)
+
+
+def keep_nf4_layout_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking a trained model's nf4 weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, the first eval-mode forward without gradients (a validation, a
+    sanity check, a reference pass) converts each `Linear4bit` weight in place to a packed layout
+    that only `gemv_4bit` reads, and it stays so back in train mode: `gemv_4bit` has no autograd
+    kernel, so the backward drops the base weights' path ("may lead to silently incorrect
+    behavior") and LoRA gradients come out wrong (measured: 60-107% relative error, docs/gpu.md).
+    CUDA never takes this path; on CPU the unpacked layout is the dequantize + matmul one.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _finish(model: PreTrainedModel, spec: ModelSpec, for_training: bool,
