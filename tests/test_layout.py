@@ -31,3 +31,6 @@ def test_recorded_paths_are_relative_to_the_run(tmp_path: Path) -> None:
     assert RunLayout(tmp_path / "moved").resolve(recorded) == tmp_path / "moved" / "round_0/sft/policy"
     assert layout.relative("/elsewhere/model") == "/elsewhere/model"
     assert layout.resolve("/elsewhere/model") == Path("/elsewhere/model")
+    # a folder outside the run given relative to the working directory is never joined onto the run
+    outside = layout.relative("models/tiny")
+    assert Path(outside).is_absolute() and layout.resolve(outside) == Path("models/tiny").absolute()

@@ -166,9 +166,12 @@ class RunLayout:
 
     # ----- recorded paths ---------------------------------------------------------------------
     def relative(self, path: str | os.PathLike) -> str:
-        """A path inside the run directory as recorded: relative to it (others as given)."""
+        """A path as recorded: inside the run directory relative to it (a moved run still resolves it),
+        any other absolute (so `resolve` never joins it onto the run directory)."""
         p = Path(path)
-        return p.relative_to(self.root).as_posix() if p == self.root or self.root in p.parents else os.fspath(path)
+        if p == self.root or self.root in p.parents:
+            return p.relative_to(self.root).as_posix()
+        return os.fspath(p.absolute())
 
     def resolve(self, recorded: str | os.PathLike) -> Path:
         """A recorded path made usable again: a relative one is under the run directory."""
