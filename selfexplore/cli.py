@@ -39,6 +39,7 @@ from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
+from selfexplore.shards import StageContext
 from selfexplore.tasks import Problem, Task, get_task
 
 # LightningCLI's commands this project supports (no `predict`: no module defines a predict_step),
@@ -129,8 +130,8 @@ def sample(policy: str, out: str, task: str = "arith", task_options: dict[str, A
     t, problems = _problems(task, task_options, split, data_path, limit)
     prompt = fmt.prompter(t, load_tokenizer(policy) if fmt.chat_template else None)
     with get_sampler(s, policy, adapter, cache_dir=str(Path(out).parent / "cache")) as sampler:
-        stats = run_sample_stage(sampler, t, problems, out, s, model=policy,
-                                 settings={"batch_size": s.batch_size, "adapter": adapter}, force=force, prompt=prompt)
+        stats = run_sample_stage(sampler, t, problems, out, s, StageContext(model=policy, force=force, prompt=prompt),
+                                 settings={"batch_size": s.batch_size, "adapter": adapter})
     print(json.dumps(stats.to_dict()))
 
 
@@ -164,7 +165,8 @@ def explore(explorer: str, pairs: str, out_dir: str, task: str = "arith",
     t, problems = _problems(task, task_options, "train", data_path, None)
     with get_sampler(s, explorer, cache_dir=str(Path(out_dir) / "cache")) as sampler:
         stats = run_explore_stage(sampler, t, pairs, {p.id: p for p in problems}, out_dir,
-                                  (explore or ExploreConfig()).inherit_stop(s.stop), model=explorer, force=force)
+                                  (explore or ExploreConfig()).inherit_stop(s.stop),
+                                  StageContext(model=explorer, force=force))
     print(json.dumps(stats))
 
 

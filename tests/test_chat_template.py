@@ -114,6 +114,7 @@ def test_pad_fallback_is_eos(tiny_arith_model: Path, tmp_path: Path) -> None:
 def test_sample_stage_and_sft_data_use_the_format(task, chatml, tmp_path: Path) -> None:
     from selfexplore.data.sft import SFTDataModule
     from selfexplore.sampling import SamplingConfig, run_sample_stage
+    from selfexplore.shards import StageContext
 
     class Echo:
         generated_tokens = 0
@@ -124,7 +125,7 @@ def test_sample_stage_and_sft_data_use_the_format(task, chatml, tmp_path: Path) 
     fmt = PromptFormat(chat_template=True)
     problems = task.load("train")[:2]
     run_sample_stage(Echo(), task, problems, tmp_path / "s.jsonl", SamplingConfig(n=1),
-                     prompt=fmt.prompter(task, chatml), progress=False)
+                     StageContext(prompt=fmt.prompter(task, chatml)), progress=False)
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert all(r["prompt"].startswith("<|im_start|>user\n") for r in records)
 

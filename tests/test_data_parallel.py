@@ -31,7 +31,8 @@ from selfexplore.io import read_json
 from selfexplore.models import load_tokenizer
 from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
 from selfexplore.sampling.base import SamplerBase, prompt_seed
-from selfexplore.shards import Workers
+from selfexplore.ranks import Workers
+from selfexplore.shards import StageContext
 from selfexplore.tasks.base import Problem, Task
 
 SAMPLING = SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=3, shard_size=2)
@@ -96,8 +97,8 @@ def _ranks(world: int, run: Callable[[Workers], object]) -> list[BaseException |
 
 
 def _sample(out: Path, workers: Workers, sampler: SeededSampler | None = None) -> object:
-    return run_sample_stage(sampler or SeededSampler(), _Echo(), PROBLEMS, out, SAMPLING, model="m",
-                            progress=False, workers=workers)
+    return run_sample_stage(sampler or SeededSampler(), _Echo(), PROBLEMS, out, SAMPLING,
+                            StageContext(model="m", workers=workers), progress=False)
 
 
 def test_two_ranks_write_their_own_shards_and_merge_to_the_one_rank_file(tmp_path: Path) -> None:
@@ -174,7 +175,7 @@ def test_exploration_on_two_ranks_equals_one(tmp_path: Path, sampler: type) -> N
 
     def explore(out: Path, workers: Workers) -> object:
         return run_explore_stage(sampler(), EXPLORE_TASK, tmp_path / "pairs.jsonl", problems, out, config,
-                                 workers=workers)
+                                 StageContext(workers=workers))
 
     explore(tmp_path / "one", Workers())
     assert _ranks(2, lambda w: explore(tmp_path / "two", w)) == [None, None]

@@ -24,6 +24,7 @@ from selfexplore.explore.granular import pit_agreement
 from selfexplore.completion import Completion
 from selfexplore.io import DataError, read_jsonl, write_jsonl
 from selfexplore.sampling.base import prompt_seed, truncate_at_stop
+from selfexplore.shards import StageContext
 from selfexplore.streaming import BatchedStream, StreamParams, share_tokens
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
@@ -701,7 +702,7 @@ def test_stage_resume_after_kill_equals_uninterrupted(tmp_path, schedule):
         run_explore_stage(changed, TASK, tmp_path / "pairs.jsonl", problems, run, ExploreConfig(chunk_size=4, seed=12))
     assert changed.calls == 0 and (run / "explore.jsonl").read_text() == explore_full
     run_explore_stage(changed, TASK, tmp_path / "pairs.jsonl", problems, run, ExploreConfig(chunk_size=4, seed=12),
-                      force=True)
+                      StageContext(force=True))
     assert changed.calls > 0
 
 
@@ -745,19 +746,20 @@ def test_stage_carries_a_cut_rejected_sample_into_its_record(tmp_path):
 def test_stage_refuses_changed_input_or_explorer_unless_forced_and_keeps_results(tmp_path):
     problems = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "out"
-    run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, out, model="m1")
+    m1, m2, forced = StageContext(model="m1"), StageContext(model="m2"), StageContext(model="m1", force=True)
+    run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, out, context=m1)
     finished = {name: (out / name).read_text() for name in ("explore.jsonl", "gpairs.jsonl", "explore_stats.json")}
     write_jsonl(tmp_path / "fewer.jsonl", read_jsonl(tmp_path / "pairs.jsonl")[:3])
     with pytest.raises(ValueError, match=r"different config.*num_rationales: 15 -> 3.*--force"):
-        run_explore_stage(RandomSampler(), TASK, tmp_path / "fewer.jsonl", problems, out, model="m1")
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "fewer.jsonl", problems, out, context=m1)
     with pytest.raises(ValueError, match=r"different config.*model: 'm1' -> 'm2'"):
-        run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, out, model="m2")
+        run_explore_stage(RandomSampler(), TASK, tmp_path / "pairs.jsonl", problems, out, context=m2)
     for blank in ("", "\n  \n"):
         (tmp_path / "empty.jsonl").write_text(blank)
         with pytest.raises(DataError, match=r"empty.jsonl: no pairs"):
-            run_explore_stage(RandomSampler(), TASK, tmp_path / "empty.jsonl", problems, out, model="m1", force=True)
+            run_explore_stage(RandomSampler(), TASK, tmp_path / "empty.jsonl", problems, out, context=forced)
     assert {name: (out / name).read_text() for name in finished} == finished
-    run_explore_stage(RandomSampler(), TASK, tmp_path / "fewer.jsonl", problems, out, model="m1", force=True)
+    run_explore_stage(RandomSampler(), TASK, tmp_path / "fewer.jsonl", problems, out, context=forced)
     assert len(read_jsonl(out / "explore.jsonl")) == 3
 
 
@@ -775,7 +777,7 @@ def test_stage_refuses_pairs_made_from_other_problems(tmp_path):
     run_explore_stage(RandomSampler(), TASK, tmp_path / "chat.jsonl", problems, tmp_path / "chat")
     with pytest.raises(DataError, match=r"chat.jsonl, line 1, field 'prompt'"):
         run_explore_stage(RandomSampler(), TASK, tmp_path / "chat.jsonl", problems, tmp_path / "raw",
-                          prompt=TASK.prompt)
+                          context=StageContext(prompt=TASK.prompt))
 
 
 class CharTokenizer:

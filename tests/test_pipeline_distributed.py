@@ -23,13 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 import selfexplore.pipeline.state as state_module
-from selfexplore.pipeline.state import (
-    ATTEMPT_VARIABLE,
-    RANK_VARIABLES,
-    RankZeroFailed,
-    RunState,
-    is_rank_zero,
-)
+from selfexplore.pipeline.state import ATTEMPT_VARIABLE, RankZeroFailed, RunState
+from selfexplore.ranks import RANK_VARIABLES, is_rank_zero
 
 TAG = "PIPELINE_RANK_EVENT "
 

@@ -32,6 +32,7 @@ from selfexplore.sampling import (
     run_sample_stage,
     truncate_at_stop,
 )
+from selfexplore.shards import StageContext
 from selfexplore.streaming import StreamParams
 from selfexplore.tasks.base import Problem, Task
 
@@ -296,7 +297,7 @@ class _Arith(Task):
 PROBLEMS = [Problem(id=f"q{i:02d}", question=f"Tom has {a} apples and buys {b} more.", solution="", answer=str(a + b))
             for i, (a, b) in enumerate([(3, 7), (6, 2), (9, 12), (12, 2), (15, 7), (21, 17), (24, 22)])]
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=7, shard_size=2)
-STAGE = {"model": "tiny", "progress": False}
+STAGE = {"context": StageContext(model="tiny"), "progress": False}
 
 
 class _Killed(RuntimeError):
@@ -392,7 +393,8 @@ def test_stage_refuses_a_different_config_unless_forced(hf: HFSampler, tmp_path:
         run_sample_stage(hf, task, PROBLEMS[:3], out, replace(SAMPLING, n=2), **STAGE)
     with pytest.raises(ValueError, match="problems_sha256"):
         run_sample_stage(hf, task, PROBLEMS[:2] + PROBLEMS[4:5], out, SAMPLING, **STAGE)
-    stats = run_sample_stage(hf, task, PROBLEMS[:3], out, replace(SAMPLING, n=2), force=True, **STAGE)
+    stats = run_sample_stage(hf, task, PROBLEMS[:3], out, replace(SAMPLING, n=2),
+                             **{**STAGE, "context": StageContext(model="tiny", force=True)})
     assert stats.samples == 6 and stats.resumed_shards == 0 and len(read_jsonl(out)) == 6
 
 

@@ -83,8 +83,8 @@ class _Recorder(SamplerBase):
     def close(self) -> None:
         self.closed = True
 
-    def run_explore_stage(self, sampler, task, pairs_path, problems_by_id, out_dir, config, **kwargs):
-        self.calls.append({"config": config, "pairs": str(pairs_path), **kwargs})
+    def run_explore_stage(self, sampler, task, pairs_path, problems_by_id, out_dir, config, context):
+        self.calls.append({"config": config, "pairs": str(pairs_path), "model": context.model, "force": context.force})
         return {"num_pairs": 0}
 
 

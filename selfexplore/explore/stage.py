@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from selfexplore.explore.granular import build_granular_pairs, explore_stats, pi
 from selfexplore.explore.pit import Rationale, explore_chunks, steps_prefix
 from selfexplore.hashing import text_sha256
 from selfexplore.io import DataError, iter_jsonl, read_jsonl, require_str, write_json, write_jsonl
-from selfexplore.shards import ShardFolder, Workers
+from selfexplore.shards import Shard, ShardFolder, StageContext
 from selfexplore.validation import raise_problems
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
@@ -166,51 +166,47 @@ def _check_completions(records: Sequence[dict[str, Any]], config: ExploreConfig,
 
 def run_explore_stage(sampler: Sampler, task: Task, pairs_path: str | os.PathLike,
                       problems_by_id: Mapping[str, Problem], out_dir: str | os.PathLike,
-                      config: ExploreConfig | None = None, *, model: str = "", force: bool = False,
-                      prompt: Callable[[Problem], str] | None = None, workers: Workers | None = None,
-                      abort: Callable[[], None] | None = None) -> dict[str, Any] | None:
+                      config: ExploreConfig | None = None, context: StageContext | None = None
+                      ) -> dict[str, Any] | None:
     """Explore every rejected rationale of `pairs_path`; write explore.jsonl, gpairs.jsonl and
     explore_stats.json into `out_dir`; return the stats.
 
-    `model` names the explorer (e.g. its path) for the resume guard; `force=True` discards
-    shards made with another explorer, other settings or other pairs instead of refusing.
-    `prompt` is the prompter that made the pairs' prompts (`PromptFormat.prompter`); each pair's
-    prompt is checked against its problem (see `load_rejected`).
+    `context` (`StageContext`, default: this process alone): `model` names the explorer (e.g. its
+    path) for the resume guard; `force` discards shards made with another explorer, other
+    settings or other pairs instead of refusing; `prompt` is the prompter that made the pairs'
+    prompts (`PromptFormat.prompter`), each pair's prompt is checked against its problem (see
+    `load_rejected`); `workers` share the chunks as in `run_sample_stage` (other ranks return None).
     An unset `config.max_new_tokens` becomes the paper's 512 capped to what the explorer's
     context leaves after the longest prefix. When more than half of the searched rationales get
     no completions the stage raises instead of writing a near-empty result; fewer are a warning.
-    `workers` / `abort`: data-parallel over ranks, as `run_sample_stage` (other ranks return None).
     """
     config = config or ExploreConfig()
+    context = context or StageContext()
     raise_problems(config.problems(), "explore config")
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
-    rationales = load_rejected(pairs_path, problems_by_id, task, prompt)
+    rationales = load_rejected(pairs_path, problems_by_id, task, context.prompt)
     config = _resolve_new_tokens(sampler, task, rationales, config)
     chunks = chunk_by_question(rationales, config.chunk_size)
-    settings = _settings(model, config, chunks)
-    folder = ShardFolder(shard_dir, "explore", settings, MANIFEST_FORMAT, workers or Workers(), _shard_name, abort)
-    folder.open(force, {"num_chunks": len(chunks)})
-    mine = folder.todo(len(chunks))
-    if len(mine) < sum(folder.workers.owns(i) for i in range(len(chunks))):
-        log.info("explore: resuming, %d of this rank's chunks left", len(mine))
-    try:
+    folder = ShardFolder(shard_dir, "explore", _settings(context.model, config, chunks), MANIFEST_FORMAT, _shard_name,
+                         context)
+
+    def produce(mine: list[int]) -> Generator[Shard, None, None]:
         for i, records in explore_chunks([(i, chunks[i]) for i in mine], sampler, task, config):
-            folder.write(i, records, {"rationales": len(chunks[i])})
+            yield i, records, {"rationales": len(chunks[i])}
             log.info("explore: chunk %d/%d done (%d rationales)", i + 1, len(chunks), len(chunks[i]))
-    except BaseException as error:
-        folder.fail(error)
-        raise
-    if not folder.workers.is_main:
-        return None  # rank 0 merges; the pipeline's other ranks take its recorded result
-    folder.wait_all(len(chunks))
-    records = [rec for i in range(len(chunks)) for rec in read_jsonl(shard_dir / _shard_name(i))]
-    _check_completions(records, config, getattr(sampler, "context", None), shard_dir)
-    pairs = build_granular_pairs(records, config.rejected_mode, round_index=config.round)
-    stats = explore_stats(records, pairs)
-    stats["mode"] = config.mode
-    stats.update(pit_agreement(records, lambda r: task.first_wrong_step(problems_by_id[r["question_id"]], r["steps"])))
-    write_jsonl(out_dir / "explore.jsonl", records)
-    write_jsonl(out_dir / "gpairs.jsonl", pairs)
-    write_json(out_dir / "explore_stats.json", stats)
-    return stats
+
+    def merge() -> dict[str, Any]:
+        records = [rec for i in range(len(chunks)) for rec in read_jsonl(folder.path(i))]
+        _check_completions(records, config, getattr(sampler, "context", None), shard_dir)
+        pairs = build_granular_pairs(records, config.rejected_mode, round_index=config.round)
+        stats = explore_stats(records, pairs)
+        stats["mode"] = config.mode
+        stats.update(pit_agreement(records,
+                                   lambda r: task.first_wrong_step(problems_by_id[r["question_id"]], r["steps"])))
+        write_jsonl(out_dir / "explore.jsonl", records)
+        write_jsonl(out_dir / "gpairs.jsonl", pairs)
+        write_json(out_dir / "explore_stats.json", stats)
+        return stats
+
+    return folder.run(len(chunks), produce, merge, {"num_chunks": len(chunks)})

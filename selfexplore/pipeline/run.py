@@ -41,10 +41,11 @@ from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT, RunLayout, eval_unit, round_unit, self_explore
 from selfexplore.pipeline.plan import BASE, RFT_DATA, SFT_SAMPLES
 from selfexplore.pipeline.state import PipelineError, RunState, is_rank_zero
+from selfexplore.ranks import Workers
 from selfexplore.sampling.base import Sampler
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
-from selfexplore.shards import Workers
+from selfexplore.shards import StageContext
 from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
 from selfexplore.training.reference import checkpoint_fingerprint
@@ -361,11 +362,11 @@ class Pipeline:
             count, temperature = (1, 0.0) if greedy else (n or s.n, s.temperature)
             max_new = max_new_tokens or (self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens)
             config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self._seed(s.seed))
-            workers = self._workers()
-            stats = run_sample_stage(self._sampler(policy, workers), self.task, problems, self.root / name, config,
-                                     model=self.policy_id(policy), settings={"batch_size": s.batch_size},
-                                     force=self.force, progress=self.cfg.trainer.enable_progress_bar,
-                                     prompt=self.prompt, workers=workers, abort=self._abort(name))
+            context = StageContext(model=self.policy_id(policy), force=self.force, prompt=self.prompt,
+                                   workers=self._workers(), abort=self._abort(name))
+            stats = run_sample_stage(self._sampler(policy, context.workers), self.task, problems, self.root / name,
+                                     config, context, settings={"batch_size": s.batch_size},
+                                     progress=self.cfg.trainer.enable_progress_bar)
             return {} if stats is None else {"path": str(self.root / name), **stats.to_dict()}
         return self.unit(name, work, collective=True)
 
@@ -462,12 +463,11 @@ class Pipeline:
         def explore_work() -> dict[str, Any]:
             e = self.cfg.explore
             config = replace(e, round=round_index, seed=self._seed(e.seed) + round_index)
-            workers = self._workers()
-            stats = run_explore_stage(self._sampler(explorer, workers), self.task, pairs["path"], self.problems_by_id,
-                                      layout.explore_dir(round_index),
-                                      config.inherit_stop(self.cfg.sampling.stop), model=self.policy_id(explorer),
-                                      force=self.force, prompt=self.prompt, workers=workers,
-                                      abort=self._abort(round_unit(round_index, "explore")))
+            context = StageContext(model=self.policy_id(explorer), force=self.force, prompt=self.prompt,
+                                   workers=self._workers(), abort=self._abort(round_unit(round_index, "explore")))
+            stats = run_explore_stage(self._sampler(explorer, context.workers), self.task, pairs["path"],
+                                      self.problems_by_id, layout.explore_dir(round_index),
+                                      config.inherit_stop(self.cfg.sampling.stop), context)
             return {} if stats is None else {"path": str(layout.gpairs(round_index)), **stats}
         return Path(self.unit(round_unit(round_index, "explore"), explore_work, collective=True)["path"])
 

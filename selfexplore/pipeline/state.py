@@ -22,23 +22,12 @@ from selfexplore.hashing import text_sha256
 from selfexplore.io import read_json, write_json
 from selfexplore.pipeline.invalidate import units_to_redo
 from selfexplore.pipeline.layout import RunLayout
+from selfexplore.ranks import Failure, is_rank_zero, poll
 
-# Launchers name a process's rank in these (Lightning: LOCAL_RANK/NODE_RANK; torchrun: RANK).
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+__all__ = ["ATTEMPT_VARIABLE", "PipelineError", "RankZeroFailed", "RunState", "RunStateError", "is_rank_zero"]
+
 # Rank 0's current attempt, exported so the ranks Lightning launches from it inherit it.
 ATTEMPT_VARIABLE = "SELFEXPLORE_RUN_ATTEMPT"
-# Poll fast at first (most units are short), then back off to spare a shared file system.
-POLL_SECONDS = (0.05, 2.0)
-
-
-def is_rank_zero() -> bool:
-    """Whether this process is global rank 0 (or the only process).
-
-    Read from the launcher's environment variables rather than a process group, so every
-    rank knows its role from the start, before the first `fit` creates the group: the main
-    process of Lightning's launcher has none of them set until then and is rank 0.
-    """
-    return all(int(os.environ.get(name, "0")) == 0 for name in RANK_VARIABLES)
 
 
 class RunStateError(RuntimeError):
@@ -152,8 +141,7 @@ class RunState:
     def fail(self, unit: str, error: BaseException) -> None:
         """Record that `unit` raised in this attempt, so ranks waiting for it raise too."""
         started = self.running.pop(unit, {}).get("since")
-        self._save({"unit": unit, "error": f"{type(error).__name__}: {error}", "attempt": self.attempt,
-                    "since": started, "at": time.time()})
+        self._save(Failure.of(unit, error, rank=0, since=started, attempt=self.attempt).to_dict())
 
     def wait_for(self, unit: str) -> dict[str, Any]:
         """Block until rank 0 records `unit`, then return its result (ranks other than 0).
@@ -162,21 +150,18 @@ class RunState:
         only to ranks Lightning launched from rank 0; other launchers, such as torchrun, stop
         every rank when one fails) or when this rank's launcher process exits.
         """
-        delay, max_delay = POLL_SECONDS
-        while True:
+        def ready() -> bool:
             self.check_rank_zero(unit)
-            if unit in self.units:
-                return self.units[unit]
-            time.sleep(delay)
-            delay = min(2 * delay, max_delay)
+            return unit in self.units
+        poll(ready)
+        return self.units[unit]
 
     def check_rank_zero(self, waiting_for: str) -> None:
         """Raise RankZeroFailed if rank 0 recorded a failure in this attempt or this rank's
         launcher exited (called by every wait of a rank other than 0; reloads the state)."""
         failed = self._load().get("failed")
         if failed and self.attempt is not None and failed.get("attempt") == self.attempt:
-            raise RankZeroFailed(f"rank 0 failed in {failed['unit']} while this rank waited for {waiting_for}: "
-                                 f"{failed['error']}")
+            raise RankZeroFailed(Failure.from_dict(failed).message(waiting_for))
         if os.getppid() != self._launcher:
             raise RankZeroFailed(f"the launching process (pid {self._launcher}) exited while this rank "
                                  f"waited for {waiting_for}; see rank 0's output")

@@ -17,7 +17,7 @@ import itertools
 import json
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from selfexplore.completion import is_finished
 from selfexplore.hashing import text_sha256
 from selfexplore.io import atomic_open, iter_jsonl
 from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend
-from selfexplore.shards import ShardFolder, Workers
+from selfexplore.shards import Shard, ShardFolder, StageContext
 from selfexplore.validation import raise_problems
 
 if TYPE_CHECKING:  # typing only: keeps this stage importable without loading every task
@@ -69,31 +69,26 @@ def shard_dir_for(out_path: str | Path) -> Path:
 
 
 def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], out_path: str | Path,
-                     config: SamplingConfig, *, backend_name: str | None = None,
-                     model: str = "", settings: Mapping[str, Any] | None = None, force: bool = False,
-                     progress: bool = True, prompt: Callable[[Problem], str] | None = None,
-                     workers: Workers | None = None, abort: Callable[[], None] | None = None) -> SampleStats | None:
+                     config: SamplingConfig, context: StageContext | None = None, *, backend_name: str | None = None,
+                     settings: Mapping[str, Any] | None = None, progress: bool = True) -> SampleStats | None:
     """Sample `config.n` completions per problem, grade them with `task`, write `out_path` (JSONL).
 
     `config` gives n, temperature, top_p, max_new_tokens, stop, seed and shard_size (its engine fields
     belong to the sampler, already built); `backend_name` is the backend recorded with each
     sample (default: `config.backend`, resolved).
 
-    `prompt` turns a problem into model input (default `task.prompt`, the paper's raw prompt;
-    `PromptFormat.prompter` gives the chat-template one). The prompts are part of the
-    fingerprint, so a resume with another prompt format is refused.
-
-    `model` names the policy (e.g. its checkpoint path) and `settings` holds anything else
-    that identifies it (e.g. an adapter path); both go into the config fingerprint that
-    guards resumption, with every sampling argument. `force=True` discards shards written
-    under another config. Returns totals; `progress` shows a tqdm bar.
-
-    `workers` (default: this process alone) makes the stage data-parallel: each rank samples
-    the shards it owns with the seeds of those shards, rank 0 waits for the rest and merges, so
-    the output is byte-identical for any world size. Other ranks return None. `abort` is called
-    while waiting and raises to stop (e.g. when rank 0 recorded a failure).
+    `context` (`StageContext`, default: this process alone, task prompts): `model` names the
+    policy (e.g. its checkpoint path) and `settings` holds anything else that identifies it (e.g.
+    an adapter path); both go into the config fingerprint that guards resumption, with every
+    sampling argument and the prompts (`context.prompt`, default `task.prompt`, the paper's raw
+    prompt; `PromptFormat.prompter` gives the chat-template one), so a resume with another
+    prompt format is refused unless `context.force`. With several `context.workers` each rank
+    samples the shards it owns with the seeds of those shards and rank 0 merges, so the output
+    is byte-identical for any world size; other ranks return None. Returns totals; `progress`
+    shows a tqdm bar.
     """
     raise_problems(config.problems(), "sampling config")
+    context = context or StageContext()
     shard_size = config.shard_size
     start = time.perf_counter()
     out_path = Path(out_path)
@@ -101,51 +96,47 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     duplicates = sorted({a.id for a, b in itertools.pairwise(ordered) if a.id == b.id})
     if duplicates:
         raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
-    prompts = [(prompt or task.prompt)(p) for p in ordered]
+    prompts = [(context.prompt or task.prompt)(p) for p in ordered]
     n, seed, stop = config.n, config.seed or 0, config.stop
     backend_name = backend_name or resolve_backend(config.backend)
     fingerprint = {
-        "model": model, "backend": backend_name, "task": task.name, "n": n, "temperature": config.temperature,
-        "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "stop": list(stop) if stop else None,
-        "seed": seed, "shard_size": shard_size, "settings": dict(settings or {}), "num_problems": len(ordered),
+        "model": context.model, "backend": backend_name, "task": task.name, "n": n,
+        "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+        "stop": list(stop) if stop else None, "seed": seed, "shard_size": shard_size,
+        "settings": dict(settings or {}), "num_problems": len(ordered),
         "problems_sha256": _problems_hash(ordered, prompts),
     }
-    folder = ShardFolder(shard_dir_for(out_path), "sample", fingerprint, MANIFEST_FORMAT, workers or Workers(),
-                         _shard_name, abort)
-    folder.open(force)
+    folder = ShardFolder(shard_dir_for(out_path), "sample", fingerprint, MANIFEST_FORMAT, _shard_name, context)
     starts = range(0, len(ordered), shard_size)
-    mine = folder.todo(len(starts))
-    resumed = sum(folder.done(i) for i in range(len(starts)))
     backend_seconds = 0.0
-    bar = tqdm(total=sum(len(ordered[starts[i]:starts[i] + shard_size]) for i in mine), unit="q", desc="sample",
-               disable=not progress)
-    try:
-        for i in mine:
-            first = starts[i]
-            shard = ordered[first:first + shard_size]
-            tokens_before = sampler.generated_tokens
-            t0 = time.perf_counter()
-            completions = sampler.generate(prompts[first:first + shard_size], n=n, temperature=config.temperature,
-                                           top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop,
-                                           seed=derive_seed(seed, "shard", i))
-            seconds = time.perf_counter() - t0
-            backend_seconds += seconds
-            records = _grade(task, shard, prompts[first:first + shard_size], completions, n, backend_name, seed)
-            folder.write(i, records, {"questions": len(shard), "generated_tokens": sampler.generated_tokens - tokens_before,
-                                      "backend_seconds": round(seconds, 3)})
-            bar.update(len(shard))
-    except BaseException as error:
-        folder.fail(error)
-        raise
-    finally:
-        bar.close()
-    if not folder.workers.is_main:
-        return None  # rank 0 merges; the pipeline's other ranks take its recorded result
-    folder.wait_all(len(starts))
-    shard_paths = [folder.path(i) for i in range(len(starts))]
-    _concatenate_atomically(shard_paths, out_path)
-    metas = [folder.meta(i) for i in range(len(starts))]
-    return _stats(shard_paths, ordered, metas, resumed, backend_seconds, time.perf_counter() - start)
+
+    def produce(mine: list[int]) -> Generator[Shard, None, None]:
+        nonlocal backend_seconds
+        with tqdm(total=sum(len(ordered[starts[i]:starts[i] + shard_size]) for i in mine), unit="q", desc="sample",
+                  disable=not progress) as bar:
+            for i in mine:
+                part = slice(starts[i], starts[i] + shard_size)
+                shard, shard_prompts = ordered[part], prompts[part]
+                tokens_before = sampler.generated_tokens
+                t0 = time.perf_counter()
+                completions = sampler.generate(shard_prompts, n=n, temperature=config.temperature, top_p=config.top_p,
+                                               max_new_tokens=config.max_new_tokens, stop=stop,
+                                               seed=derive_seed(seed, "shard", i))
+                seconds = time.perf_counter() - t0
+                backend_seconds += seconds
+                records = _grade(task, shard, shard_prompts, completions, n, backend_name, seed)
+                yield i, records, {"questions": len(shard),
+                                   "generated_tokens": sampler.generated_tokens - tokens_before,
+                                   "backend_seconds": round(seconds, 3)}
+                bar.update(len(shard))
+
+    def merge() -> SampleStats:
+        shard_paths = [folder.path(i) for i in range(len(starts))]
+        _concatenate_atomically(shard_paths, out_path)
+        metas = [folder.meta(i) for i in range(len(starts))]
+        return _stats(shard_paths, ordered, metas, folder.resumed, backend_seconds, time.perf_counter() - start)
+
+    return folder.run(len(starts), produce, merge)
 
 
 def _grade(task: Task, shard: Sequence[Problem], prompts: Sequence[str], completions: list[list[str]],
