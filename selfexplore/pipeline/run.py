@@ -20,7 +20,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from selfexplore.data.preference import PreferenceDataModule
 from selfexplore.data.sft import SFTDataModule
 from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, read_samples, sample_stats
 from selfexplore.explore.stage import run_explore_stage
-from selfexplore.io import remove_stale_temporaries, write_jsonl
+from selfexplore.io import read_jsonl, remove_stale_temporaries, write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
 from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
@@ -39,7 +39,13 @@ from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.lock import RunLock, RunLocked
 from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT, RunLayout, eval_unit, round_unit, self_explore
-from selfexplore.pipeline.plan import BASE, RFT_DATA, SFT_SAMPLES
+from selfexplore.pipeline.plan import BASE, RFT_DATA, SFT_SAMPLES, selection_unit, verifier_unit, verifiers_of
+from selfexplore.pipeline.compare import correct_by_question
+from selfexplore.prm.data import write_prm_data
+from selfexplore.prm.guided import guided_answers
+from selfexplore.prm.implicit import ImplicitRewardScorer
+from selfexplore.prm.unit import run_verifier_unit
+from selfexplore.prm.verifier import load_verifier
 from selfexplore.pipeline.state import PipelineError, RunState, is_rank_zero
 from selfexplore.ranks import Workers
 from selfexplore.sampling.base import Sampler
@@ -145,17 +151,22 @@ class Pipeline:
         rft = self.train_sft(RFT, base if cfg.rft_init == "base" else sft, cfg.rft, self.build_rft_data(samples))
         self.evaluate(RFT, rft)
         gpairs = self.explore(1, explorer=rft)
+        verifiers = self.train_verifiers(1, explorer=rft)
+        self.select(RFT, rft, verifiers)
         if "outcome_dpo" in cfg.baselines:
             outcome = self.train_dpo(OUTCOME_DPO, init=rft, reference=rft, pairs=self.layout.pairs(1))
             self.evaluate(OUTCOME_DPO, outcome)
+            self.select(OUTCOME_DPO, outcome, verifiers, reference=rft)
         if "self_explore" in cfg.baselines:
             policy = rft
             for r in range(1, cfg.rounds + 1):
                 if r > 1:  # round r: the last round's policy explores, then trains on its own pits
                     gpairs = self.explore(r, explorer=policy)
+                    verifiers = self.train_verifiers(r, explorer=policy)
                 reference = rft if cfg.reference_update == "keep" else policy
                 policy = self.train_dpo(self_explore(r), init=policy, reference=reference, pairs=gpairs)
                 self.evaluate(self_explore(r), policy)
+                self.select(self_explore(r), policy, verifiers, reference=reference)
         if not self.rank_zero:
             return None
         log_round_metrics(cfg.trainer.logger, self.root, self.state.units, cfg.rounds)
@@ -241,16 +252,20 @@ class Pipeline:
     def _missing_outputs(self, result: dict[str, Any]) -> list[str]:
         return [path for k, path in self._resolved(result).items() if k in PATH_KEYS and not Path(path).exists()]
 
-    def _trainer(self, out_dir: Path, stage: SFTStageConfig | DPOStageConfig) -> Trainer:
+    def _trainer_args(self, out_dir: Path) -> dict[str, Any]:
+        """The Trainer arguments every training unit shares (its budget comes from its own stage)."""
         s = self.cfg.trainer
-        return Trainer(
+        return dict(
             accelerator=s.accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=self._strategy(),
-            precision=s.precision,
-            max_epochs=stage.epochs, accumulate_grad_batches=stage.accumulate_grad_batches,
-            gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
+            precision=s.precision, gradient_clip_val=s.gradient_clip_val, log_every_n_steps=s.log_every_n_steps,
             logger=build_logger(s.logger, self.root, self._relative(str(out_dir))), default_root_dir=out_dir,
-            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-            enable_progress_bar=s.enable_progress_bar, callbacks=[TrainingBar()] if s.enable_progress_bar else [])
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=s.enable_progress_bar,
+            callbacks=[TrainingBar()] if s.enable_progress_bar else [])
+
+    def _trainer(self, out_dir: Path, stage: SFTStageConfig | DPOStageConfig) -> Trainer:
+        return Trainer(**self._trainer_args(out_dir), max_epochs=stage.epochs,
+                       accumulate_grad_batches=stage.accumulate_grad_batches, limit_val_batches=0,
+                       num_sanity_val_steps=0)
 
     def _strategy(self) -> str | Strategy:
         """`trainer.strategy`; 'fsdp2' (FSDP2 sharding over every device, a strategy Lightning has
@@ -278,13 +293,20 @@ class Pipeline:
 
     # ----- stages ----------------------------------------------------------------------------
     def build_base(self) -> str:
+        """The base model as configured: a hub id or folder (recorded as `model`: not the run's output,
+        never resolved against the run directory), or the tiny one built here first (`policy`: an
+        output, checked on resume like any other)."""
+        path = self.cfg.model.path
+
         def work() -> dict[str, Any]:
-            path = Path(self.cfg.model.path)
-            if self.cfg.from_scratch is not None and not path.exists():
+            if self.cfg.from_scratch is None:
+                return {"model": path}
+            if not Path(path).exists():
                 corpus = [self.task.prompt(p) + p.solution for p in self.task.load("train", path=self._data("train"))]
-                build_tiny_llama(corpus, path, self.cfg.from_scratch, seed=self.cfg.seed)
-            return {"policy": str(path)}
-        return self.unit(BASE, work)["policy"]
+                build_tiny_llama(corpus, Path(path), self.cfg.from_scratch, seed=self.cfg.seed)
+            return {"policy": path}
+        self.unit(BASE, work)
+        return path
 
     def _data(self, split: str) -> Path | None:
         return Path(self.cfg.data_dir) / f"{split}.jsonl" if self.cfg.data_dir else None
@@ -469,7 +491,60 @@ class Pipeline:
                                       self.problems_by_id, layout.explore_dir(round_index),
                                       config.inherit_stop(self.cfg.sampling.stop), context)
             return {} if stats is None else {"path": str(layout.gpairs(round_index)), **stats}
-        return Path(self.unit(round_unit(round_index, "explore"), explore_work, collective=True)["path"])
+        gpairs = Path(self.unit(round_unit(round_index, "explore"), explore_work, collective=True)["path"])
+        self.unit(round_unit(round_index, "prm"), lambda: self._prm_rows(round_index))
+        return gpairs
+
+    def _prm_rows(self, round_index: int) -> dict[str, Any]:
+        """Round `round_index`'s exploration labels as process-reward rows (`round_r/prm.jsonl`)."""
+        layout = self.layout
+        stats = write_prm_data(layout.explore_dir(round_index) / "explore.jsonl", layout.explorer_samples(round_index),
+                               layout.prm(round_index), self.task, self.problems_by_id, k=self.cfg.explore.k,
+                               round_index=round_index, config=self.cfg.prm)
+        return {"path": str(layout.prm(round_index)),
+                **{k: v for k, v in stats.items() if k not in ("explore", "samples")}}  # paths: in the unit
+
+    def train_verifiers(self, round_index: int, explorer: str) -> dict[str, str]:
+        """Round `round_index`'s verifiers (labels -> folder), trained from its explorer on its prm rows;
+        {} when the run trains none."""
+        v = self.cfg.verifier
+        if v is None:
+            return {}
+        found = {}
+        for labels in verifiers_of(asdict(v)):
+            name = verifier_unit(round_index, labels)
+
+            def work(labels: str = labels, out: Path = self.layout.stage(name)) -> dict[str, Any]:
+                self.close_engine()  # training and an engine never hold the accelerator together
+                seed_everything(self.cfg.seed, workers=True)
+                config = replace(v.train, labels=labels, seed=self.cfg.seed)
+                result = run_verifier_unit(explorer, self.layout.prm(round_index), out, config,
+                                           trainer=self._trainer_args(out))
+                return {"path": str(out / "verifier"), **result}
+            found[labels] = self.unit(name, work, collective=True)["path"]
+        return found
+
+    def select(self, stage_dir: str, policy: str, verifiers: dict[str, str], reference: str | None = None) -> None:
+        """Verifier-guided answers of a stage's policy: its sampled test answers chosen among by every
+        selector, under each verifier and (a DPO policy, with `verifier.implicit`) its implicit reward."""
+        v = self.cfg.verifier
+        if v is None:
+            return
+
+        def work() -> dict[str, Any]:
+            samples = self.sample(self._relative(str(self.layout.selection_samples(stage_dir))), policy,
+                                  self.eval_problems, n=v.samples, max_new_tokens=self.cfg.eval_max_new_tokens)
+            if not self.rank_zero:
+                return {}  # rank 0 scores and chooses
+            self.close_engine()  # the verifiers load next
+            scorers = {labels: load_verifier(path).score for labels, path in verifiers.items()}
+            if v.implicit and reference is not None:
+                scorers["implicit"] = ImplicitRewardScorer(replace(self.cfg.model, path=policy, lora=None),
+                                                           replace(self.cfg.model, path=reference, lora=None),
+                                                           beta=self.cfg.dpo.loss.beta).score
+            greedy = correct_by_question(self.layout.greedy_eval(stage_dir))
+            return guided_answers(read_jsonl(samples["path"]), greedy, scorers, self.task, v.selection)
+        self.unit(selection_unit(stage_dir), work, collective=True)
 
     def _check_not_collapsed(self, name: str, module: StepDPOModule) -> None:
         """Stop at a DPO policy that training destroyed, before it is exported and evaluated
