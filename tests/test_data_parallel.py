@@ -29,9 +29,9 @@ from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_json
 from selfexplore.models import load_tokenizer
+from selfexplore.ranks import Workers
 from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
 from selfexplore.sampling.base import SamplerBase, prompt_seed
-from selfexplore.ranks import Workers
 from selfexplore.shards import StageContext
 from selfexplore.tasks.base import Problem, Task
 
