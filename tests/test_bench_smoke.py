@@ -104,3 +104,9 @@ def test_bench_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_smollm2(capsys: pytest.CaptureFixture[str]) -> None:
     lines = _smoke("bench_smollm2", capsys)
     assert any(line.get("ratio") == "qlora/lora" for line in lines)
+
+
+def test_bench_verifier(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = {line["bench"]: line for line in _smoke("bench_verifier", capsys)}
+    assert lines["verifier_training"]["tokens_per_sec"] > 0
+    assert lines["verifier_scoring"]["ms_per_rationale"] > 0 and lines["verifier_scoring"]["rationales"] == 16
