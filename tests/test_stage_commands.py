@@ -13,7 +13,6 @@ import pytest
 
 import selfexplore.cli as cli
 from selfexplore.explore.config import ExploreConfig
-from selfexplore.io import DataError
 from selfexplore.sampling import SamplerBase
 
 
@@ -47,7 +46,7 @@ def _outputs(out: Path) -> dict[str, str]:
 def test_pairs_refuses_an_empty_samples_file_and_keeps_earlier_outputs(finished_pairs_dir, tmp_path, content):
     before = _outputs(finished_pairs_dir)
     (tmp_path / "empty.jsonl").write_text(content)
-    with pytest.raises(DataError, match=r"empty.jsonl: no samples"):
+    with pytest.raises(SystemExit, match=r"^selfexplore pairs: DataError: .*empty.jsonl: no samples"):  # one line
         cli.main(["pairs", "--samples", str(tmp_path / "empty.jsonl"), "--out_dir", str(finished_pairs_dir)])
     assert _outputs(finished_pairs_dir) == before
 
@@ -58,14 +57,14 @@ def test_pairs_errors_name_file_line_and_field(finished_pairs_dir, tmp_path, bad
     before = _outputs(finished_pairs_dir)
     records = [_sample(f"q{i}", 0, i % 2 == 0) for i in range(5)] + [_sample("q9", 0, True) | bad]
     samples = _write(tmp_path / "samples.jsonl", records[:3] + [""] + records[3:])  # a blank line: record 6 on line 7
-    with pytest.raises(DataError, match=rf"samples.jsonl, line 7, field '{field}'"):
+    with pytest.raises(SystemExit, match=rf"DataError: .*samples.jsonl, line 7, field '{field}'"):
         cli.main(["pairs", "--samples", str(samples), "--out_dir", str(finished_pairs_dir)])
     assert _outputs(finished_pairs_dir) == before
 
 
 def test_a_deeply_nested_json_line_is_a_located_error(tmp_path):
     samples = _write(tmp_path / "samples.jsonl", [_sample("q1", 0, True), '{"a": ' + "[" * 100000 + "]" * 100000 + "}"])
-    with pytest.raises(DataError, match=r"samples.jsonl, line 2: JSON nested too deeply"):
+    with pytest.raises(SystemExit, match=r"DataError: .*samples.jsonl, line 2: JSON nested too deeply"):
         cli.main(["pairs", "--samples", str(samples), "--out_dir", str(tmp_path / "out")])
 
 
