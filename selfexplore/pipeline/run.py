@@ -46,9 +46,9 @@ from selfexplore.prm.guided import guided_answers
 from selfexplore.prm.implicit import ImplicitRewardScorer
 from selfexplore.prm.unit import run_verifier_unit
 from selfexplore.prm.verifier import load_verifier
-from selfexplore.pipeline.state import PipelineError, RunState, is_rank_zero
-from selfexplore.ranks import Workers
-from selfexplore.sampling.base import Sampler
+from selfexplore.pipeline.state import PipelineError, RunState
+from selfexplore.ranks import Workers, is_rank_zero, poll
+from selfexplore.sampling.base import Sampler, resolve_seed
 from selfexplore.sampling.factory import get_sampler
 from selfexplore.sampling.stage import run_sample_stage
 from selfexplore.shards import StageContext
@@ -130,14 +130,18 @@ class Pipeline:
         """A rank other than 0 must see the state.json rank 0 writes at its start and at every
         unit's: without it the rank would wait for units forever on a directory only it sees."""
         path, deadline = self.layout.state, time.time() + SHARED_RUN_DIR_SECONDS
-        while time.time() < deadline:
+
+        def fresh() -> bool:
             if path.is_file() and path.stat().st_mtime >= time.time() - SHARED_RUN_DIR_SECONDS:
-                return
-            time.sleep(0.5)
-        raise PipelineError(
-            f"{self.root}: this rank ({socket.gethostname()}) sees no recent state.json from rank 0 after "
-            f"{SHARED_RUN_DIR_SECONDS:.0f} s; the run directory must be on a file system every rank of every "
-            "node shares (e.g. a network file system), and every rank must be started with the same run_dir")
+                return True
+            if time.time() > deadline:
+                raise PipelineError(
+                    f"{self.root}: this rank ({socket.gethostname()}) sees no recent state.json from rank 0 after "
+                    f"{SHARED_RUN_DIR_SECONDS:.0f} s; the run directory must be on a file system every rank of "
+                    "every node shares (e.g. a network file system), and every rank must be started with the same "
+                    "run_dir")
+            return False
+        poll(fresh)
 
     # ----- the method ------------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -383,7 +387,8 @@ class Pipeline:
             s = self.cfg.sampling
             count, temperature = (1, 0.0) if greedy else (n or s.n, s.temperature)
             max_new = max_new_tokens or (self.cfg.eval_max_new_tokens if greedy else s.max_new_tokens)
-            config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new, seed=self._seed(s.seed))
+            config = replace(s, n=count, temperature=temperature, max_new_tokens=max_new,
+                             seed=resolve_seed(s.seed, self.cfg.seed))
             context = StageContext(model=self.policy_id(policy), force=self.force, prompt=self.prompt,
                                    workers=self._workers(), abort=self._abort(name))
             stats = run_sample_stage(self._sampler(policy, context.workers), self.task, problems, self.root / name,
@@ -419,10 +424,6 @@ class Pipeline:
                         "Lightning starts the other ranks at the first fit, so the units before it (on a "
                         "resumed run, possibly all sampling of a round) run on this rank alone. Start every "
                         "rank with torchrun or srun to share them (README, multi-GPU and multi-node).", planned)
-
-    def _seed(self, stage_seed: int | None) -> int:
-        """A stage's own seed when it sets one, else the pipeline's."""
-        return self.cfg.seed if stage_seed is None else stage_seed
 
     def _workers(self) -> Workers:
         """The ranks that share a data-parallel unit now (Lightning's launcher starts its extra
@@ -484,7 +485,7 @@ class Pipeline:
 
         def explore_work() -> dict[str, Any]:
             e = self.cfg.explore
-            config = replace(e, round=round_index, seed=self._seed(e.seed) + round_index)
+            config = replace(e, round=round_index, seed=resolve_seed(e.seed, self.cfg.seed) + round_index)
             context = StageContext(model=self.policy_id(explorer), force=self.force, prompt=self.prompt,
                                    workers=self._workers(), abort=self._abort(round_unit(round_index, "explore")))
             stats = run_explore_stage(self._sampler(explorer, context.workers), self.task, pairs["path"],

@@ -22,9 +22,7 @@ from selfexplore.hashing import text_sha256
 from selfexplore.io import read_json, write_json
 from selfexplore.pipeline.invalidate import units_to_redo
 from selfexplore.pipeline.layout import RunLayout
-from selfexplore.ranks import Failure, is_rank_zero, poll
-
-__all__ = ["ATTEMPT_VARIABLE", "PipelineError", "RankZeroFailed", "RunState", "RunStateError", "is_rank_zero"]
+from selfexplore.ranks import Failure, poll
 
 # Rank 0's current attempt, exported so the ranks Lightning launches from it inherit it.
 ATTEMPT_VARIABLE = "SELFEXPLORE_RUN_ATTEMPT"
