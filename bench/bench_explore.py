@@ -31,7 +31,7 @@ from selfexplore.explore import ExploreConfig, build_granular_pairs, build_outco
 from selfexplore.explore.pit import Rationale
 from selfexplore.models import ModelSpec, build_tiny_llama, load_model, load_tokenizer
 from selfexplore.models.tiny import tiny_shape
-from selfexplore.sampling import HFSampler
+from selfexplore.sampling import DrawParams, HFSampler
 from selfexplore.tasks import get_task
 
 SMOKE = {"train_size": 40, "epochs": 1, "questions": 6, "samples": 2, "rationales": 6, "repeats": 1,
@@ -153,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         subset = problems[:args.questions]
         t0 = time.perf_counter()
         prompts = [task.prompt(p) for p in subset]
-        completions = sampler.generate(prompts, n=args.samples, temperature=0.7, top_p=1.0,
-                                       max_new_tokens=args.max_new_tokens, stop=None, seed=args.seed)
+        completions = sampler.generate(prompts, n=args.samples, draws=DrawParams(0.7, 1.0, args.max_new_tokens),
+                                       seed=args.seed)
         if args.scripted_samples:
             completions = [[p.solution, slipped_answer(p)] for p in subset]
         samples = [{"id": f"{p.id}:{k}", "question_id": p.id, "prompt": prompt, "completion": c,

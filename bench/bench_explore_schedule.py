@@ -38,7 +38,7 @@ from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.pit import Rationale, explore_chunks
 from selfexplore.explore.stage import chunk_by_question, load_rejected
 from selfexplore.sampling import SamplingConfig, get_sampler
-from selfexplore.streaming import StreamParams, open_stream
+from selfexplore.streaming import open_stream
 from selfexplore.tasks import get_task
 
 SCHEDULES = {  # name: (schedule, chunk size; None = every rationale in one chunk)
@@ -74,7 +74,7 @@ def smoke_workload(work: Path) -> tuple[object, list, ExploreConfig, Path, dict]
 def explore_once(sampler, task, rationales, config: ExploreConfig, schedule: str, chunk_size: int | None) -> dict:
     chunk_config = replace(config, schedule=schedule, chunk_size=chunk_size or len(rationales))
     chunks = chunk_by_question(rationales, chunk_config.chunk_size)
-    stream = open_stream(sampler, StreamParams(config.temperature, config.top_p, config.new_tokens(), config.stop))
+    stream = open_stream(sampler, config.draws())
     tokens, start = sampler.generated_tokens, time.perf_counter()
     try:
         results = dict(explore_chunks(list(enumerate(chunks)), sampler, task, chunk_config, stream=stream))

@@ -23,7 +23,7 @@ from _harness import bench_parser, emit, parse_args
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, write_jsonl
-from selfexplore.sampling.base import SamplerBase, Seeds, prompt_seed, truncate_at_stop
+from selfexplore.sampling.base import DrawParams, SamplerBase, Seeds, prompt_seed, truncate_at_stop
 from selfexplore.tasks import get_task
 
 TASK = get_task("arith", train_size=200, validation_size=8, test_size=8, min_steps=3, max_steps=5,
@@ -39,8 +39,7 @@ class RunOnExplorer(SamplerBase):
         self.by_prompt = {TASK.prompt(p): p for p in problems}
         self.generated_tokens = 0
 
-    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 stop: Sequence[str] | None, seed: Seeds) -> list[list[str]]:
+    def generate(self, prompts: Sequence[str], n: int, draws: DrawParams, seed: Seeds) -> list[list[str]]:
         out = []
         for i, prompt in enumerate(prompts):
             question = next(q for q in self.by_prompt if prompt.startswith(q))
@@ -52,7 +51,7 @@ class RunOnExplorer(SamplerBase):
                 rest = rest[:-1] + [f"The answer is {int(problem.answer) + 1}"]
             other = random.Random(str(prompt_seed(seed, i))).choice(self.problems)
             text = "\n".join(rest) + f"\nProblem: {other.question}\n{other.solution}"
-            texts = [truncate_at_stop(text, stop) for _ in range(n)]
+            texts = [truncate_at_stop(text, draws.stop) for _ in range(n)]
             self.generated_tokens += sum(len(t.split()) for t in texts)
             out.append(texts)
         return out

@@ -36,6 +36,7 @@ def token_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -
 def measure(seed: int, base: Path, work: Path, samples: int) -> dict[str, float]:
     from selfexplore.data.batching import pad_right
     from selfexplore.models import LoraSpec, ModelSpec, export_policy, load_model, load_tokenizer
+    from selfexplore.sampling.base import DrawParams
     from selfexplore.sampling.hf import HFSampler
     from selfexplore.tasks import get_task
 
@@ -52,7 +53,7 @@ def measure(seed: int, base: Path, work: Path, samples: int) -> dict[str, float]
     task = get_task("arith", train_size=50, validation_size=8, test_size=8)
     prompts = [task.prompt(p) for p in task.load("validation")]
     texts = HFSampler(merged, tokenizer, batch_size=64).generate(
-        prompts, n=samples, temperature=1.0, top_p=1.0, max_new_tokens=48, stop=None, seed=seed)
+        prompts, n=samples, draws=DrawParams(1.0, 1.0, 48), seed=seed)
     rows, scored = [], []
     for prompt, completions in zip(prompts, texts):
         prompt_ids = tokenizer(prompt).input_ids

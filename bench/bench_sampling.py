@@ -32,7 +32,7 @@ from _harness import alternated, arith_texts, bench_parser, emit, median, parse_
 
 from selfexplore.models import ModelSpec, build_tiny_llama, load_model, load_tokenizer
 from selfexplore.models.tiny import tiny_shape
-from selfexplore.sampling import HFSampler, SamplingConfig, run_sample_stage
+from selfexplore.sampling import DrawParams, HFSampler, SamplingConfig, run_sample_stage
 from selfexplore.shards import StageContext
 from selfexplore.tasks import get_task
 
@@ -148,8 +148,7 @@ def sweep(args: argparse.Namespace, backends: list[str]) -> None:
 
     def hf_run(r: int) -> int:
         before = hf.generated_tokens
-        hf.generate(prompts, n=args.n, temperature=args.temperature, top_p=1.0,
-                    max_new_tokens=args.max_new_tokens, stop=None, seed=r)
+        hf.generate(prompts, n=args.n, draws=DrawParams(args.temperature, 1.0, args.max_new_tokens), seed=r)
         return hf.generated_tokens - before
 
     def naive_run(r: int) -> int:
@@ -213,8 +212,7 @@ def vllm_worker(model_dir: str, prompts: list[str], common: dict, n: int, temper
 
     def run(r: int) -> int:
         before = sampler.generated_tokens
-        sampler.generate(prompts, n=n, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, stop=None,
-                         seed=r)
+        sampler.generate(prompts, n=n, draws=DrawParams(temperature, 1.0, max_new_tokens), seed=r)
         return sampler.generated_tokens - before
 
     with sampler:

@@ -68,8 +68,10 @@ def timed_calls(generate, generated_tokens, repeats: int) -> dict[str, float]:
 
 
 def sample_with(sampler, prompts: list[str], n: int, max_new_tokens: int, repeats: int) -> dict[str, float]:
+    from selfexplore.sampling.base import DrawParams
+
     def generate(seed: int) -> None:
-        sampler.generate(prompts, n=n, temperature=0.7, top_p=1.0, max_new_tokens=max_new_tokens, stop=None, seed=seed)
+        sampler.generate(prompts, n=n, draws=DrawParams(0.7, 1.0, max_new_tokens), seed=seed)
     return timed_calls(generate, lambda: sampler.generated_tokens, repeats)
 
 

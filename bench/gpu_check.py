@@ -165,6 +165,7 @@ def training_checks(args: argparse.Namespace, work: Path, peak: float | None) ->
     from selfexplore.data.preference import PreferenceDataModule
     from selfexplore.data.sft import SFTDataModule
     from selfexplore.models import ModelSpec, TinyLlamaConfig, build_tiny_llama
+    from selfexplore.sampling.base import DrawParams
     from selfexplore.sampling.hf import HFSampler
     from selfexplore.tasks import get_task
     from selfexplore.training.dpo import StepDPOModule
@@ -191,7 +192,7 @@ def training_checks(args: argparse.Namespace, work: Path, peak: float | None) ->
     sampler = HFSampler.from_pretrained(str(work / "sft"), batch_size=args.batch_size * 4, dtype="auto")  # GPU: bf16
     prompts = [task.prompt(p) for p in task.load("validation")][: args.prompts]
     start = time.perf_counter()
-    sampler.generate(prompts, n=4, temperature=0.7, top_p=1.0, max_new_tokens=64, stop=None, seed=0)
+    sampler.generate(prompts, n=4, draws=DrawParams(0.7, 1.0, 64), seed=0)
     seconds = time.perf_counter() - start
     emit(figure="sampling_tokens_per_sec", value=round(sampler.generated_tokens / seconds, 1), backend="hf",
          sequences=4 * len(prompts))

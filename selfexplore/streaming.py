@@ -21,19 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # typing only: explore and this module stay torch-free
-    from selfexplore.sampling.base import Sampler
+    from selfexplore.sampling.base import DrawParams, Sampler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamParams:
-    """What every request of one stream shares (each row differs only by its seed)."""
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    stop: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,8 +126,8 @@ class BatchedStream:
 
     reproducible_batches = True  # a call holds what was queued, in order: a function of the requests
 
-    def __init__(self, sampler: Sampler, params: StreamParams, capacity: int | None = None) -> None:
-        self.sampler, self.params = sampler, params
+    def __init__(self, sampler: Sampler, draws: DrawParams, capacity: int | None = None) -> None:
+        self.sampler, self.draws = sampler, draws
         self._capacity = max(1, capacity if capacity is not None else int(getattr(sampler, "batch_size", 64)))
         self.queue: deque[tuple[Hashable, str, list[int]]] = deque()
         self.counters = StreamCounters(capacity=self._capacity)
@@ -168,12 +158,10 @@ class BatchedStream:
         prompts = [prompt for _, prompt, seeds in batch for _ in seeds]
         seeds = [seed for _, _, row_seeds in batch for seed in row_seeds]
         before = self.sampler.generated_tokens
-        p = self.params
         self.counters.calls += 1
         self.counters.rows += len(prompts)
         try:
-            out = self.sampler.generate(prompts, n=1, temperature=p.temperature, top_p=p.top_p,
-                                        max_new_tokens=p.max_new_tokens, stop=p.stop, seed=seeds)
+            out = self.sampler.generate(prompts, n=1, draws=self.draws, seed=seeds)
             failure = "" if isinstance(out, list) and len(out) == len(prompts) else "no_completions"
         except Exception as err:  # the sampler's failure becomes a counted status of its requests
             log.warning("sampler failed on %d prompt(s): %s: %s", len(prompts), type(err).__name__, err)
@@ -193,7 +181,8 @@ class BatchedStream:
                 for (key, _, _), block, exact_tokens, share in zip(batch, texts, exact, shared)]
 
 
-def open_stream(sampler: Sampler, params: StreamParams) -> CompletionStream:
-    """The sampler's own stream when it has one (vLLM's engine), else `BatchedStream` over `generate`."""
+def open_stream(sampler: Sampler, draws: DrawParams) -> CompletionStream:
+    """The sampler's own stream when it has one (vLLM's engine), else `BatchedStream` over `generate`;
+    every row of it is drawn as `draws` says (rows differ only by their seeds)."""
     opener = getattr(sampler, "open_stream", None)
-    return opener(params) if callable(opener) else BatchedStream(sampler, params)
+    return opener(draws) if callable(opener) else BatchedStream(sampler, draws)

@@ -107,13 +107,12 @@ def scripted_texts(wrong_rate: float = 0.4) -> None:
             return f"{head}{int(p.answer) + 1}{tail}" if head or tail else rest
         raise KeyError(f"no scripted continuation for prompt {prompt[:60]!r}")
 
-    def scripted(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
-        generated = generate(self, prompts, n=n, temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_new_tokens, stop=stop, seed=seed)  # the engine really runs
+    def scripted(self, prompts, n, draws, seed):
+        generated = generate(self, prompts, n=n, draws=draws, seed=seed)  # the engine really runs
         out = []
         for i, (prompt, completions) in enumerate(zip(prompts, generated)):
             s = seed[i] if isinstance(seed, (list, tuple)) else seed
-            texts = [continuation(prompt, f"{prompt}|{s}|{j}|{temperature}") for j in range(len(completions))]
+            texts = [continuation(prompt, f"{prompt}|{s}|{j}|{draws.temperature}") for j in range(len(completions))]
             out.append([Completion(t, True, getattr(c, "tokens", None)) for c, t in zip(completions, texts)])
         return out
 

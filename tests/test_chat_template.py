@@ -119,7 +119,7 @@ def test_sample_stage_and_sft_data_use_the_format(task, chatml, tmp_path: Path) 
     class Echo:
         generated_tokens = 0
 
-        def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+        def generate(self, prompts, n, draws, seed):
             return [["The answer is 0"] * n for _ in prompts]
 
     fmt = PromptFormat(chat_template=True)

@@ -31,7 +31,7 @@ from selfexplore.io import read_json
 from selfexplore.models import load_tokenizer
 from selfexplore.ranks import Workers
 from selfexplore.sampling import SamplingConfig, get_sampler, run_sample_stage
-from selfexplore.sampling.base import SamplerBase, prompt_seed
+from selfexplore.sampling.base import DrawParams, SamplerBase, prompt_seed
 from selfexplore.shards import StageContext
 from selfexplore.tasks.base import Problem, Task
 
@@ -64,8 +64,7 @@ class SeededSampler(SamplerBase):
         self.dies_after = dies_after
         self.generated_tokens = 0
 
-    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: int) -> list[list[str]]:
+    def generate(self, prompts: Sequence[str], n: int, draws: DrawParams, seed: int) -> list[list[str]]:
         if self.dies_after is not None and len(self.seeds) == self.dies_after:
             raise RuntimeError("simulated kill of this rank")
         self.seeds.append(seed)
@@ -162,9 +161,9 @@ class BatchVariantSampler(RandomSampler):
     """Like a real engine, a draw also depends on what shares its call (padding, kernel shapes and
     float rounding), here on the call's size: only equal calls give equal draws."""
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         size = len(prompts)
-        return super().generate(prompts, n, temperature, top_p, max_new_tokens, stop,
+        return super().generate(prompts, n, draws,
                                 [hash((s, size)) & 0xFFFFFFFF for s in (prompt_seed(seed, i)[0] for i in range(size))])
 
 

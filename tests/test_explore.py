@@ -23,9 +23,9 @@ from selfexplore.explore.config import doubling_waves
 from selfexplore.explore.granular import pit_agreement
 from selfexplore.completion import Completion
 from selfexplore.io import DataError, read_jsonl, write_jsonl
-from selfexplore.sampling.base import prompt_seed, truncate_at_stop
+from selfexplore.sampling.base import DrawParams, prompt_seed, truncate_at_stop
 from selfexplore.shards import StageContext
-from selfexplore.streaming import BatchedStream, StreamParams, share_tokens
+from selfexplore.streaming import BatchedStream, share_tokens
 
 _ANSWER = re.compile(r"The answer is (-?\d+)")
 
@@ -77,7 +77,7 @@ class ScriptedSampler:
         self.calls: list[tuple[tuple[str, ...], int, int]] = []
         self.generated_tokens = 0
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         self.calls.append((tuple(prompts), n, seed))
         out = [[self.queues[p].popleft() for _ in range(n)] for p in prompts]
         self.generated_tokens += sum(len(c.split()) + 1 for cs in out for c in cs)
@@ -98,7 +98,7 @@ class RandomSampler:
     def __init__(self, gold: str = GOLD) -> None:
         self.gold, self.generated_tokens, self.calls, self.rows = gold, 0, 0, []
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         self.calls += 1
         self.rows.append(len(prompts) * n)
         out = []
@@ -313,10 +313,10 @@ def test_records_do_not_depend_on_the_schedule_the_batching_or_the_order_draws_c
     assert len({r["pit"] for r in waves}) >= 3  # pits at several steps: the rationales move apart
     assert find_first_pits(rats, RandomSampler(), TASK, config) == waves
     for capacity in (1, 3, 1000):  # one row per call, a few, everything at once
-        stream = BatchedStream(RandomSampler(), StreamParams(0.7, 1.0, 512), capacity)
+        stream = BatchedStream(RandomSampler(), DrawParams(), capacity)
         ((_, records),) = explore_chunks([(0, rats)], None, TASK, config, stream=stream)
         assert records == waves
-    shuffled = ShuffledStream(RandomSampler(), StreamParams(0.7, 1.0, 512), 8)
+    shuffled = ShuffledStream(RandomSampler(), DrawParams(), 8)
     ((_, records),) = explore_chunks([(0, rats)], None, TASK, config, stream=shuffled)
     assert records == waves and shuffled.reordered
     # Explored alone, a rationale draws what it drew beside the others (only who pays for a
@@ -351,7 +351,7 @@ def test_the_stream_schedule_keeps_calls_full_where_waves_leave_them_part_empty(
                                         ("engine", "stream", EngineLikeStream)):
         sampler = RandomSampler()
         sampler.batch_size = 8
-        stream = stream_type(sampler, StreamParams(0.7, 1.0, 512))
+        stream = stream_type(sampler, DrawParams())
         chunks = [(i, rats[i * 6:(i + 1) * 6]) for i in range(6)]
         results = dict(explore_chunks(chunks, sampler, TASK, ExploreConfig(seed=4, schedule=schedule), stream=stream))
         runs[name] = (stream.counters, results)
@@ -381,14 +381,14 @@ def test_doubling_waves_and_config_validation():
 class FlakySampler(ScriptedSampler):
     """Raises on prompts containing 'TOO LONG'; returns no completions for 'EMPTY'."""
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         if any("TOO LONG" in p for p in prompts):
             self.calls.append((tuple(prompts), n, seed))
             raise ValueError("prompt longer than the context")
         if len(prompts) == 1 and "EMPTY" in prompts[0]:
             self.calls.append((tuple(prompts), n, seed))
             return [[]]
-        return super().generate(prompts, n, temperature, top_p, max_new_tokens, stop, seed)
+        return super().generate(prompts, n, draws, seed)
 
 
 def test_bad_inputs_are_skipped_and_counted_never_crash():
@@ -795,10 +795,10 @@ class ContextSampler(RandomSampler):
         super().__init__()
         self.context, self.tokenizer, self.budgets = context, CharTokenizer(), []
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
-        self.budgets.append(max_new_tokens)
-        out = super().generate(prompts, n, temperature, top_p, max_new_tokens, stop, seed)
-        return [[] if len(p) + 1 + max_new_tokens > self.context else row for p, row in zip(prompts, out)]
+    def generate(self, prompts, n, draws, seed):
+        self.budgets.append(draws.max_new_tokens)
+        out = super().generate(prompts, n, draws, seed)
+        return [[] if len(p) + 1 + draws.max_new_tokens > self.context else row for p, row in zip(prompts, out)]
 
 
 def test_stage_caps_an_unset_max_new_tokens_to_the_explorer_context(tmp_path):
@@ -837,10 +837,10 @@ class StopSampler(ScriptedSampler):
         super().__init__(script)
         self.stops = []
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
-        self.stops.append(stop)
-        out = super().generate(prompts, n, temperature, top_p, max_new_tokens, stop, seed)
-        return [[truncate_at_stop(c, stop) for c in row] for row in out]
+    def generate(self, prompts, n, draws, seed):
+        self.stops.append(draws.stop)
+        out = super().generate(prompts, n, draws, seed)
+        return [[truncate_at_stop(c, draws.stop) for c in row] for row in out]
 
 
 def test_exploration_passes_stop_strings_so_a_run_on_is_not_a_false_pit():

@@ -186,12 +186,13 @@ def test_lora_and_hf_sampler_accept_gguf_specs(tiny_gguf: Path, cache: Path) -> 
     from peft import PeftModel
 
     from selfexplore.models import LoraSpec
+    from selfexplore.sampling.base import DrawParams
     from selfexplore.sampling.hf import HFSampler
 
     spec = f"gguf:{tiny_gguf}"
     assert isinstance(load_model(ModelSpec(path=spec, lora=LoraSpec(r=4))), PeftModel)
     sampler = HFSampler.from_pretrained(spec, batch_size=2)
-    out = sampler.generate(["the"], n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=0)
+    out = sampler.generate(["the"], n=2, draws=DrawParams(1.0, 1.0, 3), seed=0)
     assert len(out) == 1 and len(out[0]) == 2
     assert sampler.eos_ids.tolist() == [2]  # <|im_end|>: EOS and the template's end of turn
 

@@ -56,11 +56,11 @@ class ScriptedSampler(SamplerBase):
                 out.append(line)
         return "\n".join(out)
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         results = []
         for i, prompt in enumerate(prompts):
             policy = "/".join(Path(self.policy).parts[-3:])  # the same across run directories
-            key = f"{policy}|{prompt}" if temperature == 0 else f"{policy}|{prompt}|{seed}"
+            key = f"{policy}|{prompt}" if draws.temperature == 0 else f"{policy}|{prompt}|{seed}"
             rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
             results.append([self._continue(prompt, rng) for _ in range(n)])
             self.generated_tokens += sum(len(c.split()) for c in results[-1])

@@ -52,7 +52,7 @@ class ChatScripted(SamplerBase):
         self.slip = slip
         self.generated_tokens = 0
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         out = []
         for i, prompt in enumerate(prompts):
             assert prompt.startswith(USER) and ASSISTANT in prompt, prompt  # the chat format reached sampling
@@ -67,7 +67,7 @@ class ChatScripted(SamplerBase):
                 for line in steps[len(done_steps):]:
                     if line.startswith("The answer is"):
                         lines.append(f"The answer is {int(line.split()[-1]) + slipped}")
-                    elif temperature > 0 and rng.random() < self.slip:
+                    elif draws.temperature > 0 and rng.random() < self.slip:
                         slipped = True
                         lines.append(line + "1")
                     else:

@@ -26,12 +26,12 @@ from selfexplore.training.dpo import StepDPOModule
 class WeightsSampler(ScriptedSampler):
     """ScriptedSampler whose draws depend on the policy's weights and the seed."""
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         weights = file_sha256(Path(self.policy) / "model.safetensors")[:16]
         results = []
         for i, prompt in enumerate(prompts):
             row_seed = seed[i] if isinstance(seed, (list, tuple)) else seed
-            key = f"{weights}|{prompt}" if temperature == 0 else f"{weights}|{prompt}|{row_seed}"
+            key = f"{weights}|{prompt}" if draws.temperature == 0 else f"{weights}|{prompt}|{row_seed}"
             rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
             results.append([self._continue(prompt, rng) for _ in range(n)])
             self.generated_tokens += sum(len(c.split()) for c in results[-1])

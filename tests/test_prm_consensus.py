@@ -21,7 +21,7 @@ class PerfectCompleter:
     def __init__(self) -> None:
         self.generated_tokens, self.seeds = 0, []
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         self.seeds.extend(seed)
         out = []
         for p in prompts:

@@ -55,7 +55,7 @@ class PoisonSampler:
             return f"The answer is {GOLD}" if self.drawn[p] % 4 == 3 else "The answer is 0"
         return f"The answer is {GOLD}"
 
-    def generate(self, prompts, n, temperature, top_p, max_new_tokens, stop, seed):
+    def generate(self, prompts, n, draws, seed):
         return [[self.draw(p) for _ in range(n)] for p in prompts]
 
 

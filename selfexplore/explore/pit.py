@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from selfexplore.completion import is_finished
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.hashing import derive_seed
-from selfexplore.streaming import CompletionStream, Finished, StreamParams, open_stream
+from selfexplore.sampling.base import resolve_seed
+from selfexplore.streaming import CompletionStream, Finished, open_stream
 
 if TYPE_CHECKING:  # typing only: importing them would pull torch and the graders into every use
     from selfexplore.sampling import Sampler
@@ -101,7 +102,7 @@ class _ChunkSearch:
     """
 
     def __init__(self, rationales: Sequence[Rationale], task: Task, config: ExploreConfig) -> None:
-        self.task, self.config = task, config
+        self.task, self.config, self.seed = task, config, resolve_seed(config.seed)
         self.waves = config.wave_sizes()
         self.adaptive = config.mode == "adaptive"
         self.cache: dict[tuple[str, str], _Prefix] = {}
@@ -122,7 +123,7 @@ class _ChunkSearch:
         """Seeds of the prefix's next wave of draws (one completion per seed)."""
         size = self.waves[min(p.waves, len(self.waves) - 1)]
         first = len(p.completions)
-        return [derive_seed(self.config.seed or 0, "draw", p.scope, p.prompt, j, bits=31)
+        return [derive_seed(self.seed, "draw", p.scope, p.prompt, j, bits=31)
                 for j in range(first, min(first + size, self.config.k))]
 
     def deliver(self, p: _Prefix, done: Finished) -> list[_Prefix]:
@@ -221,8 +222,7 @@ def explore_chunks(chunks: Sequence[tuple[int, Sequence[Rationale]]], sampler: S
     bench/bench_explore_schedule.py). All draw with the same seeds (one per draw).
     """
     own_stream = stream is None
-    stream = stream or open_stream(sampler, StreamParams(config.temperature, config.top_p, config.new_tokens(),
-                                                         config.stop))
+    stream = stream or open_stream(sampler, config.draws())
     streaming = config.schedule == "stream"
     overlap = streaming and not stream.reproducible_batches
     todo = deque(chunks)

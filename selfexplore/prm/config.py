@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from selfexplore.sampling.base import DrawParams, knob_problems
 
 Disagreeing = Literal["drop", "keep"]
 ConsensusKeep = Literal["all", "confirmed"]
@@ -62,14 +63,13 @@ class ConsensusConfig:
 
     def problems(self, prefix: str = "consensus") -> list[str]:
         """Every invalid value, named `prefix.field`."""
-        problems = []
+        problems = knob_problems(prefix, self.draws())
         if self.k < 1:
             problems.append(f"{prefix}.k must be >= 1, got {self.k!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            problems.append(f"{prefix}: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature!r}, "
-                            f"{self.top_p!r}")
-        if self.max_new_tokens < 1:
-            problems.append(f"{prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
         if self.keep not in ("all", "confirmed"):
             problems.append(f"{prefix}.keep must be 'all' or 'confirmed', got {self.keep!r}")
         return problems
+
+    def draws(self) -> DrawParams:
+        """How each fresh completion is drawn."""
+        return DrawParams(self.temperature, self.top_p, self.max_new_tokens, self.stop)

@@ -17,7 +17,7 @@ from selfexplore.explore.granular import pit_agreement
 from selfexplore.explore.pit import steps_prefix
 from selfexplore.hashing import derive_seed
 from selfexplore.prm.config import ConsensusConfig
-from selfexplore.streaming import StreamParams, open_stream
+from selfexplore.streaming import open_stream
 
 if TYPE_CHECKING:
     from selfexplore.sampling import Sampler
@@ -35,7 +35,7 @@ def check_pits(rows: Sequence[dict[str, Any]], sampler: Sampler, task: Task, gol
     and the agreement stats. `gold` maps question id to gold answer."""
     config = config or ConsensusConfig()
     pits = [r for r in rows if r["source"] == "explored" and r["pit"] is not None]
-    stream = open_stream(sampler, StreamParams(config.temperature, config.top_p, config.max_new_tokens, config.stop))
+    stream = open_stream(sampler, config.draws())
     found: dict[int, dict[str, Any]] = {}
     try:
         for i, r in enumerate(pits):

@@ -2,6 +2,7 @@
 
 from selfexplore.completion import Completion, is_finished
 from selfexplore.sampling.base import (
+    DrawParams,
     Sampler,
     SamplerBase,
     SamplingConfig,
@@ -15,6 +16,7 @@ from selfexplore.sampling.stage import SampleStats, run_sample_stage
 
 __all__ = [
     "Completion",
+    "DrawParams",
     "HFSampler",
     "SampleStats",
     "Sampler",

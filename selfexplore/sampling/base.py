@@ -31,6 +31,24 @@ Backend = Literal["auto", "hf", "vllm"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
+@dataclass(frozen=True)
+class DrawParams:
+    """How each completion is drawn: the knobs that sampling, exploration, the consensus check, the
+    streams and both backends share, declared once (each config makes its own: `draws()`).
+
+    `stop` is normalised here, once for every backend: a tuple without empty strings (None and []
+    both mean none). Defaults are the paper's (T=0.7, top_p=1, 512 new tokens).
+    """
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(s for s in self.stop or () if s))
+
+
 @runtime_checkable
 class Sampler(Protocol):
     """Draws `n` completions per prompt; completions exclude the prompt and any stop string.
@@ -44,15 +62,14 @@ class Sampler(Protocol):
     A sampler is a context manager: `with get_sampler(...) as sampler:` closes it (frees its
     engine) however the block ends. `close` is idempotent (`SamplerBase` gives all three).
 
-    `seed` is one int (each prompt's draws derived from it and the prompt's index) or one seed
-    per prompt, so that a prompt draws the same completions in whatever call it is sent
-    (`selfexplore.streaming`).
+    `draws` says how each completion is drawn (`DrawParams`). `seed` is one int (each prompt's
+    draws derived from it and the prompt's index) or one seed per prompt, so that a prompt draws
+    the same completions in whatever call it is sent (`selfexplore.streaming`).
     """
 
     generated_tokens: int
 
-    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: Seeds) -> list[list[str]]:
+    def generate(self, prompts: Sequence[str], n: int, draws: DrawParams, seed: Seeds) -> list[list[str]]:
         ...
 
     def close(self) -> None:
@@ -123,8 +140,7 @@ class SamplingConfig:
     def problems(self, prefix: str = "sampling") -> list[str]:
         """Every invalid value, named `prefix.field` (the pipeline lists all of a config's at once;
         the stages and samplers raise them together: `raise_problems`)."""
-        problems = knob_problems(prefix, n=self.n, temperature=self.temperature, top_p=self.top_p,
-                                 max_new_tokens=self.max_new_tokens)
+        problems = knob_problems(prefix, self.draws(), n=self.n)
         if self.backend not in BACKENDS:
             problems.append(f"{prefix}.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.overlong_prompts not in OVERLONG_MODES:
@@ -136,6 +152,10 @@ class SamplingConfig:
             problems.append(f"{prefix}.gpu_memory_utilization must be 'auto' or in (0, 1], "
                             f"got {self.gpu_memory_utilization!r}")
         return problems
+
+    def draws(self) -> DrawParams:
+        """How each sample is drawn."""
+        return DrawParams(self.temperature, self.top_p, self.max_new_tokens, self.stop)
 
 
 def resolve_backend(backend: Backend) -> Literal["hf", "vllm"]:
@@ -163,22 +183,26 @@ def check_seeds(seed: Seeds, num_prompts: int) -> None:
         raise ValueError(f"got {len(seed)} seeds for {num_prompts} prompts: give one int or one seed per prompt")
 
 
-def knob_problems(prefix: str, n: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                  max_new_tokens: int | None = None) -> list[str]:
-    """What is wrong with the draw settings every stage shares, each named `prefix.field` with its value."""
+def knob_problems(prefix: str, draws: DrawParams, n: int | None = None) -> list[str]:
+    """What is wrong with `draws` (and `n`, when given), each named `prefix.field` with its value."""
     def name(field: str) -> str:
         return f"{prefix}.{field}" if prefix else field
 
     problems = []
     if n is not None and n < 1:
         problems.append(f"{name('n')} must be >= 1, got {n!r}")
-    if temperature < 0:
-        problems.append(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        problems.append(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        problems.append(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens!r}")
+    if draws.temperature < 0:
+        problems.append(f"{name('temperature')} must be >= 0 (0 = greedy), got {draws.temperature!r}")
+    if not 0 < draws.top_p <= 1:
+        problems.append(f"{name('top_p')} must be in (0, 1], got {draws.top_p!r}")
+    if draws.max_new_tokens < 1:
+        problems.append(f"{name('max_new_tokens')} must be >= 1, got {draws.max_new_tokens!r}")
     return problems
+
+
+def resolve_seed(seed: int | None, run_seed: int = 0) -> int:
+    """A stage's own seed when it sets one, else the run's (the pipeline's `seed`; 0 for a stage run alone)."""
+    return run_seed if seed is None else seed
 
 
 def check_backend_args(batch_size: int, overlong_prompts: str) -> None:
@@ -189,9 +213,9 @@ def check_backend_args(batch_size: int, overlong_prompts: str) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def check_sampling_args(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+def check_draws(n: int, draws: DrawParams) -> None:
     """Reject arguments both backends would otherwise treat differently or silently."""
-    problems = knob_problems("", n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    problems = knob_problems("", draws, n=n)
     if problems:
         raise ValueError("; ".join(problems))
 

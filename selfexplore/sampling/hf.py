@@ -37,11 +37,12 @@ from transformers.generation.stopping_criteria import (
 
 from selfexplore.completion import Completion
 from selfexplore.sampling.base import (
+    DrawParams,
     OverlongMode,
     SamplerBase,
     Seeds,
     check_backend_args,
-    check_sampling_args,
+    check_draws,
     check_seeds,
     derive_seed,
     plan_prompt,
@@ -151,15 +152,13 @@ class HFSampler(SamplerBase):
         return cls(model.to(device).eval(), load_tokenizer(str(model_path)), batch_size=batch_size,
                    overlong_prompts=overlong_prompts, max_model_len=max_model_len)
 
-    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: Seeds) -> list[list[Completion]]:
-        check_sampling_args(n, temperature, top_p, max_new_tokens)
+    def generate(self, prompts: Sequence[str], n: int, draws: DrawParams, seed: Seeds) -> list[list[Completion]]:
+        check_draws(n, draws)
         check_seeds(seed, len(prompts))
-        stop = [s for s in (stop or []) if s]
         encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         kept: dict[int, list[int]] = {}
         for i, ids in enumerate(encoded):
-            keep = plan_prompt(len(ids), max_new_tokens, self.context, self.overlong_prompts, i)
+            keep = plan_prompt(len(ids), draws.max_new_tokens, self.context, self.overlong_prompts, i)
             self.overlong_count += keep != len(ids)
             if keep is not None:
                 kept[i] = ids[len(ids) - keep:]
@@ -168,21 +167,19 @@ class HFSampler(SamplerBase):
             base, index = prompt_seed(seed, i)
             return derive_seed(base, "row", index, k)
 
-        greedy = temperature == 0
+        greedy = draws.temperature == 0
         # One row (prompt index, sample index) per sequence; longest prompts first so padding
         # stays small and an out-of-memory error shows at once.
         rows = sorted(((i, k) for i in kept for k in range(1 if greedy else n)), key=lambda r: -len(kept[r[0]]))
         results: list[list[Completion]] = [[] for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
-            texts = self._generate_batch([kept[i] for i, _ in batch], [row_seed(i, k) for i, k in batch],
-                                         temperature, top_p, max_new_tokens, stop)
+            texts = self._generate_batch([kept[i] for i, _ in batch], [row_seed(i, k) for i, k in batch], draws)
             for (i, _), text in zip(batch, texts):
                 results[i].append(text)
         return [r * n for r in results] if greedy else results
 
-    def _generate_batch(self, prompt_ids: list[list[int]], row_seeds: list[int], temperature: float, top_p: float,
-                        max_new_tokens: int, stop: list[str]) -> list[Completion]:
+    def _generate_batch(self, prompt_ids: list[list[int]], row_seeds: list[int], draws: DrawParams) -> list[Completion]:
         """Generate one row per prompt (left-padded) and return the decoded, stop-truncated texts."""
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
@@ -195,17 +192,17 @@ class HFSampler(SamplerBase):
         device = self.model.device
         try:
             with torch.inference_mode():
-                new_ids, by_eos, finished = self._decode_segments(input_ids.to(device), attention.to(device), row_seeds,
-                                                        temperature, top_p, max_new_tokens, stop)
+                new_ids, by_eos, finished = self._decode_segments(input_ids.to(device), attention.to(device),
+                                                                  row_seeds, draws)
         finally:
             self.model.train(was_training)
         self.generated_tokens += sum(len(ids) for ids in new_ids)
-        return [Completion(truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), stop), done, len(ids))
-                for prompt, ids, eos, done in zip(prompt_ids, new_ids, by_eos, finished)]
+        texts = [truncate_at_stop(self._continuation(prompt, ids[:len(ids) - eos]), draws.stop)
+                 for prompt, ids, eos in zip(prompt_ids, new_ids, by_eos)]
+        return [Completion(text, done, len(ids)) for text, ids, done in zip(texts, new_ids, finished)]
 
     def _decode_segments(self, input_ids: torch.Tensor, attention: torch.Tensor, row_seeds: list[int],
-                         temperature: float, top_p: float, max_new_tokens: int,
-                         stop: list[str]) -> tuple[list[list[int]], list[bool], list[bool]]:
+                         draws: DrawParams) -> tuple[list[list[int]], list[bool], list[bool]]:
         """Generate in segments of `segment_tokens`, dropping finished rows (and their KV cache) in between.
 
         `generate` keeps computing rows that hit EOS until the whole batch is done; sampled
@@ -218,18 +215,18 @@ class HFSampler(SamplerBase):
         by_eos = [False] * batch
         rows = list(range(batch))  # original index of each row still generating
         eos_ids = self.eos_ids.to(input_ids.device)
-        stop_criteria = self._stop_criteria(stop)
+        stop_criteria = self._stop_criteria(draws.stop)
         config = GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_ids.tolist())
         cache = DynamicCache(config=self.model.config)  # ours, so finished rows can be pruned from it
         produced = 0
-        while rows and produced < max_new_tokens:
-            config.max_new_tokens = min(self.segment_tokens, max_new_tokens - produced)
+        while rows and produced < draws.max_new_tokens:
+            config.max_new_tokens = min(self.segment_tokens, draws.max_new_tokens - produced)
             processors = LogitsProcessorList()
-            if temperature > 0:
-                processors.append(TemperatureLogitsWarper(temperature))
-                if top_p < 1.0:
-                    processors.append(TopPLogitsWarper(top_p))
+            if draws.temperature > 0:
+                processors.append(TemperatureLogitsWarper(draws.temperature))
+                if draws.top_p < 1.0:
+                    processors.append(TopPLogitsWarper(draws.top_p))
                 processors.append(_RowSeededSampler([row_seeds[r] for r in rows], prompt_width))
             recorder = _FinishRecorder(input_ids.shape[1], len(rows), eos_ids, stop_criteria)
             sequences = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
@@ -265,11 +262,10 @@ class HFSampler(SamplerBase):
             return full[len(prefix):]
         return decode(new_ids, skip_special_tokens=True)
 
-    def _stop_criteria(self, stop: list[str]) -> StopStringCriteria | None:
+    def _stop_criteria(self, stop: tuple[str, ...]) -> StopStringCriteria | None:
         """Stop-string criteria (costly to build for big vocabularies, so cached per stop list)."""
         if not stop:
             return None
-        key = tuple(stop)
-        if key not in self._stop_cache:
-            self._stop_cache[key] = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))
-        return self._stop_cache[key]
+        if stop not in self._stop_cache:
+            self._stop_cache[stop] = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))
+        return self._stop_cache[stop]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from selfexplore.completion import is_finished
 from selfexplore.hashing import text_sha256
 from selfexplore.io import atomic_open, iter_jsonl
-from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend
+from selfexplore.sampling.base import Sampler, SamplingConfig, derive_seed, resolve_backend, resolve_seed
 from selfexplore.shards import Shard, ShardFolder, StageContext
 from selfexplore.validation import raise_problems
 
@@ -97,12 +97,12 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
     if duplicates:
         raise ValueError(f"duplicate problem ids: {duplicates[:5]}")
     prompts = [(context.prompt or task.prompt)(p) for p in ordered]
-    n, seed, stop = config.n, config.seed or 0, config.stop
+    n, seed, draws = config.n, resolve_seed(config.seed), config.draws()
     backend_name = backend_name or resolve_backend(config.backend)
     fingerprint = {
         "model": context.model, "backend": backend_name, "task": task.name, "n": n,
-        "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-        "stop": list(stop) if stop else None, "seed": seed, "shard_size": shard_size,
+        "temperature": draws.temperature, "top_p": draws.top_p, "max_new_tokens": draws.max_new_tokens,
+        "stop": list(config.stop) if config.stop else None, "seed": seed, "shard_size": shard_size,
         "settings": dict(settings or {}), "num_problems": len(ordered),
         "problems_sha256": _problems_hash(ordered, prompts),
     }
@@ -119,9 +119,7 @@ def run_sample_stage(sampler: Sampler, task: Task, problems: Sequence[Problem], 
                 shard, shard_prompts = ordered[part], prompts[part]
                 tokens_before = sampler.generated_tokens
                 t0 = time.perf_counter()
-                completions = sampler.generate(shard_prompts, n=n, temperature=config.temperature, top_p=config.top_p,
-                                               max_new_tokens=config.max_new_tokens, stop=stop,
-                                               seed=derive_seed(seed, "shard", i))
+                completions = sampler.generate(shard_prompts, n=n, draws=draws, seed=derive_seed(seed, "shard", i))
                 seconds = time.perf_counter() - t0
                 backend_seconds += seconds
                 records = _grade(task, shard, shard_prompts, completions, n, backend_name, seed)

@@ -23,16 +23,17 @@ from selfexplore.completion import Completion
 from selfexplore.memory import accelerator_memory, auto_memory_utilization
 from selfexplore.models.files import local_model_path
 from selfexplore.sampling.base import (
+    DrawParams,
     SamplingConfig,
     Seeds,
-    check_sampling_args,
+    check_draws,
     check_seeds,
     derive_seed,
     plan_prompt,
     prompt_seed,
     stop_token_ids,
 )
-from selfexplore.streaming import Finished, StreamCounters, StreamParams
+from selfexplore.streaming import Finished, StreamCounters
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -148,22 +149,20 @@ class VLLMSampler:
         self.generated_tokens = 0
         self.overlong_count = 0
 
-    def generate(self, prompts: Sequence[str], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop: Sequence[str] | None, seed: Seeds) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[str], n: int, draws: DrawParams, seed: Seeds) -> list[list[Completion]]:
         self._check_open()
-        check_sampling_args(n, temperature, top_p, max_new_tokens)
+        check_draws(n, draws)
         check_seeds(seed, len(prompts))
-        greedy = temperature == 0
+        greedy = draws.temperature == 0
         requests, params, owners = [], [], []
         for i, ids in enumerate(self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
-            request = self._request(ids, max_new_tokens, i)
+            request = self._request(ids, draws.max_new_tokens, i)
             if request is None:
                 continue
             requests.append(request)
             # A seed per prompt: identical prompts in one call still get different samples.
             base, index = prompt_seed(seed, i)
-            params.append(self._params(StreamParams(temperature, top_p, max_new_tokens, stop),
-                                       derive_seed(base, "prompt", index), n=1 if greedy else n))
+            params.append(self._params(draws, derive_seed(base, "prompt", index), n=1 if greedy else n))
             owners.append(i)
         results: list[list[Completion]] = [[] for _ in prompts]
         if not requests:
@@ -174,10 +173,10 @@ class VLLMSampler:
             results[i] = texts * n if greedy else texts
         return results
 
-    def open_stream(self, params: StreamParams) -> EngineStream:
+    def open_stream(self, draws: DrawParams) -> EngineStream:
         """A `CompletionStream` straight into the engine: requests join its running batch at once."""
         self._check_open()
-        return EngineStream(self, params)
+        return EngineStream(self, draws)
 
     def _check_open(self) -> None:
         if self.llm is None:
@@ -189,11 +188,10 @@ class VLLMSampler:
         self.overlong_count += keep != len(ids)
         return None if keep is None else self._tokens_prompt(prompt_token_ids=ids[len(ids) - keep:])
 
-    def _params(self, params: StreamParams, seed: int, n: int = 1) -> Any:
+    def _params(self, draws: DrawParams, seed: int, n: int = 1) -> Any:
         return self._sampling_params(
-            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-            stop=[s for s in params.stop if s] if params.stop else None, stop_token_ids=self.stop_token_ids,
-            seed=seed)
+            n=n, temperature=draws.temperature, top_p=draws.top_p, max_tokens=draws.max_new_tokens,
+            stop=list(draws.stop) or None, stop_token_ids=self.stop_token_ids, seed=seed)
 
     def _completions(self, output: Any) -> list[Completion]:
         """A finished request's completions in index order, each with its token count."""
@@ -238,11 +236,11 @@ class EngineStream:
 
     reproducible_batches = False
 
-    def __init__(self, sampler: VLLMSampler, params: StreamParams) -> None:
+    def __init__(self, sampler: VLLMSampler, draws: DrawParams) -> None:
         from vllm.sampling_params import RequestOutputKind
 
-        check_sampling_args(1, params.temperature, params.top_p, params.max_new_tokens)
-        self.sampler, self.params, self._final_only = sampler, params, RequestOutputKind.FINAL_ONLY
+        check_draws(1, draws)
+        self.sampler, self.draws, self._final_only = sampler, draws, RequestOutputKind.FINAL_ONLY
         self.engine = sampler.llm.llm_engine
         self._capacity = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self.counters = StreamCounters(capacity=self._capacity)
@@ -262,13 +260,13 @@ class EngineStream:
     def submit(self, key: Any, prompt: str, seeds: Sequence[int]) -> None:
         number, self._next = self._next, self._next + 1
         ids = self.sampler.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        request = self.sampler._request(ids, self.params.max_new_tokens, number)
+        request = self.sampler._request(ids, self.draws.max_new_tokens, number)
         if request is None or not seeds:
             self._ready.append(Finished(key, None, 0, "no_completions"))
             return
         self._requests[number] = (key, [None] * len(seeds))
         for row, seed in enumerate(seeds):
-            params = self.sampler._params(self.params, derive_seed(seed, "prompt", 0))
+            params = self.sampler._params(self.draws, derive_seed(seed, "prompt", 0))
             params.output_kind = self._final_only  # only the finished output, as LLM.generate asks
             request_id = f"se-{number}-{row}"
             self._rows[request_id] = (number, row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from selfexplore.sampling.base import DrawParams
 from selfexplore.sampling.hf import HFSampler
 
 
@@ -13,6 +14,5 @@ def greedy_complete(model: torch.nn.Module, tokenizer, prompts: list[str], max_n
 
     Under FSDP every rank must call it (HF generate then runs in step across ranks)."""
     sampler = HFSampler(model, tokenizer, batch_size=max(1, len(prompts)), overlong_prompts="truncate")
-    out = sampler.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                           stop=stop, seed=0)
+    out = sampler.generate(prompts, n=1, draws=DrawParams(0.0, 1.0, max_new_tokens, stop), seed=0)
     return [c[0] if c else "" for c in out]
