@@ -116,6 +116,7 @@ def test_a_miniature_run_with_verifiers_writes_prm_rows_and_the_verifier_report(
 
     from selfexplore.pipeline.config import VerifierStageConfig
     from selfexplore.pipeline.plan import plan_of
+    from selfexplore.prm.config import ConsensusConfig
     from selfexplore.prm.selectors import SelectionConfig
     from selfexplore.prm.unit import VerifierConfig
     from selfexplore.training.optim import OptimizerConfig
@@ -125,7 +126,9 @@ def test_a_miniature_run_with_verifiers_writes_prm_rows_and_the_verifier_report(
                              optimizer=OptimizerConfig(lr=1e-3)),
         samples=4, selection=SelectionConfig(ns=[1, 2, 4], subsets=3))
     run = tmp_path / "run"
-    report = run_pipeline(_config(run, rounds=1, baselines=["self_explore"], verifier=verifier)).read_text()
+    consensus = ConsensusConfig(k=2, max_new_tokens=48, seed=5)
+    report = run_pipeline(_config(run, rounds=1, baselines=["self_explore"], verifier=verifier,
+                                  consensus=consensus)).read_text()
     state = json.loads((run / "state.json").read_text())["units"]
     assert [u for u in plan_of(json.loads((run / "config.json").read_text())) if u not in state] == []
     rows = [json.loads(line) for line in (run / "round_1/prm.jsonl").read_text().splitlines()]
@@ -133,6 +136,9 @@ def test_a_miniature_run_with_verifiers_writes_prm_rows_and_the_verifier_report(
     explored = [r for r in rows if r["source"] == "explored"]
     assert explored and all(r["labels"] == [True] * (r["pit"] - 1) + [False] for r in explored)
     assert all(len(r["labels"]) == len(r["completions"]) == len(r["mc"]) for r in explored)
+    # every pit re-explored with fresh draws by the round's explorer, the agreement recorded
+    assert all(r["consensus"]["k"] == 2 for r in explored)
+    assert state["round_1/prm"]["pits_checked"] == len(explored) and 0 <= state["round_1/prm"]["pit_agreement"] <= 1
     for unit in ("round_1/verifier", "round_1/outcome_verifier"):
         assert set(state[unit]["verifier"]) >= {"auroc", "balanced_accuracy", "negative_f1", "acc_err", "acc_cor", "f1"}
     for stage in ("round_1/rft", "round_1/self_explore"):

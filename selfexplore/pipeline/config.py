@@ -10,7 +10,7 @@ from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import ModelSpec, TinyLlamaConfig
 from selfexplore.models.chat import PromptFormat
 from selfexplore.models.gguf import is_gguf_spec
-from selfexplore.prm.config import PRMDataConfig
+from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
 from selfexplore.prm.selectors import SelectionConfig
 from selfexplore.prm.unit import VerifierConfig
 from selfexplore.sampling.base import SamplingConfig
@@ -217,6 +217,9 @@ class PipelineConfig:
         always run): the outcome-level DPO baseline and/or Self-Explore.
     prm: how each round's exploration becomes `round_r/prm.jsonl`, a process-reward data set in TRL's
         stepwise-supervision layout (`selfexplore.prm`), written whether or not a verifier trains.
+    consensus: re-explore every pit of the round with fresh draws from its explorer before the rows
+        are written, recording the agreement per row (and, with `keep: confirmed`, keeping only the
+        pits the fresh draws confirm): hard labels from k draws have false pits (None: off).
     verifier: train step verifiers on it and choose among sampled answers with them (None: off).
     eval_samples: besides the greedy answer (the paper's metric), sample this many answers per
         evaluation question at the sampling temperature and report their mean accuracy
@@ -253,6 +256,7 @@ class PipelineConfig:
     eval_max_new_tokens: int = 512
     eval_samples: int = 0
     prm: PRMDataConfig = field(default_factory=PRMDataConfig)
+    consensus: ConsensusConfig | None = None
     verifier: VerifierStageConfig | None = None
 
     def __post_init__(self) -> None:
@@ -278,6 +282,8 @@ class PipelineConfig:
         problems += self.trainer.problems()
         problems += self.sft.problems("sft") + self.rft.problems("rft") + self.dpo.problems("dpo")
         problems += self.sampling.problems("sampling") + self.explore.problems("explore") + self.prm.problems("prm")
+        if self.consensus is not None:
+            problems += self.consensus.problems("consensus")
         if self.verifier is not None:
             problems += self.verifier.problems("verifier")
         for name, value, choices in (("sample_questions", self.sample_questions, get_args(SampleQuestions)),

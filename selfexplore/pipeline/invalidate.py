@@ -59,6 +59,7 @@ READERS: dict[str, Callable[[str], bool]] = {
     "pairs_include_gold": lambda u: _last(u) == "pairs",
     "explore": lambda u: _last(u) == "explore",
     "prm": lambda u: _last(u) == "prm",
+    "consensus": lambda u: _last(u) == "prm",
     "verifier": _verifies,
     "dpo": lambda u: u == OUTCOME_DPO or _last(u) == "self_explore",
     # round 1's reference is the RFT policy either way

@@ -493,15 +493,17 @@ class Pipeline:
                                       config.inherit_stop(self.cfg.sampling.stop), context)
             return {} if stats is None else {"path": str(layout.gpairs(round_index)), **stats}
         gpairs = Path(self.unit(round_unit(round_index, "explore"), explore_work, collective=True)["path"])
-        self.unit(round_unit(round_index, "prm"), lambda: self._prm_rows(round_index))
+        self.unit(round_unit(round_index, "prm"), lambda: self._prm_rows(round_index, explorer))
         return gpairs
 
-    def _prm_rows(self, round_index: int) -> dict[str, Any]:
-        """Round `round_index`'s exploration labels as process-reward rows (`round_r/prm.jsonl`)."""
-        layout = self.layout
+    def _prm_rows(self, round_index: int, explorer: str) -> dict[str, Any]:
+        """Round `round_index`'s exploration labels as process-reward rows (`round_r/prm.jsonl`), each pit
+        re-explored by the explorer first with `consensus` (rank 0's engine: the pits are few)."""
+        layout, consensus = self.layout, self.cfg.consensus
+        sampler = self._sampler(explorer, self._workers()) if consensus is not None else None
         stats = write_prm_data(layout.explore_dir(round_index) / "explore.jsonl", layout.explorer_samples(round_index),
                                layout.prm(round_index), self.task, self.problems_by_id, k=self.cfg.explore.k,
-                               round_index=round_index, config=self.cfg.prm)
+                               round_index=round_index, config=self.cfg.prm, sampler=sampler, consensus=consensus)
         return {"path": str(layout.prm(round_index)),
                 **{k: v for k, v in stats.items() if k not in ("explore", "samples")}}  # paths: in the unit
 
