@@ -26,8 +26,8 @@ import torch
 from _harness import alternated, bench_parser, build_arith_model, emit, median, parse_args, slipped_answer
 
 from selfexplore.io import read_jsonl
-from selfexplore.prm.tagging import prepare_verifier_base
 from selfexplore.models import ModelSpec
+from selfexplore.prm.tagging import prepare_verifier_base
 from selfexplore.prm.verifier import PRMDataModule, StepVerifierModule, load_verifier, tag_loss
 from selfexplore.tasks import get_task
 

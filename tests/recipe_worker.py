@@ -18,10 +18,8 @@ import json
 import os
 import random
 import sys
-
 from pathlib import Path
 from typing import Any
-
 
 
 def record_step0(out: Path) -> None:

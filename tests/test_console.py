@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import _config, scripted  # noqa: F401 (a fixture)
 
 from selfexplore.cli import LIGHTNING_SUBCOMMANDS, STAGE_COMMANDS, SelfExploreCLI, main
 from selfexplore.pipeline.config import TrainerConfig
@@ -22,7 +23,6 @@ from selfexplore.pipeline.plan import planned_units
 from selfexplore.pipeline.run import run_pipeline
 from selfexplore.pipeline.status import render_status
 from selfexplore.sampling.base import SamplerBase
-from test_pipeline import _config, scripted  # noqa: F401 (a fixture)
 
 TESTS = Path(__file__).parent
 COMMANDS = ("pipeline", "status", "sample", "pairs", "explore", "prm-data", "fit", "validate", "test")

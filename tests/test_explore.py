@@ -13,15 +13,22 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from selfexplore.completion import Completion
 from selfexplore.explore import (
-    ExploreConfig, Rationale, build_granular_pairs, build_outcome_pairs, build_rft_set,
-    explore_stats, find_first_pits, run_explore_stage, sample_stats,
+    ExploreConfig,
+    Rationale,
+    build_granular_pairs,
+    build_outcome_pairs,
+    build_rft_set,
+    explore_stats,
+    find_first_pits,
+    run_explore_stage,
+    sample_stats,
 )
-from selfexplore.explore.pit import explore_chunks
 from selfexplore.explore.builders import extract_equations, levenshtein
 from selfexplore.explore.config import doubling_waves
 from selfexplore.explore.granular import pit_agreement
-from selfexplore.completion import Completion
+from selfexplore.explore.pit import explore_chunks
 from selfexplore.io import DataError, read_jsonl, write_jsonl
 from selfexplore.sampling.base import DrawParams, prompt_seed, truncate_at_stop
 from selfexplore.shards import StageContext

@@ -11,7 +11,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfexplore.models import (
-    LoraSpec, ModelSpec, TinyLlamaConfig, build_tiny_llama, export_policy, load_model, load_tokenizer,
+    LoraSpec,
+    ModelSpec,
+    TinyLlamaConfig,
+    build_tiny_llama,
+    export_policy,
+    load_model,
+    load_tokenizer,
 )
 from selfexplore.models import export as export_module
 from selfexplore.models.tiny import init_tiny_llama

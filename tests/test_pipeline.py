@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 import selfexplore.pipeline.run as pipeline_run
+from selfexplore.explore.config import ExploreConfig
 from selfexplore.models import ModelSpec, TinyLlamaConfig
 from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig, TrainerConfig
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.pipeline.state import RunStateError
-from selfexplore.explore.config import ExploreConfig
 from selfexplore.sampling.base import SamplerBase, SamplingConfig
 from selfexplore.tasks import get_task
 from selfexplore.training.optim import OptimizerConfig

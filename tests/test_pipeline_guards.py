@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from test_pipeline import ARTIFACTS, TASK_OPTIONS, _config, dpo_stage, scripted  # noqa: F401 (a fixture)
 
+from selfexplore.configdiff import config_diff
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.pipeline.config import DPOStageConfig, SFTStageConfig, TrainerConfig
-from selfexplore.training.losses import DPOLossConfig
-from selfexplore.training.optim import OptimizerConfig
-from selfexplore.configdiff import config_diff
 from selfexplore.pipeline.invalidate import units_to_redo
 from selfexplore.pipeline.lock import RunLock, RunLocked
 from selfexplore.pipeline.run import Pipeline, PipelineError, run_pipeline
 from selfexplore.pipeline.state import RunStateError
+from selfexplore.training.losses import DPOLossConfig
+from selfexplore.training.optim import OptimizerConfig
 
 SHORT = {"baselines": ["self_explore"], "rounds": 1}
 UNITS = ["base", "round_0/sft", "round_0/sft/eval.jsonl", "round_0/sft/eval", "round_1/samples.jsonl",

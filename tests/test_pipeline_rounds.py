@@ -23,6 +23,7 @@ from selfexplore.models import ModelSpec
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.training.dpo import StepDPOModule
 
+
 class WeightsSampler(ScriptedSampler):
     """ScriptedSampler whose draws depend on the policy's weights and the seed."""
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from test_pipeline import TASK_OPTIONS, ScriptedSampler, _config, dpo_stage
 
+import selfexplore.pipeline.run as pipeline_run
 from selfexplore.explore.config import ExploreConfig
 from selfexplore.pipeline.config import SFTStageConfig
-import selfexplore.pipeline.run as pipeline_run
 from selfexplore.pipeline.run import Pipeline, run_pipeline
 from selfexplore.sampling.base import SamplingConfig
 from selfexplore.sampling.vllm_backend import VLLMSampler

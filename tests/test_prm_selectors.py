@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from selfexplore.prm.selectors import (
-    Candidate, SelectionConfig, accuracy_vs_n, aggregate, best_of_n, group_answers, majority_vote, pass_at_n,
-    selected_correct, subset, weighted_vote,
+    Candidate,
+    SelectionConfig,
+    accuracy_vs_n,
+    aggregate,
+    best_of_n,
+    group_answers,
+    majority_vote,
+    pass_at_n,
+    selected_correct,
+    subset,
+    weighted_vote,
 )
 
 GOLD = "12"

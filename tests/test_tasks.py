@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from selfexplore.io import DataError
-from selfexplore.tasks import TASKS, ArithTask, GSM8KTask, MathTask, get_task
-from selfexplore.tasks import math_task
+from selfexplore.tasks import TASKS, ArithTask, GSM8KTask, MathTask, get_task, math_task
 from selfexplore.tasks.arith import split_of
 from selfexplore.tasks.math_task import split_latex_steps
 

@@ -9,9 +9,9 @@ from selfexplore.models.spec import LoraSpec, ModelSpec, TinyLlamaConfig
 
 if TYPE_CHECKING:
     from selfexplore.models.export import export_policy
+    from selfexplore.models.files import load_tokenizer
     from selfexplore.models.load import load_model
     from selfexplore.models.tiny import build_tiny_llama
-    from selfexplore.models.files import load_tokenizer
 
 # Imported on first use: peft imports bitsandbytes (seconds, and a kernel warning on CPU), which
 # commands that only read configs (`--help`, `status`) must not pay for.

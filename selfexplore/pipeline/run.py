@@ -33,20 +33,20 @@ from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, rea
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, remove_stale_temporaries, write_jsonl
 from selfexplore.models import build_tiny_llama, load_tokenizer
+from selfexplore.pipeline.compare import correct_by_question
 from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
-from selfexplore.pipeline.loggers import build_logger, log_round_metrics
-from selfexplore.pipeline.lock import RunLock, RunLocked
-from selfexplore.pipeline.report import write_report
 from selfexplore.pipeline.layout import OUTCOME_DPO, RFT, SFT, RunLayout, eval_unit, round_unit, self_explore
+from selfexplore.pipeline.lock import RunLock, RunLocked
+from selfexplore.pipeline.loggers import build_logger, log_round_metrics
 from selfexplore.pipeline.plan import BASE, RFT_DATA, SFT_SAMPLES, selection_unit, verifier_unit, verifiers_of
-from selfexplore.pipeline.compare import correct_by_question
+from selfexplore.pipeline.report import write_report
+from selfexplore.pipeline.state import PipelineError, RunState
 from selfexplore.prm.data import write_prm_data
 from selfexplore.prm.guided import guided_answers
 from selfexplore.prm.implicit import ImplicitRewardScorer
 from selfexplore.prm.unit import run_verifier_unit
 from selfexplore.prm.verifier import load_verifier
-from selfexplore.pipeline.state import PipelineError, RunState
 from selfexplore.ranks import Workers, is_rank_zero, poll
 from selfexplore.sampling.base import Sampler, resolve_seed
 from selfexplore.sampling.factory import get_sampler
@@ -56,7 +56,6 @@ from selfexplore.tasks import Problem, get_task
 from selfexplore.training.dpo import StepDPOModule
 from selfexplore.training.reference import checkpoint_fingerprint
 from selfexplore.training.sft import SFTModule
-
 
 log = logging.getLogger(__name__)
 

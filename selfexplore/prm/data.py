@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from selfexplore.explore.builders import build_rft_set, read_samples
 from selfexplore.explore.stage import SHARD_DIR
-from selfexplore.validation import raise_problems
 from selfexplore.io import DataError, iter_jsonl, read_json, require_str, write_json, write_jsonl
 from selfexplore.prm.config import ConsensusConfig, PRMDataConfig
 from selfexplore.prm.consensus import check_pits, label_quality
 from selfexplore.prm.rows import build_prm_rows
+from selfexplore.validation import raise_problems
 
 if TYPE_CHECKING:
     from selfexplore.sampling import Sampler

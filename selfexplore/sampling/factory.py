@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from selfexplore.validation import raise_problems
 from selfexplore.memory import release_accelerator_memory
 from selfexplore.sampling.base import Backend, Sampler, SamplingConfig, resolve_backend
+from selfexplore.validation import raise_problems
 
 
 @contextmanager

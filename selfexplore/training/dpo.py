@@ -25,9 +25,10 @@ from selfexplore.models import ModelSpec
 from selfexplore.models.files import local_model_path
 from selfexplore.training.losses import DPOLossConfig, ReferenceMode, dpo_loss, nll_loss, sequence_logps
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig
-from selfexplore.validation import raise_problems
 from selfexplore.training.policy import PolicyModule
 from selfexplore.training.reference import cache_key, precompute_table, read_table, write_table
+from selfexplore.validation import raise_problems
+
 
 class StepDPOModule(PolicyModule):
     """Step-level DPO (Self-Explore) or outcome DPO, depending only on the pairs it is fed.

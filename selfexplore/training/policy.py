@@ -26,8 +26,8 @@ from selfexplore.models import (
     load_tokenizer,
 )
 from selfexplore.training.optim import OptimizerConfig, SchedulerConfig, configure_optimizers
-from selfexplore.validation import raise_problems
 from selfexplore.training.sharding import gather_full_state, load_sharded, mixed_precision_policy
+from selfexplore.validation import raise_problems
 
 
 class PolicyModule(LightningModule):
