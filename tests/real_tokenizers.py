@@ -135,7 +135,8 @@ def build_family_model(family: Family | str, texts: Iterable[str], out_dir: str 
     out = build_tokenizer(family.convention, texts, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     shape = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                 num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32, num_key_value_heads=hidden_size // 32,
+                 num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
+                 num_key_value_heads=hidden_size // 32,
                  head_dim=32, max_position_embeddings=family.max_position_embeddings, rope_theta=family.rope_theta,
                  rms_norm_eps=1e-5 if family.architecture == "MistralForCausalLM" else 1e-6,
                  tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

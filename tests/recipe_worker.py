@@ -84,7 +84,8 @@ def scripted_texts(wrong_rate: float = 0.4) -> None:
     def problems(task: str, data_dir: str) -> dict[str, Any]:
         if task not in golds:
             t = get_task(task)
-            golds[task] = (t, {t.prompt(p): p for s in ("train", "test") for p in t.load(s, path=f"{data_dir}/{s}.jsonl")})
+            golds[task] = (t, {t.prompt(p): p for s in ("train", "test")
+                               for p in t.load(s, path=f"{data_dir}/{s}.jsonl")})
         return golds[task]
 
     def continuation(prompt: str, key: str) -> str:

@@ -228,8 +228,8 @@ def _rank_process(out: Path, dies_after: int | None, log: Path) -> None:
 
 def _start_rank(rank: int, out: Path, dies_after: int | None, log: Path) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, __file__, str(out), str(-1 if dies_after is None else dies_after), str(log)],
-                            env=env, cwd=Path(__file__).parent)
+    return subprocess.Popen([sys.executable, __file__, str(out), str(-1 if dies_after is None else dies_after),
+                             str(log)], env=env, cwd=Path(__file__).parent)
 
 
 @pytest.mark.slow

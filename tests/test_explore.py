@@ -308,7 +308,8 @@ def random_rationales(num_questions=6, per_question=3, seed=2):
         shared = [f"p={rng.choice([0.5, 0.7])} q{qi} base"]
         for j in range(per_question):
             steps = shared + [f"p={rng.choice([0.2, 0.5, 0.8])} q{qi} s{j} t{t}" for t in range(rng.randint(1, 4))]
-            rats.append(rationale("\n".join(steps + ["The answer is 3"]), sid=f"q{qi}:{j}", qid=f"q{qi}", q=f"Q{qi}?\n"))
+            rats.append(rationale("\n".join(steps + ["The answer is 3"]), sid=f"q{qi}:{j}", qid=f"q{qi}",
+                                  q=f"Q{qi}?\n"))
     return rats
 
 
@@ -382,7 +383,8 @@ def test_doubling_waves_and_config_validation():
     assert ExploreConfig(k=3, waves=[2, 1]).wave_sizes() == (2, 1)
     assert ExploreConfig(k=4, waves=(1, 1)).problems() == ["explore.waves [1, 1] must be positive and sum to k=4"]
     assert ExploreConfig(mode="greedy", top_p=1.5).problems() == [  # type: ignore[arg-type]
-        "explore.top_p must be in (0, 1], got 1.5", "explore.mode must be one of ('adaptive', 'exhaustive'), got 'greedy'"]
+        "explore.top_p must be in (0, 1], got 1.5",
+        "explore.mode must be one of ('adaptive', 'exhaustive'), got 'greedy'"]
 
 
 class FlakySampler(ScriptedSampler):

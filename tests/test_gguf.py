@@ -147,7 +147,8 @@ def test_convert_once_then_reuse(tiny_gguf: Path, cache: Path, monkeypatch: pyte
     spec = f"gguf:{tiny_gguf}"
     folder = resolve_gguf(spec)
     assert folder.parent == cache / "gguf" and folder.name.startswith("tiny-")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "gguf_source.json"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "gguf_source.json"} <= {
+        p.name for p in folder.iterdir()}
     assert "quantization_config" not in (folder / "config.json").read_text()
 
     def no_second_conversion(*args: object) -> None:

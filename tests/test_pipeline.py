@@ -120,7 +120,8 @@ def test_miniature_pipeline_runs_end_to_end(scripted, tmp_path: Path) -> None:
         explore = state[f"round_{r}/explore"]
         pits = [json.loads(line) for line in (run / f"round_{r}/explore/explore.jsonl").read_text().splitlines()]
         pits = [p for p in pits if p["status"] == "pit"]
-        at = [p["pit"] == next(t for t, (a, b) in enumerate(zip(p["steps"] + [""], gold[p["question_id"]]), 1) if a != b)
+        at = [p["pit"] == next(t for t, (a, b) in enumerate(zip(p["steps"] + [""], gold[p["question_id"]]), 1)
+                               if a != b)
               for p in pits]
         assert explore["pits_checked"] == explore["num_pits"] == len(pits) > 0
         assert explore["pit_at_first_error"] == pytest.approx(sum(at) / len(at))
@@ -133,8 +134,10 @@ def test_miniature_pipeline_runs_end_to_end(scripted, tmp_path: Path) -> None:
     header = [h.strip() for h in text.splitlines()[4].strip("|").split("|")]
     cells = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line.strip("|").split("|")
              for line in text.splitlines() if line.startswith("| ") and "stage" not in line}
-    graded = {u: {r["question_id"]: r["correct"] for r in map(json.loads, (run / u / "eval.jsonl").read_text().splitlines())}
-              for u in ("round_0/sft", "round_1/rft", "round_1/outcome_dpo", "round_1/self_explore", "round_2/self_explore")}
+    graded = {u: {r["question_id"]: r["correct"]
+                  for r in map(json.loads, (run / u / "eval.jsonl").read_text().splitlines())}
+              for u in ("round_0/sft", "round_1/rft", "round_1/outcome_dpo", "round_1/self_explore",
+                        "round_2/self_explore")}
     for key, before, after in ((("Outcome DPO", "1"), "round_1/rft", "round_1/outcome_dpo"),
                                (("Self-Explore", "1"), "round_1/rft", "round_1/self_explore"),
                                (("Self-Explore", "2"), "round_1/self_explore", "round_2/self_explore"),

@@ -166,7 +166,8 @@ def test_two_process_pipeline_runs_each_unit_once(tmp_path: Path, monkeypatch: p
     assert all(rank == 0 or index % 2 == 1 for index, rank in metas)
     rft, explored = str(run / "round_1/rft/policy"), str(run / "round_{}/explore/gpairs.jsonl")
     for rank in (0, 1):
-        fits = [(e["train_path"], e["reference"]) for e in events if e["event"] == "self_explore_fit" and e["rank"] == rank]
+        fits = [(e["train_path"], e["reference"])
+                for e in events if e["event"] == "self_explore_fit" and e["rank"] == rank]
         assert fits == [(explored.format(1), rft), (explored.format(2), rft)], rank
     assert out.stdout.count("| Self-Explore | 2 |") == 1, "the report is printed by rank 0 only"
     assert (run / "report.md").is_file()

@@ -44,7 +44,8 @@ def _state(run: Path) -> dict:
 
 def test_units_to_redo_follow_the_settings_each_unit_reads() -> None:
     assert units_to_redo(["dpo.optimizer.lr"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/self_explore"):]
-    assert units_to_redo(["eval_limit"], UNITS, rounds=2) == [u for u in UNITS if u.rsplit("/", 1)[-1].startswith("eval")]
+    assert units_to_redo(["eval_limit"], UNITS, rounds=2) == [
+        u for u in UNITS if u.rsplit("/", 1)[-1].startswith("eval")]
     assert units_to_redo(["explore.k"], UNITS, rounds=2) == UNITS[UNITS.index("round_1/explore"):]
     assert units_to_redo(["rounds"], UNITS, rounds=1) == [u for u in UNITS if u.startswith("round_2/")]
     assert units_to_redo(["baselines"], UNITS, rounds=2) == []
@@ -78,7 +79,8 @@ def test_force_with_a_changed_setting_redoes_the_units_it_affects(scripted, tmp_
     assert set(state["units"]) == set(before)
     for unit in set(before) - set(redone):  # the rest was kept, not recomputed
         assert state["units"][unit] == before[unit], unit
-    assert json.loads((run / "config.json").read_text())["dpo"]["optimizer"]["lr"] == 2e-4  # the record is the new config
+    # the record is the new config
+    assert json.loads((run / "config.json").read_text())["dpo"]["optimizer"]["lr"] == 2e-4
 
 
 # ----------------------------------------------------------------- bad values fail up front
@@ -193,7 +195,8 @@ def test_temporaries_of_a_killed_export_are_removed_when_the_unit_completes(scri
 def test_a_policy_destroyed_by_its_last_step_stops_the_run_naming_the_cause(scripted, tmp_path: Path) -> None:
     run = tmp_path / "run"
     destroy = dpo_stage(1e3, batch_size=64)  # one step
-    with pytest.raises(PipelineError, match=r"round_1/self_explore: the trained policy collapsed.*dpo\.optimizer\.lr=1000"):
+    with pytest.raises(PipelineError,
+                       match=r"round_1/self_explore: the trained policy collapsed.*dpo\.optimizer\.lr=1000"):
         run_pipeline(_config(run, **SHORT, dpo=destroy))
     assert "round_1/self_explore" not in _state(run)["units"]
     assert not (run / "round_1/self_explore/policy").exists()
@@ -228,9 +231,11 @@ def test_a_pipeline_yaml_with_bad_values_lists_them_all_before_any_work(tmp_path
     with pytest.raises((SystemExit, ValueError)) as caught:
         main(["pipeline", "--config", str(config)])
     message = f"{caught.value}\n{capsys.readouterr().err}"
-    for expected in ("eval_limit must be >= 1 (or null for all), got 0", "sft.epochs must be >= 1", "sft.optimizer.lr must be > 0",
+    for expected in ("eval_limit must be >= 1 (or null for all), got 0", "sft.epochs must be >= 1",
+                     "sft.optimizer.lr must be > 0",
                      "dpo.optimizer.lr must be > 0", "dpo.loss: beta must be > 0", "dpo.max_prompt_length",
-                     "sampling.temperature must be >= 0 (0 = greedy), got -1.0", "sampling.shard_size must be >= 1, got 0",
+                     "sampling.temperature must be >= 0 (0 = greedy), got -1.0",
+                     "sampling.shard_size must be >= 1, got 0",
                      "explore.top_p must be in (0, 1], got 1.5", "explore.k must be >= 1, got 0",
                      "trainer.num_nodes must be >= 1, got 0"):
         assert expected in message, (expected, message)
@@ -261,7 +266,8 @@ def test_a_rank_that_does_not_share_the_run_directory_says_so(tmp_path: Path, mo
         Pipeline(_config(tmp_path / "run", **SHORT)).setup()
 
 
-def test_engine_knobs_the_explore_schedule_and_logging_do_not_make_another_configuration(scripted, tmp_path: Path) -> None:
+def test_engine_knobs_the_explore_schedule_and_logging_do_not_make_another_configuration(
+        scripted, tmp_path: Path) -> None:
     from selfexplore.sampling.base import SamplingConfig
 
     run = tmp_path / "run"

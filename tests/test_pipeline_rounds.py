@@ -145,7 +145,8 @@ def test_a_miniature_run_with_verifiers_writes_prm_rows_and_the_verifier_report(
     for stage in ("round_1/rft", "round_1/self_explore"):
         curves = state[f"{stage}/selection"]["curves"]
         assert set(curves["majority"]) == {"1", "2", "4"}
-        assert {"process/best_of_n", "process/weighted_vote", "process/best_of_n_last", "outcome/best_of_n"} <= set(curves)
+        assert {"process/best_of_n", "process/weighted_vote", "process/best_of_n_last",
+                "outcome/best_of_n"} <= set(curves)
         # pass@N is the ceiling every selector sits under, and grows with N
         assert all(c["4"]["mean"] <= curves["pass_at_n"]["4"]["mean"] + 1e-9 for c in curves.values())
         assert curves["pass_at_n"]["1"]["mean"] <= curves["pass_at_n"]["4"]["mean"]

@@ -117,8 +117,9 @@ def test_clear_errors_before_training(tiny_arith_model: Path, tmp_path: Path) ->
 def _write_config(tmp_path: Path, model_path: str, **trainer) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False, "log_every_n_steps": 1,
-                    "limit_val_batches": 1, "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path),
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False,
+                    "log_every_n_steps": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+                    "default_root_dir": str(tmp_path),
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": str(tmp_path / "logs")}}, **trainer},
         "model": {"class_path": "selfexplore.training.sft.SFTModule",

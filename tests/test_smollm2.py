@@ -74,7 +74,8 @@ def test_smollm2_sft_sample_dpo(tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in [
         (prompts[0], "Tom has 3 + 4 = 7 apples.\nThe answer is 7", "Tom has 3 + 4 = 8 apples.\nThe answer is 8"),
-        (prompts[1], "2 boxes hold 2 * 6 = 12 pens.\nThe answer is 12", "2 boxes hold 2 + 6 = 8 pens.\nThe answer is 8"),
+        (prompts[1], "2 boxes hold 2 * 6 = 12 pens.\nThe answer is 12",
+         "2 boxes hold 2 + 6 = 8 pens.\nThe answer is 8"),
     ]))
     dpo = StepDPOModule(ModelSpec(path=str(policy), lora=lora), reference="adapter",
                         optimizer=OptimizerConfig(name="adamw", lr=1e-4))

@@ -124,7 +124,8 @@ def test_explore_stop_defaults_to_the_sampling_stop_and_force_reaches_the_stage(
 
 def test_explore_help_lists_the_explore_options(capsys):
     for args, shown in ((["--help"], ("--explore EXPLORE", "--explore.help", "--force")),
-                        (["--explore.help", "ExploreConfig"], ("--explore.k K", "--explore.max_new_tokens", "--explore.stop"))):
+                        (["--explore.help", "ExploreConfig"],
+                         ("--explore.k K", "--explore.max_new_tokens", "--explore.stop"))):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["explore", *args])
         help_text = capsys.readouterr().out

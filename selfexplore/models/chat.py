@@ -105,7 +105,8 @@ def _template_end_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         return None
     tail = text[text.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER):] if _PROBE_ANSWER in text else ""
     ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
-    if ids and (ids[0] in tokenizer.all_special_ids or getattr(tokenizer.added_tokens_decoder.get(ids[0]), "special", False)):
+    if ids and (ids[0] in tokenizer.all_special_ids
+                or getattr(tokenizer.added_tokens_decoder.get(ids[0]), "special", False)):
         return ids[0]
     warnings.warn(f"the chat template of {tokenizer.name_or_path} ends an assistant turn without a special "
                   "token; completions end with EOS", stacklevel=3)

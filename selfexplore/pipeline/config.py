@@ -86,7 +86,8 @@ class TrainerConfig:
         if self.strategy == "fsdp2" and not str(self.devices).isdigit():
             problems.append(f"trainer.strategy 'fsdp2' needs trainer.devices as a number, got {self.devices!r}")
         if self.precision not in get_args(_PRECISION_INPUT_STR):
-            problems.append(f"trainer.precision {self.precision!r} is not one of {list(get_args(_PRECISION_INPUT_STR))}")
+            problems.append(
+                f"trainer.precision {self.precision!r} is not one of {list(get_args(_PRECISION_INPUT_STR))}")
         at_least(problems, "trainer.log_every_n_steps", self.log_every_n_steps, 1)
         at_least(problems, "trainer.num_nodes", self.num_nodes, 1)
         return problems

@@ -140,13 +140,15 @@ class Console:
                      f", {done} already complete (skipped)" if done else "")
         about = self.about(unit)
         n = len(self.plan)
-        log.info("[%*d/%d] %s%s", len(str(n)), self.plan.index(unit) + 1, n, label(unit), f" · {about}" if about else "")
+        log.info("[%*d/%d] %s%s", len(str(n)), self.plan.index(unit) + 1, n, label(unit),
+                 f" · {about}" if about else "")
 
     def finish(self, unit: str, result: dict[str, Any]) -> None:
         if self.started.pop(unit, None) is None or not self.enabled:
             return
         figure = key_figure(unit, result)
-        log.info("%s done in %s%s", " " * (2 * len(str(len(self.plan))) + 2), duration(float(result.get("seconds", 0.0))), f" · {figure}" if figure else "")
+        log.info("%s done in %s%s", " " * (2 * len(str(len(self.plan))) + 2),
+                 duration(float(result.get("seconds", 0.0))), f" · {figure}" if figure else "")
 
     def failed(self, unit: str, error: BaseException) -> None:
         started = self.started.pop(unit, None)

@@ -141,12 +141,14 @@ def key_figure(unit: str, result: dict[str, Any]) -> str:
     if unit.endswith("/pairs"):
         return f"{result['pairs']} pairs"
     if unit.endswith("/explore"):
-        return f"{result['num_pits']} pits in {result['num_explored']} rationales · {result['num_pairs']} granular pairs"
+        return (f"{result['num_pits']} pits in {result['num_explored']} rationales"
+                f" · {result['num_pairs']} granular pairs")
     if unit.endswith("/prm"):
         return f"{result['rows']} rows"
     if unit.endswith("verifier"):
         held = result.get("verifier", {})
-        return f"held-out step AUROC {held.get('auroc', float('nan')):.3f} · first-error F1 {held.get('f1', float('nan')):.3f}"
+        return (f"held-out step AUROC {held.get('auroc', float('nan')):.3f}"
+                f" · first-error F1 {held.get('f1', float('nan')):.3f}")
     if unit.endswith("/selection"):
         return f"greedy {result['greedy']:.3f} · " + " · ".join(
             f"{name} {curve[str(result['samples_per_question'])]['mean']:.3f}"

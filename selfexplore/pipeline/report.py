@@ -31,7 +31,8 @@ def report_rows(units: dict[str, dict[str, Any]], rounds: int) -> list[dict[str,
     rows = [row("SFT", 0, SFT, None, pass_at_n=get(SFT_SAMPLES, "pass_at_n"), pairs=None, pits=None,
                 tokens=get(SFT_SAMPLES, "generated_tokens")),
             row("RFT", 1, RFT, SFT, pass_at_n=get(explorer_samples[1], "pass_at_n"),
-                pairs=get(round_unit(1, "pairs"), "pairs"), pits=None, tokens=get(explorer_samples[1], "generated_tokens")),
+                pairs=get(round_unit(1, "pairs"), "pairs"), pits=None,
+                tokens=get(explorer_samples[1], "generated_tokens")),
             row("Outcome DPO", 1, OUTCOME_DPO, RFT, pass_at_n=None, pairs=get(round_unit(1, "pairs"), "pairs"),
                 pits=None, tokens=None)]
     for r in range(1, rounds + 1):
@@ -104,7 +105,8 @@ def write_report(run_dir: str | Path, units: dict[str, dict[str, Any]], config: 
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
     total = sum(own_seconds(units).values())
     lines += ["", f"Total wall time of completed units: {total:.0f} s", "", "![report](report.png)", ""]
-    selections = {row["unit"]: units[selection_unit(row["unit"])] for row in rows if selection_unit(row["unit"]) in units}
+    selections = {row["unit"]: units[selection_unit(row["unit"])]
+                  for row in rows if selection_unit(row["unit"]) in units}
     lines += verifier_lines(units, config.rounds) + selection_lines(rows, selections)
     path = layout.report_md
     atomic_write_text(path, "\n".join(lines))

@@ -476,7 +476,8 @@ class Pipeline:
             records = read_samples(samples["path"])
             candidates = records + [self._gold_sample(p) for p in self.train_problems] \
                 if self.cfg.pairs_include_gold else records
-            pairs = build_outcome_pairs(candidates, round_index=round_index, max_per_question=self.cfg.rft_max_per_question)
+            pairs = build_outcome_pairs(candidates, round_index=round_index,
+                                        max_per_question=self.cfg.rft_max_per_question)
             return {"path": str(layout.pairs(round_index)), "pairs": write_jsonl(layout.pairs(round_index), pairs),
                     **sample_stats(records)}
         pairs = self.unit(round_unit(round_index, "pairs"), pairs_work)

@@ -88,7 +88,8 @@ class RunState:
         if saved.get("config_sha256") == self.fingerprint or not self.units:
             return  # same config, or nothing completed that another config could have made
         old_path = self.layout.config
-        diff = config_diff(read_json(old_path), self.config) if old_path.is_file() else {"(config.json)": ("missing", "")}
+        diff = (config_diff(read_json(old_path), self.config) if old_path.is_file()
+                else {"(config.json)": ("missing", "")})
         if not self.force:
             raise RunStateError(
                 f"{self.path.parent} was made by a different configuration ({format_diff(diff)}); use another "

@@ -53,7 +53,8 @@ def render_status(run_dir: str | os.PathLike) -> str:
     lines, counts, upcoming = [], {"done": 0, "running": 0, "failed": 0, "to do": 0}, []
     for i, unit in enumerate(plan, 1):
         if unit in units:
-            word, detail = "done", f"{duration(float(units[unit].get('seconds', 0.0))):>12}  {key_figure(unit, units[unit])}"
+            word, detail = ("done",
+                            f"{duration(float(units[unit].get('seconds', 0.0))):>12}  {key_figure(unit, units[unit])}")
             counts["done"] += 1
         elif unit in running:
             word, detail = _running_line(running[unit], now)
