@@ -1,7 +1,7 @@
 """What a person sees while the pipeline runs: the plan, unit by unit, and little else.
 
 Each planned unit (see `selfexplore.pipeline.plan`) opens with a header saying which of how
-many it is and what it works on (`[10/19] round 1 · first-pit exploration · 282 rejected
+many it is and what it works on (`[10/21] round 1 · first-pit exploration · 310 rejected
 rationales, k=4`), shows one progress bar with an ETA while it is long (sampling, training),
 and closes with its time and key figure. Libraries speak only when it matters: Lightning's
 banners and tips, transformers' loading bars and known harmless warnings go to
