@@ -56,10 +56,14 @@ class ScriptedSampler(SamplerBase):
                 out.append(line)
         return "\n".join(out)
 
+    def identity(self) -> str:
+        """What the draws depend on besides prompt and seed: the policy's path in its run."""
+        return "/".join(Path(self.policy).parts[-3:])  # the same across run directories
+
     def generate(self, prompts, n, draws, seed):
         results = []
-        for i, prompt in enumerate(prompts):
-            policy = "/".join(Path(self.policy).parts[-3:])  # the same across run directories
+        policy = self.identity()
+        for prompt in prompts:
             key = f"{policy}|{prompt}" if draws.temperature == 0 else f"{policy}|{prompt}|{seed}"
             rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
             results.append([self._continue(prompt, rng) for _ in range(n)])

@@ -8,8 +8,6 @@ shows in the files.
 
 from __future__ import annotations
 
-import hashlib
-import random
 from pathlib import Path
 
 import pytest
@@ -25,18 +23,10 @@ from selfexplore.training.dpo import StepDPOModule
 
 
 class WeightsSampler(ScriptedSampler):
-    """ScriptedSampler whose draws depend on the policy's weights and the seed."""
+    """ScriptedSampler whose draws depend on the policy's weights (not its path) and the seed."""
 
-    def generate(self, prompts, n, draws, seed):
-        weights = file_sha256(Path(self.policy) / "model.safetensors")[:16]
-        results = []
-        for i, prompt in enumerate(prompts):
-            row_seed = seed[i] if isinstance(seed, (list, tuple)) else seed
-            key = f"{weights}|{prompt}" if draws.temperature == 0 else f"{weights}|{prompt}|{row_seed}"
-            rng = random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:12], 16))
-            results.append([self._continue(prompt, rng) for _ in range(n)])
-            self.generated_tokens += sum(len(c.split()) for c in results[-1])
-        return results
+    def identity(self) -> str:
+        return file_sha256(Path(self.policy) / "model.safetensors")[:16]
 
 
 @pytest.fixture

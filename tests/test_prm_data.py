@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
+from test_explore import FakeTask
 
 from selfexplore.explore import ExploreConfig, Rationale, find_first_pits
 from selfexplore.io import DataError, read_json, read_jsonl, write_jsonl
@@ -14,30 +14,16 @@ from selfexplore.prm.data import path_round, write_prm_data
 from selfexplore.prm.rows import TRL_COLUMNS, build_prm_rows
 from selfexplore.tasks.base import Problem
 
-_ANSWER = re.compile(r"The answer is (-?\d+)")
 GOLD = "10"
 
 
-class StepTask:
-    """One step per line; the last 'The answer is N' is the answer."""
+class StepTask(FakeTask):
+    """test_explore's task with blank lines dropped from the steps."""
 
     name = "steps"
 
-    def prompt(self, problem) -> str:
-        return problem.question.strip() + "\n"
-
     def split_steps(self, text: str) -> list[str]:
         return [s for s in text.strip().split("\n") if s.strip()]
-
-    def extract_answer(self, text: str) -> str | None:
-        found = _ANSWER.findall(text)
-        return found[-1] if found else None
-
-    def is_correct(self, text: str, gold: str) -> bool:
-        return self.extract_answer(text) == gold
-
-    def first_wrong_step(self, problem, steps: list[str]) -> int | None:
-        return None  # free-form rationales (the Task default)
 
 
 class PoisonSampler:
