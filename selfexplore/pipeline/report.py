@@ -196,8 +196,9 @@ def selection_figure(rows: list[dict[str, Any]], selections: dict[str, dict[str,
         for name, curve in result["curves"].items():
             ns = [int(n) for n in curve]
             ax.errorbar(ns, [100 * curve[str(n)]["mean"] for n in ns], capsize=2, marker="o", markersize=3,
-                        yerr=[[100 * (curve[str(n)]["mean"] - curve[str(n)]["low"]) for n in ns],
-                              [100 * (curve[str(n)]["high"] - curve[str(n)]["mean"]) for n in ns]], label=name)
+                        yerr=[[max(0.0, 100 * (curve[str(n)]["mean"] - curve[str(n)]["low"])) for n in ns],
+                              [max(0.0, 100 * (curve[str(n)]["high"] - curve[str(n)]["mean"])) for n in ns]],
+                        label=name)  # max: float rounding where every subset is the same (N = all samples)
         ax.axhline(100 * result["greedy"], color="k", linestyle="--", linewidth=1, label="greedy")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("answers per question (N)")
