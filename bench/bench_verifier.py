@@ -27,6 +27,7 @@ from _harness import alternated, bench_parser, build_arith_model, emit, median, 
 
 from selfexplore.io import read_jsonl
 from selfexplore.models import ModelSpec
+from selfexplore.pipeline.report import own_seconds
 from selfexplore.prm.tagging import prepare_verifier_base
 from selfexplore.prm.verifier import PRMDataModule, StepVerifierModule, load_verifier, tag_loss
 from selfexplore.tasks import get_task
@@ -97,8 +98,7 @@ def time_scoring(verifier: Path, rows: Sequence[dict[str, Any]], batch_size: int
 
 def run_share(run: Path) -> dict[str, Any]:
     """Seconds of the process-reward units of a finished run against the whole run (outer units only)."""
-    units = json.loads((run / "state.json").read_text())["units"]
-    outer = {u: float(r.get("seconds", 0.0)) for u, r in units.items() if not u.endswith(".jsonl")}
+    outer = own_seconds(json.loads((run / "state.json").read_text())["units"])
     added = {u: s for u, s in outer.items() if u.rsplit("/", 1)[-1] in ("prm", "verifier", "outcome_verifier",
                                                                        "selection")}
     return {"run": str(run), "total_seconds": sum(outer.values()), "verifier_seconds": sum(added.values()),

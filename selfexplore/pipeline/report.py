@@ -61,9 +61,14 @@ def changes(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[str, Paired
 
 
 def own_seconds(units: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Wall seconds per unit, leaving out an eval unit that wraps its eval.jsonl unit (no double count)."""
-    return {unit: float(result.get("seconds", 0.0)) for unit, result in units.items()
-            if not (unit.endswith("/eval") and f"{unit}.jsonl" in units)}
+    """Wall seconds per top-level unit: the sample files an evaluation or a selection unit wraps are
+    counted in it, not again on their own."""
+    def wrapped(unit: str) -> bool:
+        stage, _, name = unit.rpartition("/")
+        wrapper = {"eval.jsonl": "eval", "eval_sampled.jsonl": "eval", "selection_samples.jsonl": "selection"}
+        return name in wrapper and f"{stage}/{wrapper[name]}" in units
+
+    return {unit: float(result.get("seconds", 0.0)) for unit, result in units.items() if not wrapped(unit)}
 
 
 def _fmt(value: Any) -> str:
