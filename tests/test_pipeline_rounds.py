@@ -141,6 +141,9 @@ def test_a_miniature_run_with_verifiers_writes_prm_rows_and_the_verifier_report(
         assert all(c["4"]["mean"] <= curves["pass_at_n"]["4"]["mean"] + 1e-9 for c in curves.values())
         assert curves["pass_at_n"]["1"]["mean"] <= curves["pass_at_n"]["4"]["mean"]
     assert "implicit/weighted_vote" in state["round_1/self_explore/selection"]["curves"]  # a DPO policy only
+    implicit = state["round_1/self_explore/selection"]["implicit_held_out"]  # on the verifiers' held-out rows
+    assert set(implicit) == set(state["round_1/verifier"]["verifier"]) - {"loss"}
+    assert "| implicit reward of round_1/self_explore |" in report
     assert "implicit/weighted_vote" not in state["round_1/rft/selection"]["curves"]
     assert "## Step verifiers" in report and "## Verifier-guided answers" in report
     assert "| process/weighted_vote |" in report and "### Self-Explore r1 (greedy" in report

@@ -138,7 +138,8 @@ VERIFIER_METRICS = ("auroc", "balanced_accuracy", "negative_f1", "acc_err", "acc
 
 
 def verifier_lines(units: dict[str, dict[str, Any]], rounds: int) -> list[str]:
-    """A table per round of the held-out metrics of its verifiers and of the flag-the-last-step baseline."""
+    """A table per round of the held-out metrics of its verifiers, of the flag-the-last-step baseline
+    and of each DPO policy's implicit reward (on the same rows)."""
     rows = []
     for r in range(1, rounds + 1):
         for labels in ("process", "outcome"):
@@ -148,13 +149,19 @@ def verifier_lines(units: dict[str, dict[str, Any]], rounds: int) -> list[str]:
             rows.append((r, f"{labels} verifier", result["verifier"]))
             if labels == "process":
                 rows.append((r, "flag the last step", result["flag_last_baseline"]))
+        stages = [OUTCOME_DPO] if r == 1 else []
+        for stage in (*stages, self_explore(r)):
+            implicit = units.get(selection_unit(stage), {}).get("implicit_held_out")
+            if implicit is not None:
+                rows.append((r, f"implicit reward of {stage}", implicit))
     if not rows:
         return []
     header = ["round", "scorer", *VERIFIER_METRICS]
     return ["## Step verifiers", "",
             "Held-out explored and outcome rationales (whole questions the verifier never trained on). Step metrics "
             "are balanced for mostly-positive labels; acc_err: the first step scored bad is the pit; acc_cor: no step "
-            "scored bad on a correct rationale; f1: their harmonic mean (ProcessBench's first-error F1).", "",
+            "scored bad on a correct rationale; f1: their harmonic mean (ProcessBench's first-error F1). "
+            "Verifiers flag a step at P(good) < 0.5, the implicit reward at beta * log(pi / pi_ref) < 0.", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join([str(r), name, *(_fmt(m.get(k)) for k in VERIFIER_METRICS)]) + " |"
               for r, name, m in rows), ""]

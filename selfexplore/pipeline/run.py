@@ -45,6 +45,7 @@ from selfexplore.pipeline.state import PipelineError, RunState
 from selfexplore.prm.data import write_prm_data
 from selfexplore.prm.guided import guided_answers
 from selfexplore.prm.implicit import ImplicitRewardScorer
+from selfexplore.prm.metrics import evaluate_scores
 from selfexplore.prm.unit import run_verifier_unit
 from selfexplore.prm.verifier import load_verifier
 from selfexplore.ranks import Workers, is_rank_zero, poll
@@ -541,12 +542,19 @@ class Pipeline:
                 return {}  # rank 0 scores and chooses
             self.close_engine()  # the verifiers load next
             scorers = {labels: load_verifier(path).score for labels, path in verifiers.items()}
+            held_out: dict[str, Any] = {}
             if v.implicit and reference is not None:
                 scorers["implicit"] = ImplicitRewardScorer(replace(self.cfg.model, path=policy, lora=None),
                                                            replace(self.cfg.model, path=reference, lora=None),
                                                            beta=self.cfg.dpo.loss.beta).score
+                # the free verifier on the rows the trained ones were measured on: a step is flagged
+                # when the policy likes it less than its reference does (reward < 0)
+                rows = read_jsonl(Path(verifiers["process"]).parent / "val.jsonl")
+                scores = scorers["implicit"]([r["prompt"] for r in rows], [r["completions"] for r in rows])
+                held_out = {"implicit_held_out": evaluate_scores(scores, [r["labels"] for r in rows], 0.0)}
             greedy = correct_by_question(self.layout.greedy_eval(stage_dir))
-            return guided_answers(read_jsonl(samples["path"]), greedy, scorers, self.task, v.selection)
+            return {**guided_answers(read_jsonl(samples["path"]), greedy, scorers, self.task, v.selection),
+                    **held_out}
         self.unit(selection_unit(stage_dir), work, collective=True)
 
     def _check_not_collapsed(self, name: str, module: StepDPOModule) -> None:
