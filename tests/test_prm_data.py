@@ -154,6 +154,10 @@ def test_files_of_another_task_or_round_are_refused(tmp_path) -> None:
     with pytest.raises(DataError, match="different rounds or runs"):
         write_prm_data(explore_path, tmp_path / "other_samples.jsonl", tmp_path / "prm.jsonl", TASK, {"q1": PROBLEM})
     assert not (tmp_path / "prm.jsonl").exists()
+    # the pair builders strip the text they hand to exploration: a sample ending in spaces is the same one
+    spaced = [{**s, "completion": s["completion"] + "  "} for s in samples()]
+    write_jsonl(tmp_path / "spaced_samples.jsonl", spaced)
+    write_prm_data(explore_path, tmp_path / "spaced_samples.jsonl", tmp_path / "prm.jsonl", TASK, {"q1": PROBLEM})
 
 
 def test_bad_lines_name_file_line_and_field(tmp_path) -> None:

@@ -104,11 +104,15 @@ def read_explore(path: Path, problems_by_id: Mapping[str, Problem], task: Task) 
 
 def check_same_samples(records: list[dict[str, Any]], samples: list[dict[str, Any]], task: Task,
                        explore_path: Path, samples_path: Path) -> None:
-    """Each explored rationale must be a sample of `samples`, step for step (same round and run)."""
+    """Each explored rationale must be a sample of `samples`, step for step (same round and run); steps
+    compare without their surrounding whitespace, which the pair builders strip from the text explored."""
+    def bare(steps: list[str]) -> list[str]:
+        return [step.strip() for step in steps if step.strip()]
+
     by_id = {s["id"]: s for s in samples}
-    for i, rec in enumerate(records, start=1):
+    for rec in records:
         sample = by_id.get(rec["sample_id"])
-        if sample is None or task.split_steps(sample["completion"]) != rec["steps"] or \
+        if sample is None or bare(task.split_steps(sample["completion"])) != bare(rec["steps"]) or \
                 sample["prompt"] != rec["prompt"]:
             what = "is not in" if sample is None else "differs from its sample in"
             raise DataError(f"explored rationale {rec['sample_id']!r} {what} {samples_path}: the explore file and "
