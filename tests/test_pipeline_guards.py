@@ -201,6 +201,14 @@ def test_a_policy_destroyed_by_its_last_step_stops_the_run_naming_the_cause(scri
     assert "round_1/self_explore" not in _state(run)["units"]
     assert not (run / "round_1/self_explore/policy").exists()
     assert set(ARTIFACTS[:5]) <= {a for a in ARTIFACTS if (run / a).exists()}  # the earlier work is kept
+    before = _state(run)["units"]
+    with pytest.raises(PipelineError, match=r"rerun with --force true") as advice:
+        run_pipeline(_config(run, **SHORT, dpo=destroy))
+    assert "lower dpo.optimizer.lr" in str(advice.value)
+    run_pipeline(_config(run, **SHORT, dpo=dpo_stage(1e-4)), force=True)  # the advice, as given
+    after = _state(run)["units"]
+    assert "round_1/self_explore/eval" in after
+    assert all(after[u] == before[u] for u in before if not u.startswith("round_1/self_explore"))  # kept
 
 
 def test_collapse_means_losing_nearly_all_the_references_advantage_over_uniform() -> None:
