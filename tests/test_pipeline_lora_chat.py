@@ -120,8 +120,8 @@ def _setup(chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sli
         dpo=DPOStageConfig(epochs=1, batch_size=4, max_length=192, max_prompt_length=128, reference="adapter",
                      optimizer=OptimizerConfig(name="adamw", lr=1e-4)),
         sampling=SamplingConfig(n=4, max_new_tokens=32), explore=ExploreConfig(k=2, max_new_tokens=32),
-        sft_questions=6, train_questions=8, rounds=1, baselines=["self_explore"],
-        eval_max_new_tokens=32, **overrides)
+        **{"sft_questions": 6, "train_questions": 8, "rounds": 1, "baselines": ["self_explore"],
+           "eval_max_new_tokens": 32, **overrides})
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -158,3 +158,25 @@ def test_gold_chosen_when_the_policy_never_answers_right(chat_base: Path, tmp_pa
     gpairs = _jsonl(run / "round_1/explore/gpairs.jsonl")
     assert gpairs and all(p["meta"]["pit_step"] == 1 for p in gpairs)  # every first step is already a pit
     assert (run / "round_1/self_explore/policy/config.json").is_file()
+
+
+def test_adapter_reference_under_keep_continues_the_last_adapter_on_the_rft_base(
+        chat_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 2's reference must stay RFT: its policy is RFT + round 1's adapter, continued, so that
+    disabling the adapter gives RFT (a fresh adapter on round 1's merged policy would give round 1)."""
+    specs = {}
+    fit = pipeline_run.Pipeline._fit
+
+    def spy(self, module, data, out_dir, stage):
+        specs[Path(out_dir).parent.name + "/" + Path(out_dir).name] = module.model_spec
+        return fit(self, module, data, out_dir, stage)
+
+    monkeypatch.setattr(pipeline_run.Pipeline, "_fit", spy)
+    run_pipeline(_setup(chat_base, tmp_path, monkeypatch, slip=0.3, rounds=2))
+    run = tmp_path / "run"
+    first, second = specs["round_1/self_explore"], specs["round_2/self_explore"]
+    assert first.path == str(run / "round_1/rft/policy") and first.lora is not None and first.adapter_path is None
+    assert second.path == str(run / "round_1/rft/policy") and second.lora is None
+    assert second.adapter_path == str(run / "round_1/self_explore/adapter")
+    assert (run / "round_1/self_explore/adapter/adapter_config.json").is_file()
+    assert (run / "round_2/self_explore/policy/config.json").is_file()
