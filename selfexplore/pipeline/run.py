@@ -32,7 +32,7 @@ from selfexplore.data.sft import SFTDataModule
 from selfexplore.explore.builders import build_outcome_pairs, build_rft_set, read_samples, sample_stats
 from selfexplore.explore.stage import run_explore_stage
 from selfexplore.io import read_jsonl, remove_stale_temporaries, write_jsonl
-from selfexplore.models import build_tiny_llama, load_tokenizer
+from selfexplore.models import ModelSpec, build_tiny_llama, load_tokenizer
 from selfexplore.pipeline.compare import correct_by_question
 from selfexplore.pipeline.config import DPOStageConfig, PipelineConfig, SFTStageConfig
 from selfexplore.pipeline.console import Console, TrainingBar, console_session
@@ -362,6 +362,13 @@ class Pipeline:
             reference_path=None if stage.reference == "adapter" else reference,
             reference_cache_dir=str(self.layout.reference_cache), optimizer=stage.optimizer, scheduler=stage.scheduler)
 
+    def _inference_spec(self, path: str) -> ModelSpec:
+        """An exported policy loaded to score with: whole weights in the run's dtype (no adapter, no
+        4-bit base: exports are merged)."""
+        m = self.cfg.model
+        return ModelSpec(path=path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                         attn_implementation=m.attn_implementation)
+
     def _adapter_of(self, policy: str) -> str:
         """The saved adapter of a recorded DPO policy (`train_dpo` writes it beside the merged one)."""
         for result in self.state.units.values():
@@ -544,9 +551,8 @@ class Pipeline:
             scorers = {labels: load_verifier(path).score for labels, path in verifiers.items()}
             held_out: dict[str, Any] = {}
             if v.implicit and reference is not None:
-                scorers["implicit"] = ImplicitRewardScorer(replace(self.cfg.model, path=policy, lora=None),
-                                                           replace(self.cfg.model, path=reference, lora=None),
-                                                           beta=self.cfg.dpo.loss.beta).score
+                scorers["implicit"] = ImplicitRewardScorer(
+                    self._inference_spec(policy), self._inference_spec(reference), beta=self.cfg.dpo.loss.beta).score
                 # the free verifier on the rows the trained ones were measured on: a step is flagged
                 # when the policy likes it less than its reference does (reward < 0)
                 rows = read_jsonl(Path(verifiers["process"]).parent / "val.jsonl")
