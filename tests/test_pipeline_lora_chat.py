@@ -180,3 +180,28 @@ def test_adapter_reference_under_keep_continues_the_last_adapter_on_the_rft_base
     assert second.adapter_path == str(run / "round_1/self_explore/adapter")
     assert (run / "round_1/self_explore/adapter/adapter_config.json").is_file()
     assert (run / "round_2/self_explore/policy/config.json").is_file()
+
+
+def test_the_verifier_trains_with_the_runs_lora_settings(chat_base: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfexplore.pipeline.config import VerifierStageConfig
+    from selfexplore.prm.selectors import SelectionConfig
+    from selfexplore.prm.unit import VerifierConfig
+    from selfexplore.prm.verifier import StepVerifierModule
+
+    verifier = VerifierStageConfig(train=VerifierConfig(epochs=1, batch_size=4, max_length=256, val_fraction=0.5),
+                                   outcome=False, implicit=False, samples=2, selection=SelectionConfig(ns=[1, 2]))
+    specs = []
+    configure = StepVerifierModule.configure_model
+
+    def spy(self):
+        specs.append(self.model_spec)
+        configure(self)
+
+    monkeypatch.setattr(StepVerifierModule, "configure_model", spy)
+    run_pipeline(_setup(chat_base, tmp_path, monkeypatch, slip=0.3, verifier=verifier))
+    assert specs[0].lora == LoraSpec(r=4, alpha=8) and specs[0].path.endswith("round_1/verifier/base")
+    run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())["units"]
+    assert "auroc" in state["round_1/verifier"]["verifier"] and "round_1/self_explore/selection" in state
+    assert not (run / "round_1/verifier/verifier/adapter_config.json").exists()  # trained as LoRA, exported merged

@@ -530,7 +530,7 @@ class Pipeline:
                 seed_everything(self.cfg.seed, workers=True)
                 config = replace(v.train, labels=labels, seed=self.cfg.seed)
                 result = run_verifier_unit(explorer, self.layout.prm(round_index), out, config,
-                                           trainer=self._trainer_args(out))
+                                           trainer=self._trainer_args(out), model=self.cfg.model)
                 return {"path": str(out / "verifier"), **result}
             found[labels] = self.unit(name, work, collective=True)["path"]
         return found

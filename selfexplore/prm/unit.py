@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ class VerifierConfig:
     max_length, overlong: tokens per row at most; longer rows are skipped and counted, or refused.
     batch_size, epochs: training loop size.
     threshold: P(good) under which a step counts as flagged.
-    lora: train a LoRA adapter instead of every weight.
+    lora: train a LoRA adapter instead of every weight (in the pipeline: the run's own LoRA settings when unset).
     optimizer, scheduler: as for the other stages.
     seed: the split's and the loader's seed.
     """
@@ -78,9 +78,12 @@ def flag_last_scores(rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
 
 
 def run_verifier_unit(policy: str | os.PathLike, prm_path: str | os.PathLike, out_dir: str | os.PathLike,
-                      config: VerifierConfig | None = None, trainer: Mapping[str, Any] | None = None
-                      ) -> dict[str, Any]:
+                      config: VerifierConfig | None = None, trainer: Mapping[str, Any] | None = None,
+                      model: ModelSpec | None = None) -> dict[str, Any]:
     """Train a verifier from `policy` (an HF folder) on `prm_path` and write `out_dir` (module docstring).
+
+    `model`: how to load it, as the run loads its policies (dtype, 4-bit base, LoRA, checkpointing;
+    `config.lora`, when set, replaces the LoRA settings); by default whole weights in fp32.
 
     `trainer`: Lightning `Trainer` arguments (accelerator, devices, strategy, precision, logger ...);
     `max_epochs` comes from the config. Returns the held-out metrics (also in metrics.json).
@@ -100,7 +103,9 @@ def run_verifier_unit(policy: str | os.PathLike, prm_path: str | os.PathLike, ou
     write_jsonl(out / "val.jsonl", val_rows)
     base = prepare_verifier_base(policy, out / "base")
     seed_everything(config.seed)
-    module = StepVerifierModule(ModelSpec(path=str(base), lora=config.lora), optimizer=config.optimizer,
+    spec = ModelSpec(path=str(base), lora=config.lora) if model is None else \
+        replace(model, path=str(base), adapter_path=None, lora=config.lora or model.lora)
+    module = StepVerifierModule(spec, optimizer=config.optimizer,
                                 scheduler=config.scheduler, threshold=config.threshold,
                                 export_dir=str(out / "verifier"))
     data = PRMDataModule(str(out / "train.jsonl"), str(out / "val.jsonl"), max_length=config.max_length,
