@@ -61,7 +61,7 @@ class SelfExploreCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Refuse a config this machine cannot run (a GPU it lacks, a model it cannot load) before the
         Trainer or the model is built, naming the key and the override (`selfexplore.preflight`)."""
-        from selfexplore.preflight import accelerator_problem, model_problem, raise_problems
+        from selfexplore.preflight import accelerator_problem, model_problem, refuse_unrunnable
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         problems = [accelerator_problem(config.get("trainer", {}).get("accelerator", "auto"))]
@@ -70,7 +70,7 @@ class SelfExploreCLI(LightningCLI):
         path = spec.get("path") if hasattr(spec, "get") else getattr(spec, "path", None)
         if path and not init.get("from_scratch"):
             problems.append(model_problem(str(path), "model.init_args.model.path"))
-        raise_problems(problems)
+        refuse_unrunnable(problems)
 
 
 def lightning_main(args: list[str] | None = None) -> SelfExploreCLI:
@@ -93,9 +93,9 @@ def pipeline(pipeline: PipelineConfig, force: bool = False, verbose: bool = Fals
     harmless warnings); `run_dir/pipeline.log` has it either way.
     """
     from selfexplore.pipeline.run import run_pipeline  # the training stack: only for this command
-    from selfexplore.preflight import accelerator_problem, backend_problem, model_problem, raise_problems
+    from selfexplore.preflight import accelerator_problem, backend_problem, model_problem, refuse_unrunnable
 
-    raise_problems([  # before any unit: not after an SFT fit, at the first engine or the first GPU call
+    refuse_unrunnable([  # before any unit: not after an SFT fit, at the first engine or the first GPU call
         accelerator_problem(pipeline.trainer.accelerator, "pipeline."),
         backend_problem(pipeline.sampling.backend, "pipeline."),
         None if pipeline.from_scratch is not None else model_problem(pipeline.model.path, "pipeline.model.path")])

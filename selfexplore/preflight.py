@@ -82,7 +82,8 @@ def model_problem(path: str, key: str) -> str | None:
             f"{source}) or set {key} to a local folder")
 
 
-def raise_problems(problems: Iterable[str | None]) -> None:
+def refuse_unrunnable(problems: Iterable[str | None]) -> None:
+    """Exit with every problem found (None entries: checks that passed), before any work starts."""
     found = [p for p in problems if p]
     if found:
         raise PreflightError(found)
